@@ -1,0 +1,219 @@
+"""FastAPI/uvicorn adapter: `/ws/stream` streaming transcription, `/health` and `/metrics`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+from starlette.websockets import WebSocketState
+
+from edge_asr.config import Settings
+from edge_asr.engine import AudioFormatError, Engine, EngineBusy, EngineNotReady, EngineSession
+from edge_asr.events import SessionError
+from edge_asr.metrics import CONTENT_TYPE
+
+_LOGGER = logging.getLogger(__name__)
+
+# RFC 6455 close codes.
+CLOSE_NORMAL = 1000
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+MAX_TEXT_BYTES = 64 * 1024
+# How long a vanished client's open utterance may take to finish for the other listeners.
+_ORPHAN_FINISH_S = 10.0
+
+
+def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    """The ASGI app: health, metrics and the streaming WebSocket."""
+    app = FastAPI(title="edge-asr", docs_url=None, redoc_url=None)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        facts = engine.health()
+        return JSONResponse(dataclasses.asdict(facts), status_code=200 if facts.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.websocket("/ws/stream")
+    async def stream(websocket: WebSocket) -> None:
+        await websocket.accept()
+        query = websocket.query_params
+        try:
+            session = engine.session(
+                source="websocket", language=query.get("language") or None, prompt=query.get("prompt", "")
+            )
+        except (EngineBusy, EngineNotReady) as err:
+            code = "busy" if isinstance(err, EngineBusy) else "not_ready"
+            await _send_error(websocket, SessionError(code, str(err)))
+            await websocket.close(CLOSE_TRY_AGAIN)
+            return
+        async with session:
+            await WebSocketStream(websocket, session, settings.limits.max_frame_bytes).run()
+
+    return app
+
+
+async def _send_error(websocket: WebSocket, error: SessionError) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.send_text(error.to_json())
+
+
+class WebSocketStream:
+    """Translates one WebSocket connection into engine session calls and events back."""
+
+    def __init__(self, websocket: WebSocket, session: EngineSession, max_frame_bytes: int) -> None:
+        self._ws = websocket
+        self._session = session
+        self._max_frame_bytes = max_frame_bytes
+
+    async def run(self) -> None:
+        """Send `ready`, then pump frames in and events out until either side closes."""
+        await self._ws.send_text(
+            json.dumps(
+                {
+                    "type": "ready",
+                    "session": self._session.id,
+                    "sample_rate": 16000,
+                    "language": self._session.language,
+                    "max_frame_bytes": self._max_frame_bytes,
+                }
+            )
+        )
+        writer = asyncio.create_task(self._write_events())
+        try:
+            await self._read_frames()
+        except WebSocketDisconnect:
+            _LOGGER.debug("Session %d: client went away", self._session.id)
+        finally:
+            if self._session.state.active:
+                # Finish what was said, so listeners other than this client still get the final.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._session.finish(), _ORPHAN_FINISH_S)
+            self._session.close()
+            await writer
+
+    async def _read_frames(self) -> None:
+        while True:
+            message = await self._ws.receive()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
+            data: bytes | None = message.get("bytes")
+            text: str | None = message.get("text")
+            size = len(data) if data is not None else len((text or "").encode())
+            limit = self._max_frame_bytes if data is not None else MAX_TEXT_BYTES
+            if size > limit:
+                await self._close_with(
+                    SessionError("frame_too_large", f"a frame of {size} bytes exceeds the limit of {limit}"),
+                    CLOSE_TOO_BIG,
+                )
+                return
+            if data is not None:
+                await self._on_audio(data)
+            elif text is not None and await self._on_text(text):
+                return
+
+    async def _on_audio(self, data: bytes) -> None:
+        try:
+            await self._session.feed(data)
+        except AudioFormatError as err:
+            await _send_error(self._ws, SessionError("bad_audio", f"{err}; frame dropped (expected s16le mono 16 kHz)"))
+
+    async def _on_text(self, text: str) -> bool:
+        """Handle a control message; True when the client asked to close."""
+        try:
+            message: Any = json.loads(text)
+        except json.JSONDecodeError:
+            await _send_error(self._ws, SessionError("bad_json", "text frames must be JSON objects"))
+            return False
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "end":
+            await self._session.finish()
+            return False
+        if kind == "config":
+            await self._on_config(message)
+            return False
+        await _send_error(
+            self._ws, SessionError("unknown_message", f"unknown message type {kind!r}; expected config or end")
+        )
+        return False
+
+    async def _on_config(self, message: dict[str, Any]) -> None:
+        unknown = sorted(set(message) - {"type", "language", "prompt"})
+        if unknown:
+            await _send_error(self._ws, SessionError("bad_config", f"unknown config keys: {', '.join(unknown)}"))
+            return
+        if "prompt" in message:
+            if not isinstance(message["prompt"], str):
+                await _send_error(self._ws, SessionError("bad_config", "prompt must be a string"))
+                return
+            self._session.set_prompt(message["prompt"])
+        if "language" in message:
+            language = message["language"]
+            if not isinstance(language, str) or not language:
+                await _send_error(self._ws, SessionError("bad_config", "language must be a language code"))
+                return
+            self._session.language = language
+
+    async def _close_with(self, error: SessionError, code: int) -> None:
+        await _send_error(self._ws, error)
+        with contextlib.suppress(Exception):
+            await self._ws.close(code)
+
+    async def _write_events(self) -> None:
+        async for event in self._session.events():
+            if self._ws.client_state != WebSocketState.CONNECTED:
+                continue
+            try:
+                await self._ws.send_text(event.to_json())
+            except Exception:  # the client is gone; keep draining so the session can finish
+                _LOGGER.debug("Session %d: dropped an event for a closed socket", self._session.id)
+
+
+class HttpAdapter:
+    """Runs the FastAPI app on uvicorn inside the service's event loop."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self._settings = settings
+        config = uvicorn.Config(
+            create_app(engine, settings),
+            host=settings.http.host,
+            port=settings.http.port,
+            log_config=None,
+            access_log=False,
+            # Larger than our own limit, so that we see an oversized frame and answer it ourselves.
+            ws_max_size=2 * settings.limits.max_frame_bytes + MAX_TEXT_BYTES,
+            lifespan="off",
+        )
+        self._server = uvicorn.Server(config)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        return int(self._server.servers[0].sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind and listen."""
+        config = self._server.config
+        config.load()
+        self._server.lifespan = config.lifespan_class(config)
+        try:
+            await self._server.startup()
+        except SystemExit:  # uvicorn exits the process when it cannot bind; we report it instead
+            self._server.started = False
+        if not self._server.started:
+            raise OSError(f"http: cannot listen on {self._settings.http.host}:{self._settings.http.port}")
+        _LOGGER.info("WebSocket on ws://%s:%d/ws/stream", self._settings.http.host, self.port)
+
+    async def stop(self) -> None:
+        """Close the listener and the open connections."""
+        self._server.should_exit = True
+        await self._server.shutdown()

@@ -1,0 +1,118 @@
+"""The `edge-asr` command: `serve`, `bench` and `--version`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_PREFIX,
+    INSTALLED_CONFIG_PATH,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_assignments,
+)
+
+_LOGGER = logging.getLogger(__name__)
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, listeners: bool) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=f"YAML file (default: ${ENV_PREFIX}CONFIG, ./{DEFAULT_CONFIG_PATH}, then {INSTALLED_CONFIG_PATH})",
+    )
+    parser.add_argument("--model", help="model name (tiny.en = bundled), faster-whisper size name or directory")
+    parser.add_argument("--threads", type=int, help="CTranslate2/BLAS threads (0 = half the cores)")
+    if listeners:
+        parser.add_argument("--host", help="HTTP/WebSocket host")
+        parser.add_argument("--port", type=int, help="HTTP/WebSocket port")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any other setting")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    from . import bench
+
+    parser = argparse.ArgumentParser(
+        prog="edge-asr", description="Real-time streaming speech-to-text for the smart-home edge"
+    )
+    parser.add_argument("--version", action="version", version=f"edge-asr {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the service")
+    _add_config_flags(serve, listeners=True)
+    bench_parser = commands.add_parser("bench", help="replay WAV+TXT pairs and report latency, WER and cost")
+    _add_config_flags(bench_parser, listeners=False)
+    bench.add_arguments(bench_parser)
+    return parser
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config is not None or os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        return args.config  # type: ignore[no-any-return]
+    for candidate in (DEFAULT_CONFIG_PATH, INSTALLED_CONFIG_PATH):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Defaults ← YAML ← environment ← flags."""
+    cli: dict[str, Any] = parse_assignments(args.set)
+    for flag, section, key in (
+        ("model", "model", "name"),
+        ("threads", "model", "threads"),
+        ("host", "http", "host"),
+        ("port", "http", "port"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            cli.setdefault(section, {})[key] = value
+    if args.log_level:
+        cli["log_level"] = args.log_level
+    return load_settings(_config_path(args), cli_layer=cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as err:
+        print(f"edge-asr: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(levelname)s %(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # OpenMP/OpenBLAS/MKL read these once, when they load: set them before numpy or CTranslate2 do.
+    for variable in _THREAD_VARIABLES:
+        os.environ.setdefault(variable, str(settings.model.effective_threads))
+    if args.command == "bench":
+        from . import bench
+
+        return bench.run(args, settings)
+    from .service import serve
+
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # start-up failures (model, port) end in one clear line
+        _LOGGER.error("edge-asr cannot start: %s", err)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Shares one model among sessions: decode scheduling, admission limits and the decode threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+
+from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH
+from .config import Settings
+from .events import Done, Event, Final, SessionError
+from .metrics import Metrics
+from .model import Transcriber, Transcript, WhisperTranscriber
+from .session import DecodeRequest, StreamSession
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class EngineBusy(RuntimeError):
+    """All `limits.max_sessions` sessions are taken."""
+
+
+class EngineNotReady(RuntimeError):
+    """The model is not loaded and warm yet."""
+
+
+class AudioFormatError(ValueError):
+    """Audio that is not whole s16le samples."""
+
+
+@dataclass(frozen=True)
+class Health:
+    """What /health reports."""
+
+    ready: bool
+    status: str
+    model: str
+    threads: int
+    workers: int
+    languages: tuple[str, ...]
+    sessions: int
+    max_sessions: int
+    uptime_s: float
+    last_decode_s_ago: float | None
+    decode_queue: int
+    decodes: int
+
+
+class EngineSession:
+    """A client's stream on the engine: feed audio, read events, finish."""
+
+    def __init__(
+        self, engine: Engine, session_id: int, source: str, language: str, prompt: str, split_on_silence: bool
+    ):
+        self.id = session_id
+        self.source = source
+        self.language = language
+        self.state = StreamSession(
+            engine.settings.stream, engine.settings.limits, split_on_silence=split_on_silence, prompt=prompt
+        )
+        self.waiting_since = time.monotonic()
+        self._engine = engine
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._changed = asyncio.Event()
+        self._finals = 0
+        self._last_final: Final | None = None
+        self.closed = False
+
+    async def __aenter__(self) -> EngineSession:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def feed(self, pcm: bytes) -> None:
+        """Add 16 kHz mono s16le audio; odd byte counts are refused whole."""
+        if len(pcm) % SAMPLE_WIDTH:
+            raise AudioFormatError(f"audio of {len(pcm)} bytes is not whole 16-bit samples")
+        if self.closed or not pcm:
+            return
+        self._engine.metrics.audio_seconds_total.inc(len(pcm) / BYTES_PER_SECOND)
+        self.publish(self.state.push(pcm, time.monotonic()))
+        self._engine.wake()
+
+    async def finish(self) -> Final | None:
+        """End of audio: wait for the open utterance's final and return it (None when nothing was said)."""
+        finals_before = self._finals
+        self.publish(self.state.end_of_audio(time.monotonic()))
+        self._engine.wake()
+        while self.state.ending and not self.closed:
+            self._changed.clear()
+            await self._changed.wait()
+        final = self._last_final if self._finals > finals_before else None
+        self.publish([Done(self.state.utterance - 1)])
+        return final
+
+    def set_prompt(self, prompt: str) -> None:
+        """Text that comes before this stream's speech, passed to the decoder."""
+        self.state.prompt = prompt
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events in order, until the session closes."""
+        while True:
+            event = await self._events.get()
+            if event is None:
+                return
+            yield event
+
+    def publish(self, events: list[Event]) -> None:
+        """Hand events to the reader (and to the engine's listeners)."""
+        for event in events:
+            if isinstance(event, Final):
+                self._finals += 1
+                self._last_final = event
+            self._engine.metrics.observe_event(event)
+            self._events.put_nowait(event)
+        self._changed.set()
+
+    def close(self) -> None:
+        """Release the session; its queued and in-flight decodes are dropped."""
+        if self.closed:
+            return
+        self.closed = True
+        self._engine.release(self)
+        self._events.put_nowait(None)
+        self._changed.set()
+
+
+class Engine:
+    """Owns the model, the decode threads and the sessions that share them."""
+
+    def __init__(self, settings: Settings, transcriber_factory: Callable[[], Transcriber] | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self._factory = transcriber_factory or (lambda: WhisperTranscriber(settings.model))
+        self._transcriber: Transcriber | None = None
+        self._workers = settings.model.effective_workers
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="decode")
+        self._sessions: dict[int, EngineSession] = {}
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._busy = 0
+        self._started = time.monotonic()
+        self._status = "loading model"
+        self._last_decode: float | None = None
+        self._decodes = 0
+
+    @property
+    def ready(self) -> bool:
+        """The model is loaded and warm."""
+        return self._transcriber is not None and self._dispatcher is not None
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """Languages of the loaded model (empty until it is loaded)."""
+        return self._transcriber.languages if self._transcriber else ()
+
+    async def start(self) -> None:
+        """Load and warm the model off the event loop, then start scheduling decodes."""
+        loop = asyncio.get_running_loop()
+        try:
+            transcriber = await loop.run_in_executor(self._executor, self._factory)
+            warm_ms = await loop.run_in_executor(self._executor, transcriber.warm_up)
+        except Exception as err:
+            self._status = f"model failed: {err}"
+            raise
+        _LOGGER.info("Model warm (%.0f ms), %d decode worker(s)", warm_ms, self._workers)
+        self._transcriber = transcriber
+        self._status = "ready"
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="edge-asr-dispatch")
+
+    async def stop(self) -> None:
+        """Close every session and stop the decode threads."""
+        for session in list(self._sessions.values()):
+            session.close()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+            self._dispatcher = None
+        self._status = "stopped"
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def session(
+        self, source: str, language: str | None = None, prompt: str = "", split_on_silence: bool = True
+    ) -> EngineSession:
+        """Open a session, or raise EngineBusy / EngineNotReady."""
+        if not self.ready:
+            self.metrics.rejected_total.labels("not_ready").inc()
+            raise EngineNotReady(self._status)
+        if len(self._sessions) >= self.settings.limits.max_sessions:
+            self.metrics.rejected_total.labels("busy").inc()
+            raise EngineBusy(f"all {self.settings.limits.max_sessions} sessions are in use")
+        session = EngineSession(
+            self, next(self._ids), source, language or self.settings.model.language, prompt, split_on_silence
+        )
+        self._sessions[session.id] = session
+        self.metrics.sessions_total.labels(source).inc()
+        self.metrics.sessions_active.set(len(self._sessions))
+        return session
+
+    def release(self, session: EngineSession) -> None:
+        """Forget a closed session."""
+        self._sessions.pop(session.id, None)
+        self.metrics.sessions_active.set(len(self._sessions))
+
+    def wake(self) -> None:
+        """Tell the dispatcher that a session may want a decode."""
+        self._wake.set()
+
+    def health(self) -> Health:
+        """Model, sessions, uptime and decode facts."""
+        now = time.monotonic()
+        return Health(
+            ready=self.ready,
+            status=self._status,
+            model=self.settings.model.name,
+            threads=self.settings.model.effective_threads,
+            workers=self._workers,
+            languages=self.languages,
+            sessions=len(self._sessions),
+            max_sessions=self.settings.limits.max_sessions,
+            uptime_s=round(now - self._started, 3),
+            last_decode_s_ago=None if self._last_decode is None else round(now - self._last_decode, 3),
+            decode_queue=sum(1 for s in self._sessions.values() if s.state.wants_decode()),
+            decodes=self._decodes,
+        )
+
+    def _pick(self) -> EngineSession | None:
+        """Finals before partials; among each, the session that has waited longest."""
+        waiting = [s for s in self._sessions.values() if s.state.wants_decode()]
+        self.metrics.decode_queue.set(len(waiting))
+        if not waiting:
+            return None
+        return min(waiting, key=lambda s: (not s.state.ending, s.waiting_since))
+
+    async def _dispatch(self) -> None:
+        """Start decodes while a worker is free and a session wants one; sleep otherwise."""
+        running: set[asyncio.Task[None]] = set()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._busy < self._workers and (session := self._pick()) is not None:
+                self._busy += 1
+                task = asyncio.create_task(self._decode(session, session.state.next_request()))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+    async def _decode(self, session: EngineSession, request: DecodeRequest) -> None:
+        assert self._transcriber is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transcript = await loop.run_in_executor(
+                self._executor, self._transcriber.decode, request.audio, request.prompt, session.language
+            )
+        except Exception:
+            _LOGGER.exception("Decode failed for session %d", session.id)
+            transcript = Transcript(words=(), asr_ms=0.0)
+            session.publish([SessionError("decode_failed", "the model failed on this audio; see the server log")])
+        finally:
+            self._busy -= 1
+            self._wake.set()
+        now = time.monotonic()
+        self._last_decode = now
+        self._decodes += 1
+        self.metrics.decode_seconds.labels("final" if request.final else "partial").observe(transcript.asr_ms / 1000)
+        session.waiting_since = now
+        if not session.closed:
+            session.publish(session.state.apply(request, transcript.words, transcript.asr_ms, now))

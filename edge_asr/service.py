@@ -1,0 +1,37 @@
+"""Composition root: settings → engine → enabled adapters, and the service's life until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from adapters.http import HttpAdapter
+
+from .config import Settings
+from .engine import Engine
+
+_LOGGER = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings) -> int:
+    """Listen first (so /health can say 503 while loading), warm the model, run until SIGTERM/SIGINT."""
+    started = time.monotonic()
+    engine = Engine(settings)
+    http = HttpAdapter(engine, settings) if settings.http.enabled else None
+    if http is not None:
+        await http.start()
+    await engine.start()
+    _LOGGER.info("Ready in %.0f ms", (time.monotonic() - started) * 1000)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    _LOGGER.info("Stopping")
+    if http is not None:
+        await http.stop()
+    await engine.stop()
+    return 0

@@ -1,0 +1,269 @@
+"""One stream's state machine: audio buffer, VAD, when to decode what, commits and events. No I/O."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .agreement import LocalAgreement, Word, join_words
+from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH, FloatAudio, pcm16_to_float, seconds_to_bytes
+from .config import LimitSettings, StreamSettings
+from .events import Event, Final, Partial
+from .vad import START_LOOKBACK_S, VadGate
+
+# A hypothesis that reaches this far past the last voiced frame has heard every word: webrtcvad marks
+# the soft end of a word as unvoiced a frame or three early.
+COVER_MARGIN_S = 0.12
+_MAX_ARRIVALS = 4096
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """A window of audio to transcribe; times are seconds of the session's audio."""
+
+    audio: FloatAudio
+    start_s: float
+    end_s: float
+    prompt: str
+    final: bool
+    newest_arrival: float
+    utterance_start_s: float
+
+
+def build_prompt(client_prompt: str, committed_text: str, limit: int) -> str:
+    """The client's prompt, then as much of the newest committed text as fits in `limit` characters.
+
+    Cut at word boundaries; the client's prompt goes first and is only cut when it alone is too long.
+    """
+    client = _tail_words(client_prompt.strip(), limit)
+    room = limit - len(client) - (1 if client else 0)
+    recent = _tail_words(committed_text.strip(), room) if room > 0 else ""
+    return " ".join(part for part in (client, recent) if part)
+
+
+def _tail_words(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    tail = text[len(text) - limit :]
+    cut = tail.find(" ")
+    return tail[cut + 1 :] if cut >= 0 else ""
+
+
+class StreamSession:
+    """Decides when a stream needs a decode, and turns decodes into partials and finals.
+
+    Times called `now`/`*_arrival`/`*_wall` are the caller's monotonic clock in seconds; times
+    ending in `_s` are positions in the session's audio.
+    """
+
+    def __init__(
+        self,
+        stream: StreamSettings,
+        limits: LimitSettings,
+        *,
+        split_on_silence: bool = True,
+        prompt: str = "",
+    ) -> None:
+        self._stream = stream
+        self._limits = limits
+        self._split_on_silence = split_on_silence
+        self.prompt = prompt
+        # Finals of earlier utterances: the context Whisper conditions on across short pauses.
+        self._history = ""
+        self._vad = VadGate(stream.vad_aggressiveness, stream.silence_ms)
+        self._buffer = bytearray()
+        self._buffer_start_s = 0.0
+        self.stream_s = 0.0
+        self._arrivals: deque[tuple[float, float]] = deque(maxlen=_MAX_ARRIVALS)
+        self._utterances_emitted = 0
+        self.in_flight = False
+        self._reset_utterance(None)
+
+    def _reset_utterance(self, start_s: float | None) -> None:
+        self._utterance_start_s = start_s
+        self._window_start_s = start_s or 0.0
+        self._agreement = LocalAgreement()
+        self._last_request_end_s = start_s or 0.0
+        self._latest_end_s = start_s or 0.0
+        self._latest_asr_ms = 0.0
+        self._latest_arrival: float | None = None
+        self._end_at_s: float | None = None
+        self._end_wall = 0.0
+        self._last_partial = ("", "")
+        self._emitted = False
+
+    @property
+    def active(self) -> bool:
+        """An utterance is open: speech was heard and its final is not out yet."""
+        return self._utterance_start_s is not None
+
+    @property
+    def utterance(self) -> int:
+        """The number of the current (or next) utterance, from 1."""
+        return self._utterances_emitted + 1
+
+    @property
+    def ending(self) -> bool:
+        """The current utterance has ended and waits for its final."""
+        return self._end_at_s is not None
+
+    def push(self, pcm: bytes, now: float) -> list[Event]:
+        """Take s16le mono 16 kHz audio of any even length; may complete a final at once."""
+        self._buffer += pcm
+        self.stream_s += len(pcm) / BYTES_PER_SECOND
+        self._arrivals.append((self.stream_s, now))
+        for change in self._vad.push(pcm):
+            if change.speaking and self._utterance_start_s is None:
+                start = max(self._buffer_start_s, change.at_s - self._stream.preroll_ms / 1000)
+                self._reset_utterance(start)
+            elif not change.speaking and self._split_on_silence and self.active and not self.ending:
+                self._end_at_s = self.stream_s
+                self._end_wall = self._arrival_of(change.at_s)
+        if self.active and not self.ending:
+            assert self._utterance_start_s is not None
+            if self.stream_s - self._utterance_start_s >= self._limits.max_utterance_s:
+                self._end_at_s = self.stream_s
+                self._end_wall = now
+        if not self.active:
+            # The VAD reports a start a few frames after it: keep those frames as well as the preroll.
+            self._drop_before(self.stream_s - self._stream.preroll_ms / 1000 - START_LOOKBACK_S)
+        return self._final_if_covered(now)
+
+    def end_of_audio(self, now: float) -> list[Event]:
+        """The client ended the audio: the open utterance, if any, gets its final."""
+        if self.active and not self.ending:
+            self._end_at_s = self.stream_s
+            self._end_wall = now
+        # What follows the end signal is a new request: speech must start afresh.
+        self._vad.reset()
+        return self._final_if_covered(now)
+
+    def wants_decode(self) -> bool:
+        """Whether a decode would bring something new now."""
+        if not self.active or self.in_flight:
+            return False
+        if self.ending:
+            return True
+        assert self._utterance_start_s is not None
+        if self.stream_s - self._utterance_start_s < self._stream.min_window_s:
+            return False
+        if self.stream_s - self._last_request_end_s < self._stream.cycle_ms / 1000:
+            return False
+        return self._vad.last_voice_end_s + COVER_MARGIN_S > self._last_request_end_s
+
+    def next_request(self) -> DecodeRequest:
+        """The window to decode now: from the last commit (less the overlap) to the newest audio."""
+        assert self._utterance_start_s is not None
+        final = self.ending
+        end_s = self._end_at_s if self._end_at_s is not None else self.stream_s
+        self._bound_window(end_s)
+        before_window = [w for w in self._agreement.committed if w.end <= self._window_start_s + 0.05]
+        self.in_flight = True
+        self._last_request_end_s = end_s
+        return DecodeRequest(
+            audio=pcm16_to_float(bytes(self._slice(self._window_start_s, end_s))),
+            start_s=self._window_start_s,
+            end_s=end_s,
+            prompt=build_prompt(self.prompt, f"{self._history} {join_words(before_window)}", self._stream.prompt_chars),
+            final=final,
+            newest_arrival=self._arrival_of(end_s),
+            utterance_start_s=self._utterance_start_s,
+        )
+
+    def apply(self, request: DecodeRequest, words: tuple[Word, ...], asr_ms: float, now: float) -> list[Event]:
+        """Take the words a decode found (times relative to the window) and emit what changed."""
+        self.in_flight = False
+        if request.utterance_start_s != self._utterance_start_s:
+            return []
+        self._agreement.update([Word(w.start + request.start_s, w.end + request.start_s, w.text) for w in words])
+        self._latest_end_s = request.end_s
+        self._latest_asr_ms = asr_ms
+        self._latest_arrival = request.newest_arrival
+        if request.final:
+            return self._emit_final(now)
+        events: list[Event] = []
+        text = join_words(self._agreement.committed + self._agreement.tentative)
+        stable = join_words(self._agreement.committed)
+        if (text, stable) != self._last_partial:
+            self._last_partial = (text, stable)
+            self._emitted = True
+            events.append(
+                Partial(
+                    text=text,
+                    stable=stable,
+                    utterance=self.utterance,
+                    asr_ms=round(asr_ms),
+                    e2e_ms=round((now - request.newest_arrival) * 1000),
+                )
+            )
+        return events + self._final_if_covered(now)
+
+    def _final_if_covered(self, now: float) -> list[Event]:
+        """When the newest hypothesis already heard every voiced frame, the final needs no decode."""
+        if not self.ending or self.in_flight or self._latest_arrival is None:
+            return []
+        assert self._end_at_s is not None
+        if self._latest_end_s < min(self._end_at_s, self._vad.last_voice_end_s + COVER_MARGIN_S):
+            return []
+        return self._emit_final(now)
+
+    def _emit_final(self, now: float) -> list[Event]:
+        assert self._utterance_start_s is not None and self._end_at_s is not None
+        self._agreement.commit_tentative()
+        text = join_words(self._agreement.committed)
+        events: list[Event] = []
+        if text:
+            events.append(
+                Final(
+                    text=text,
+                    utterance=self.utterance,
+                    asr_ms=round(self._latest_asr_ms),
+                    e2e_ms=round((now - (self._latest_arrival or now)) * 1000),
+                    ttct_ms=round((now - self._end_wall) * 1000),
+                    start=self._utterance_start_s,
+                    end=self._end_at_s,
+                )
+            )
+        if text or self._emitted:
+            self._utterances_emitted += 1
+        if text:
+            self._history = _tail_words(f"{self._history} {text}".strip(), self._stream.prompt_chars)
+        end_s = self._end_at_s
+        self._drop_before(end_s - self._stream.preroll_ms / 1000)
+        self._reset_utterance(max(end_s, self._buffer_start_s) if self._vad.speaking else None)
+        return events
+
+    def _bound_window(self, end_s: float) -> None:
+        """Keep the window under max_window_s by trimming at committed word boundaries."""
+        overlap = self._stream.overlap_ms / 1000
+        limit = self._stream.max_window_s
+        if end_s - self._window_start_s <= limit:
+            return
+        committed = self._agreement.committed
+        if not committed or end_s - (committed[-1].end - overlap) > limit:
+            self._agreement.commit_before(end_s - limit / 2)
+        if committed:
+            self._window_start_s = max(self._window_start_s, committed[-1].end - overlap)
+        if end_s - self._window_start_s > limit:
+            self._window_start_s = end_s - limit
+        self._drop_before(self._window_start_s)
+
+    def _slice(self, start_s: float, end_s: float) -> bytes:
+        first = max(0, seconds_to_bytes(start_s - self._buffer_start_s))
+        last = max(first, seconds_to_bytes(end_s - self._buffer_start_s))
+        return bytes(self._buffer[first:last])
+
+    def _drop_before(self, time_s: float) -> None:
+        cut = seconds_to_bytes(time_s - self._buffer_start_s)
+        if cut <= 0:
+            return
+        cut = min(cut, len(self._buffer) - len(self._buffer) % SAMPLE_WIDTH)
+        del self._buffer[:cut]
+        self._buffer_start_s += cut / BYTES_PER_SECOND
+
+    def _arrival_of(self, time_s: float) -> float:
+        """When the audio at that position reached the server."""
+        for stream_end_s, arrived in self._arrivals:
+            if stream_end_s >= time_s - 1e-6:
+                return arrived
+        return self._arrivals[-1][1] if self._arrivals else 0.0

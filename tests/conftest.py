@@ -1,0 +1,122 @@
+"""Shared fixtures: the speech corpus, free ports and the real service started as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SPEECH_DIR = Path(os.environ.get("EDGE_ASR_SPEECH_DIR", REPO.parent / "shared" / "speech"))
+START_TIMEOUT_S = 60.0
+
+
+def read_pcm(name: str) -> bytes:
+    """The s16le 16 kHz mono frames of a clip in the shared speech corpus."""
+    with wave.open(str(SPEECH_DIR / f"{name}.wav"), "rb") as wav:
+        assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (16000, 2, 1)
+        return wav.readframes(wav.getnframes())
+
+
+def reference(name: str) -> str:
+    """The reference transcript of a clip."""
+    return (SPEECH_DIR / f"{name}.txt").read_text(encoding="utf-8").strip()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, dict[str, object] | str]:
+    """Status and body (JSON when it parses) of a GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read().decode()
+    try:
+        return status, json.loads(body)
+    except json.JSONDecodeError:
+        return status, body
+
+
+@dataclass
+class Service:
+    """A running `edge-asr serve` subprocess."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/stream"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def health(self) -> tuple[int, dict[str, object] | str]:
+        return http_get(f"{self.base_url}/health")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def start_service(tmp_path: Path, *settings: str, wait_ready: bool = True) -> Service:
+    """Start the real service on a free port with `--set` overrides; wait for /health 200 if asked."""
+    port = free_port()
+    log_path = tmp_path / f"service-{port}.log"
+    args = [sys.executable, "-m", "edge_asr", "serve", "--config", str(REPO / "config" / "edge-asr.yaml")]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
+    for item in settings:
+        args += ["--set", item]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    service = Service(process, port, log_path)
+    if wait_ready:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"service exited with {process.returncode}:\n{service.log()}")
+            try:
+                if service.health()[0] == 200:
+                    return service
+            except OSError:
+                pass
+            time.sleep(0.05)
+        service.stop()
+        raise AssertionError(f"service not ready in {START_TIMEOUT_S} s:\n{service.log()}")
+    return service
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One service for the tests that need no special settings."""
+    running = start_service(tmp_path_factory.mktemp("service"))
+    yield running
+    running.stop()

@@ -1,0 +1,274 @@
+"""Unit tests for the pure parts of edge_asr.bench: normalising, WER, percentiles, latencies from timed events."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+
+import pytest
+
+from edge_asr.bench import (
+    BenchError,
+    Clip,
+    ClipResult,
+    Playback,
+    Received,
+    builtin_normalize,
+    end_to_final,
+    first_seen,
+    first_text_lag,
+    load_corpus,
+    normalize,
+    parse_message,
+    percentile,
+    sent_at,
+    speech_span,
+    summarize,
+    word_errors,
+    word_lags,
+)
+from edge_asr.config import StreamSettings
+from edge_asr.events import Done, Event, Final, Partial, SessionError
+
+CHUNK = 640
+T0 = 100.0
+
+
+def partial(text: str, utterance: int = 1) -> Partial:
+    """A partial with dummy timings."""
+    return Partial(text=text, stable="", utterance=utterance, asr_ms=10, e2e_ms=20)
+
+
+def final(text: str, utterance: int = 1) -> Final:
+    """A final with dummy timings."""
+    return Final(text=text, utterance=utterance, asr_ms=10, e2e_ms=20, ttct_ms=30, start=0.0, end=1.0)
+
+
+def paced(seconds: float) -> tuple[tuple[float, float], ...]:
+    """What a real-time replay records: chunk k of 20 ms leaves at T0 + its end position."""
+    chunks = int(seconds * 32000) // CHUNK
+    return tuple(((k + 1) * CHUNK / 32000, T0 + (k + 1) * CHUNK / 32000) for k in range(chunks))
+
+
+def playback(events: list[tuple[float, Event]], end_at: float = T0 + 2.5) -> Playback:
+    """A replay of 2.5 s of audio with these events at these times."""
+    return Playback(tuple(Received(at, event) for at, event in events), paced(2.5), end_at)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Set the thermostat to seventy two degrees.", "set the thermostat to 72 degrees"),
+        ("Dim the lights to thirty percent!", "dim the lights to 30 percent"),
+        ("dim the lights to 30%", "dim the lights to 30 percent"),
+        ("twenty-five", "25"),
+        ("two hundred and five", "205"),
+        ("one thousand two hundred thirty four", "1234"),
+        ("nineteen hundred", "1900"),
+        ("one two three", "1 2 3"),
+        ("twenty twenty", "20 20"),
+        ("It's 1,000 people, isn't it?", "its 1000 people isnt it"),
+        ("a hundred and one", "a hundred and 1"),
+        ("rock and roll", "rock and roll"),
+        ("  ", ""),
+    ],
+)
+def test_builtin_normalize(text: str, expected: str) -> None:
+    assert builtin_normalize(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("reference", "hypothesis"),
+    [
+        ("set the thermostat to seventy two degrees", "Set the thermostat to 72 degrees."),
+        ("dim the dining room lights to thirty percent", "Dim the dining room lights to 30%."),
+        ("turn on the kitchen lights", "Turn on the kitchen lights!"),
+    ],
+)
+def test_spelled_and_written_forms_score_alike(reference: str, hypothesis: str) -> None:
+    assert normalize(reference) == normalize(hypothesis)
+    assert builtin_normalize(reference) == builtin_normalize(hypothesis)
+
+
+@pytest.mark.parametrize(
+    ("reference", "hypothesis", "errors"),
+    [
+        ("", "", 0),
+        ("a b c", "a b c", 0),
+        ("a b c", "a x c", 1),
+        ("a b c", "a c", 1),
+        ("a b c", "a b c d", 1),
+        ("a b c", "", 3),
+        ("", "a b", 2),
+        ("turn on the lights", "on the lights please", 2),
+    ],
+)
+def test_word_errors(reference: str, hypothesis: str, errors: int) -> None:
+    assert word_errors(reference.split(), hypothesis.split()) == errors
+
+
+def test_percentile() -> None:
+    assert percentile([], 50) is None
+    assert percentile([7.0], 90) == 7.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)
+    assert percentile([4.0, 1.0, 3.0, 2.0], 90) == pytest.approx(3.7)
+    assert percentile([1.0, 2.0, 3.0], 0) == 1.0
+    assert percentile([1.0, 2.0, 3.0], 100) == 3.0
+
+
+def test_sent_at_is_the_time_the_chunk_holding_the_position_left() -> None:
+    sent = paced(1.0)
+    assert sent_at(sent, 0.8) == pytest.approx(T0 + 0.8)
+    assert sent_at(sent, 0.81) == pytest.approx(T0 + 0.82)
+    assert sent_at(sent, 0.0) == pytest.approx(T0 + 0.02)
+    assert sent_at(sent, 5.0) == pytest.approx(T0 + 1.0)
+
+
+def test_first_seen_takes_the_first_hypothesis_with_the_word_at_its_position() -> None:
+    events: list[tuple[float, Event]] = [
+        (T0 + 1.0, partial("Turn")),
+        (T0 + 1.3, partial("Turn of the")),
+        (T0 + 1.5, partial("Turn on the")),
+        (T0 + 1.8, partial("Turn on the light")),
+        (T0 + 2.2, final("Turn on the lights.")),
+    ]
+    seen = first_seen([Received(at, event) for at, event in events])
+    assert seen == [("turn", T0 + 1.0), ("on", T0 + 1.5), ("the", T0 + 1.3), ("lights", T0 + 2.2)]
+
+
+def test_first_seen_counts_positions_after_earlier_finals() -> None:
+    events: list[tuple[float, Event]] = [
+        (T0 + 0.5, partial("lock")),
+        (T0 + 0.9, final("Lock the door.")),
+        (T0 + 1.4, partial("and the", utterance=2)),
+        (T0 + 1.6, SessionError("x", "ignored")),
+        (T0 + 1.9, final("And the window.", utterance=2)),
+        (T0 + 2.0, Done(utterances=2)),
+    ]
+    seen = first_seen([Received(at, event) for at, event in events])
+    assert seen == [
+        ("lock", T0 + 0.5),
+        ("the", T0 + 0.9),
+        ("door", T0 + 0.9),
+        ("and", T0 + 1.4),
+        ("the", T0 + 1.4),
+        ("window", T0 + 1.9),
+    ]
+
+
+def test_word_lags_spread_the_final_words_evenly_over_the_speech() -> None:
+    replay = playback(
+        [
+            (T0 + 1.0, partial("Turn")),
+            (T0 + 1.5, partial("Turn on the")),
+            (T0 + 2.2, final("Turn on the lights.")),
+        ]
+    )
+    # Speech from 0.5 s to 1.7 s: the four words end at 0.8, 1.1, 1.4 and 1.7 s.
+    assert word_lags(replay, (0.5, 1.7)) == pytest.approx([0.2, 0.4, 0.1, 0.5])
+
+
+def test_word_lags_without_a_final_are_empty() -> None:
+    assert word_lags(playback([(T0 + 1.0, partial("Turn"))]), (0.5, 1.7)) == []
+
+
+def test_first_text_lag_counts_from_the_speech_start() -> None:
+    replay = playback([(T0 + 0.1, partial("")), (T0 + 1.3, partial("Turn")), (T0 + 2.2, final("Turn on."))])
+    assert first_text_lag(replay, 0.5) == pytest.approx(0.8)
+    assert first_text_lag(playback([(T0 + 2.2, final("Hi."))]), 0.5) == pytest.approx(1.7)
+    assert first_text_lag(playback([]), 0.5) is None
+
+
+def test_end_to_final_is_zero_when_the_final_came_before_the_end() -> None:
+    assert end_to_final(playback([(T0 + 2.2, final("Hi."))], end_at=T0 + 2.5)) == 0.0
+    assert end_to_final(playback([(T0 + 2.9, final("Hi."))], end_at=T0 + 2.5)) == pytest.approx(0.4)
+    assert end_to_final(playback([(T0 + 2.2, final("Hi.")), (T0 + 3.0, final("Bye.", 2))])) == pytest.approx(0.5)
+    assert end_to_final(playback([(T0 + 1.0, partial("Hi"))])) is None
+
+
+def test_parse_message() -> None:
+    assert parse_message(partial("hel").to_json()) == ("partial", partial("hel"))
+    wire = json.dumps({**json.loads(final("Hi.").to_json()), "end": 1.25})
+    assert parse_message(wire) == ("final", Final("Hi.", 1, 10, 20, 30, 0.0, 1.25))
+    assert parse_message(SessionError("busy", "full").to_json()) == ("error", SessionError("busy", "full"))
+    assert parse_message(Done(2).to_json()) == ("done", Done(2))
+    assert parse_message('{"type": "ready", "session": 3}') == ("ready", None)
+    kind, event = parse_message("not json")
+    assert kind == "error" and isinstance(event, SessionError) and event.code == "bad_message"
+    kind, event = parse_message('{"type": "final", "text": "x"}')
+    assert kind == "error" and isinstance(event, SessionError) and event.code == "bad_message"
+
+
+def test_speech_span_of_silence_is_none() -> None:
+    assert speech_span(bytes(32000), StreamSettings()) is None
+
+
+def clip_result(name: str, reference: str, hypothesis: str, errors: int, lags: tuple[float, ...] = ()) -> ClipResult:
+    """A scored clip with a few latencies."""
+    return ClipResult(
+        name=name,
+        reference=reference,
+        hypothesis=hypothesis,
+        audio_s=2.0,
+        reference_words=len(reference.split()),
+        word_errors=errors,
+        word_lag_ms=lags,
+        first_partial_ms=None,
+        end_to_final_ms=0.0 if hypothesis else None,
+        ttct_ms=(300,) if hypothesis else (),
+        e2e_partial_ms=(),
+        e2e_final_ms=(),
+        errors=(),
+    )
+
+
+def test_summarize_counts_insertions_on_no_speech_clips_and_hallucinations() -> None:
+    summary = summarize(
+        [
+            clip_result("a", "turn on the lights", "turn on the light", 1, (100.0, 200.0)),
+            clip_result("b", "", "thank you", 2),
+            clip_result("c", "", "", 0),
+            clip_result("d", "open the door", "open the door", 0, (300.0,)),
+        ]
+    )
+    assert summary.wer == pytest.approx(3 / 7)
+    assert (summary.no_speech_clips, summary.hallucinations) == (2, 1)
+    assert summary.word_lag_p50_ms == pytest.approx(200.0)
+    assert summary.end_to_final_p50_ms == 0.0
+    assert summary.first_partial_p50_ms is None
+    assert summary.audio_s == pytest.approx(8.0)
+
+
+def write_clip(directory: Path, name: str, text: str | None, rate: int = 16000, seconds: float = 0.5) -> None:
+    """A WAV of silence, with its transcript unless text is None."""
+    with wave.open(str(directory / f"{name}.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(bytes(int(rate * seconds) * 2))
+    if text is not None:
+        (directory / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
+
+
+def test_load_corpus_sorts_filters_and_limits(tmp_path: Path) -> None:
+    for name in ("cmd_b", "cmd_a", "other", "cmd_c"):
+        write_clip(tmp_path, name, f"say {name}")
+    write_clip(tmp_path, "cmd_0_no_text", None)
+    clips = load_corpus(tmp_path, match="cmd_*", limit=2)
+    assert clips == [
+        Clip("cmd_a", tmp_path / "cmd_a.wav", "say cmd_a", 0.5),
+        Clip("cmd_b", tmp_path / "cmd_b.wav", "say cmd_b", 0.5),
+    ]
+    assert clips[0].read_pcm() == bytes(16000)
+    assert [clip.name for clip in load_corpus(tmp_path)] == ["cmd_a", "cmd_b", "cmd_c", "other"]
+
+
+def test_load_corpus_refuses_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="not a directory"):
+        load_corpus(tmp_path / "missing")
+    with pytest.raises(BenchError, match=r"no \.wav"):
+        load_corpus(tmp_path)
+    write_clip(tmp_path, "loud", "hello", rate=8000)
+    with pytest.raises(BenchError, match="expected 16 kHz mono"):
+        load_corpus(tmp_path)

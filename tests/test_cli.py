@@ -1,0 +1,80 @@
+"""The `edge-asr` command: version, start-up errors that name the key, and `bench` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from edge_asr import __version__
+
+from .conftest import REPO, SPEECH_DIR
+
+
+def _edge_asr(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_asr", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_version() -> None:
+    result = _edge_asr("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"edge-asr {__version__}"
+
+
+def test_an_unknown_key_stops_start_up_naming_it() -> None:
+    result = _edge_asr("serve", "--set", "stream.silence=300")
+    assert result.returncode == 2
+    assert "stream.silence: unknown key" in result.stderr
+
+
+def test_a_bad_value_in_the_environment_stops_start_up_naming_it() -> None:
+    result = _edge_asr("serve", env={"EDGE_ASR_HTTP_PORT": "eighty"})
+    assert result.returncode == 2
+    assert "http.port: expected int" in result.stderr
+
+
+def test_a_bad_yaml_file_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "edge-asr.yaml"
+    config.write_text("stream:\n  silence_ms: -5\n")
+    result = _edge_asr("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "stream.silence_ms: -5 is below the minimum" in result.stderr
+
+
+def test_a_missing_model_directory_stops_start_up_with_a_clear_line(tmp_path: Path) -> None:
+    result = _edge_asr("serve", "--port", "0", "--model", str(tmp_path / "no-such-model"))
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "model" in result.stderr
+
+
+def test_bench_replays_a_corpus_and_reports_json(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("asterisk_conf-hasjoin", "silence_3s"):
+        for suffix in (".wav", ".txt"):
+            (corpus / f"{name}{suffix}").symlink_to(SPEECH_DIR / f"{name}{suffix}")
+    report = tmp_path / "report.json"
+
+    result = _edge_asr("bench", str(corpus), "--fast", "--offline", "--json", str(report), "--threads", "1")
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    streaming, offline = data["streaming"], data["offline"]
+    assert streaming["clips"] == 2 and streaming["no_speech_clips"] == 1
+    assert streaming["hallucinations"] == 0 and offline["hallucinations"] == 0
+    assert streaming["reference_words"] == 5 and offline["reference_words"] == 5
+    assert streaming["wer"] == streaming["word_errors"] / 5
+    by_name = {clip["name"]: clip for clip in data["clips"]}
+    assert by_name["silence_3s"]["hypothesis"] == ""
+    assert by_name["asterisk_conf-hasjoin"]["hypothesis"]
+    assert data["resources"]["peak_rss_mb"] > 0 and data["resources"]["start_to_ready_s"] > 0
+    assert "streaming" in result.stderr + result.stdout

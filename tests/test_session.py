@@ -1,0 +1,688 @@
+"""Unit tests for the StreamSession state machine, driven by real speech and a scripted fake transcriber."""
+
+from __future__ import annotations
+
+import os
+import wave
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webrtcvad
+
+from edge_asr.agreement import Word
+from edge_asr.audio import pcm16_to_float
+from edge_asr.config import LimitSettings, StreamSettings
+from edge_asr.events import Event, Final, Partial
+from edge_asr.session import DecodeRequest, StreamSession
+from edge_asr.vad import FRAME_BYTES, VadGate
+
+SPEECH_DIR = Path(os.environ.get("EDGE_ASR_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech"))
+RATE = 16_000
+BYTES_PER_S = RATE * 2
+CHUNK_BYTES = 640  # 20 ms
+CHUNK_S = CHUNK_BYTES / BYTES_PER_S
+ASR_S = 0.012  # what the fake model "takes": the fake clock moves on by this much per decode
+
+Script = list[tuple[str, float, float]]
+
+
+@cache
+def read_pcm(name: str) -> bytes:
+    """The s16le frames of a 16 kHz mono WAV from the shared speech folder."""
+    with wave.open(str(SPEECH_DIR / f"{name}.wav"), "rb") as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (RATE, 1, 2)
+        return wav.readframes(wav.getnframes())
+
+
+@cache
+def transcript(name: str) -> str:
+    """The reference text of a speech file."""
+    return (SPEECH_DIR / f"{name}.txt").read_text(encoding="utf-8").strip()
+
+
+def silence(seconds: float) -> bytes:
+    """Digital silence of that duration."""
+    return b"\0\0" * round(seconds * RATE)
+
+
+def voiced_span(pcm: bytes) -> tuple[float, float]:
+    """Start of the first and end of the last 30 ms frame webrtcvad calls speech, in seconds of pcm."""
+    vad = webrtcvad.Vad(2)
+    flags = [vad.is_speech(pcm[i : i + FRAME_BYTES], RATE) for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES)]
+    first = flags.index(True)
+    last = len(flags) - flags[::-1].index(True)
+    return first * 0.03, last * 0.03
+
+
+@dataclass
+class Audio:
+    """A session's input built piece by piece, with the words each spoken piece holds."""
+
+    pcm: bytes = b""
+    script: Script = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def pause(self, seconds: float) -> Audio:
+        self.pcm += silence(seconds)
+        return self
+
+    def say(self, name: str) -> Audio:
+        """Append a speech file; spread its reference words over its voiced span."""
+        speech = read_pcm(name)
+        offset = len(self.pcm) / BYTES_PER_S
+        first, last = voiced_span(speech)
+        tokens = transcript(name).split()
+        step = (last - first) / len(tokens)
+        for index, token in enumerate(tokens):
+            start = offset + first + index * step
+            self.script.append((token, start, start + step * 0.85))
+        self.texts.append(transcript(name))
+        self.pcm += speech
+        return self
+
+    @property
+    def seconds(self) -> float:
+        return len(self.pcm) / BYTES_PER_S
+
+
+def scripted_words(script: Script, request: DecodeRequest, *, cut_words: bool = True) -> tuple[Word, ...]:
+    """The fake transcriber: the scripted words heard by the request's window, times relative to its start.
+
+    A word that ends inside the window is heard whole. A word still going on at the window's end is,
+    with `cut_words`, misheard as a fragment that differs between passes (it must not be committed).
+    """
+    heard: list[Word] = []
+    for text, start, end in script:
+        if end <= request.start_s or start >= request.end_s:
+            continue
+        relative_start = max(0.0, start - request.start_s)
+        if end <= request.end_s:
+            heard.append(Word(relative_start, end - request.start_s, f" {text}"))
+        elif cut_words:
+            fragment = text[: max(1, len(text) // 2)] + str(round(request.end_s * 1000))
+            heard.append(Word(relative_start, request.end_s - request.start_s, f" {fragment}"))
+    return tuple(heard)
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """An event, which call returned it, and the fake clock and stream position then."""
+
+    source: str
+    event: Event
+    now: float
+    stream_s: float
+
+
+@dataclass
+class Driver:
+    """Feeds a session 20 ms chunks on a fake clock and serves its decodes with the fake transcriber."""
+
+    session: StreamSession
+    script: Script
+    cut_words: bool = True
+    auto_decode: bool = True
+    now: float = 1000.0
+    fed: bytes = b""
+    log: list[Emitted] = field(default_factory=list)
+    requests: list[DecodeRequest] = field(default_factory=list)
+    arrivals: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def events(self) -> list[Event]:
+        return [emitted.event for emitted in self.log]
+
+    def record(self, source: str, events: list[Event]) -> None:
+        self.log += [Emitted(source, event, self.now, self.session.stream_s) for event in events]
+
+    def arrival_of(self, stream_s: float) -> float:
+        """When the chunk holding the audio at that position was pushed."""
+        return next(now for end_s, now in self.arrivals if end_s >= stream_s - 1e-9)
+
+    def feed(self, pcm: bytes) -> None:
+        for offset in range(0, len(pcm), CHUNK_BYTES):
+            self.push(pcm[offset : offset + CHUNK_BYTES])
+
+    def push(self, chunk: bytes) -> list[Event]:
+        self.now += len(chunk) / BYTES_PER_S
+        self.fed += chunk
+        events = self.session.push(chunk, self.now)
+        self.arrivals.append((self.session.stream_s, self.now))
+        self.record("push", events)
+        if self.auto_decode:
+            self.serve()
+        return events
+
+    def feed_until(self, stream_s: float, pcm: bytes) -> None:
+        """Feed pcm (the whole input) from where feeding stopped until the stream reaches stream_s."""
+        while self.session.stream_s < stream_s - 1e-9:
+            start = len(self.fed)
+            assert start < len(pcm), "ran out of audio"
+            self.push(pcm[start : start + CHUNK_BYTES])
+
+    def request(self) -> DecodeRequest:
+        request = self.session.next_request()
+        self.requests.append(request)
+        check_window(request, self.fed)
+        return request
+
+    def apply(self, request: DecodeRequest, words: tuple[Word, ...] | None = None) -> list[Event]:
+        self.now += ASR_S
+        if words is None:
+            words = scripted_words(self.script, request, cut_words=self.cut_words)
+        events = self.session.apply(request, words, ASR_S * 1000, self.now)
+        self.record("apply", events)
+        return events
+
+    def serve(self) -> None:
+        for _ in range(10):
+            if not self.session.wants_decode():
+                return
+            self.apply(self.request())
+        raise AssertionError("the session keeps wanting decodes")
+
+    def end(self) -> list[Event]:
+        events = self.session.end_of_audio(self.now)
+        self.record("end", events)
+        if self.auto_decode:
+            self.serve()
+        return events
+
+    def finals(self) -> list[Final]:
+        return [event for event in self.events if isinstance(event, Final)]
+
+    def partials(self) -> list[Partial]:
+        return [event for event in self.events if isinstance(event, Partial)]
+
+
+def check_window(request: DecodeRequest, fed: bytes) -> None:
+    """The request's audio is exactly the stream's audio from start_s to end_s."""
+    first = round(request.start_s * RATE) * 2
+    last = round(request.end_s * RATE) * 2
+    assert 0 <= request.start_s < request.end_s <= len(fed) / BYTES_PER_S + 1e-9
+    assert request.audio.dtype == np.float32
+    assert np.array_equal(request.audio, pcm16_to_float(fed[first:last]))
+
+
+def make_driver(
+    script: Script,
+    *,
+    stream: StreamSettings | None = None,
+    limits: LimitSettings | None = None,
+    split_on_silence: bool = True,
+    prompt: str = "",
+    cut_words: bool = True,
+    auto_decode: bool = True,
+) -> Driver:
+    session = StreamSession(
+        stream or StreamSettings(), limits or LimitSettings(), split_on_silence=split_on_silence, prompt=prompt
+    )
+    return Driver(session, script, cut_words=cut_words, auto_decode=auto_decode)
+
+
+def by_utterance(events: Iterable[Event]) -> dict[int, list[Event]]:
+    grouped: dict[int, list[Event]] = {}
+    for event in events:
+        assert isinstance(event, (Partial, Final))
+        grouped.setdefault(event.utterance, []).append(event)
+    return grouped
+
+
+def one_command(lead_s: float = 0.3, trailing_s: float = 1.0, name: str = "cmd_piper_joe_03") -> Audio:
+    return Audio().pause(lead_s).say(name).pause(trailing_s)
+
+
+def last_voiced_end(pcm: bytes) -> float:
+    """Where the session's VAD puts the end of the last voiced frame of pcm."""
+    gate = VadGate(2, 350)
+    gate.push(pcm)
+    return gate.last_voice_end_s
+
+
+# --- no speech ---------------------------------------------------------------------------------
+
+
+def test_silence_only_gives_no_events_and_no_decode() -> None:
+    driver = make_driver([])
+    driver.feed(read_pcm("silence_3s"))
+    assert driver.end() == []
+    assert driver.events == []
+    assert driver.requests == []
+    assert not driver.session.active
+    assert driver.session.utterance == 1
+
+
+def test_speech_the_transcriber_finds_empty_gives_no_empty_final() -> None:
+    audio = one_command()
+    driver = make_driver([])  # the transcriber hears nothing
+    driver.feed(audio.pcm)
+    driver.end()
+    assert driver.requests, "speech must be decoded"
+    assert driver.events == []
+    assert driver.session.utterance == 1
+
+
+# --- when to decode ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_window_s", [1.0, 2.0])
+def test_no_decode_before_speech_nor_before_min_window(min_window_s: float) -> None:
+    audio = one_command(lead_s=0.6)
+    driver = make_driver(audio.script, stream=StreamSettings(min_window_s=min_window_s), auto_decode=False)
+    first_request: DecodeRequest | None = None
+    while first_request is None:
+        was_active = driver.session.active
+        driver.feed_until(driver.session.stream_s + CHUNK_S, audio.pcm)
+        if not driver.session.active:
+            assert not driver.session.wants_decode()
+            assert driver.session.stream_s < 0.6 + 0.2, "speech should have been detected"
+            continue
+        if driver.session.wants_decode():
+            assert was_active
+            first_request = driver.request()
+    assert first_request.utterance_start_s < 0.6
+    assert first_request.start_s == first_request.utterance_start_s
+    window = first_request.end_s - first_request.utterance_start_s
+    assert min_window_s - 1e-9 <= window < min_window_s + CHUNK_S
+
+
+@pytest.mark.parametrize("cycle_ms", [250, 500])
+def test_decodes_every_cycle_of_new_speech(cycle_ms: int) -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").say("cmd_piper_joe_05").pause(1.0)
+    driver = make_driver(audio.script, stream=StreamSettings(cycle_ms=cycle_ms))
+    voiced_end = last_voiced_end(audio.pcm)
+    driver.feed(audio.pcm)
+    during_speech = [r for r in driver.requests if not r.final and r.end_s <= voiced_end]
+    assert len(during_speech) >= 4
+    for before, after in pairwise(during_speech):
+        gap = after.end_s - before.end_s
+        assert cycle_ms / 1000 - 1e-9 <= gap < cycle_ms / 1000 + CHUNK_S
+
+
+def test_at_most_one_request_in_flight() -> None:
+    audio = one_command()
+    driver = make_driver(audio.script, auto_decode=False)
+    driver.feed_until(1.5, audio.pcm)
+    assert driver.session.wants_decode()
+    request = driver.request()
+    assert driver.session.in_flight
+    assert not driver.session.wants_decode()
+    # A second of speech arrives while the decode runs: still no second request.
+    for _ in range(50):
+        driver.feed_until(driver.session.stream_s + CHUNK_S, audio.pcm)
+        assert not driver.session.wants_decode()
+    driver.apply(request)
+    assert not driver.session.in_flight
+    assert driver.session.wants_decode()
+
+
+def test_no_decode_while_only_silence_follows_a_covered_hypothesis() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(2.0).say("cmd_piper_joe_01").pause(1.0)
+    driver = make_driver(audio.script, split_on_silence=False)
+    first_speech_end = 0.3 + len(read_pcm("cmd_piper_joe_03")) / BYTES_PER_S
+    second_speech_start = first_speech_end + 2.0
+    driver.feed(audio.pcm)
+    # One decode may still finish the first command; after that the pause costs nothing.
+    in_pause = [r for r in driver.requests if first_speech_end + 0.3 < r.end_s < second_speech_start]
+    assert in_pause == []
+
+
+# --- partials ----------------------------------------------------------------------------------
+
+
+def test_partials_change_text_and_stable_only_grows() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.0).say("cmd_piper_joe_06").pause(1.0)
+    driver = make_driver(audio.script)
+    driver.feed(audio.pcm)
+    grouped = by_utterance(driver.events)
+    assert sorted(grouped) == [1, 2]
+    for events in grouped.values():
+        partials = [event for event in events if isinstance(event, Partial)]
+        finals = [event for event in events if isinstance(event, Final)]
+        assert len(partials) >= 3
+        assert len(finals) == 1
+        assert events[-1] is finals[0]
+        previous: tuple[str, str] | None = None
+        previous_stable = ""
+        for partial in partials:
+            assert (partial.text, partial.stable) != previous
+            assert partial.text.startswith(partial.stable)
+            assert partial.stable.startswith(previous_stable)
+            previous, previous_stable = (partial.text, partial.stable), partial.stable
+        assert partials[-1].stable != "", "words must get committed before the end"
+        assert finals[0].text.startswith(partials[-1].stable)
+
+
+def test_a_repeated_hypothesis_gives_a_partial_only_for_what_it_commits() -> None:
+    audio = one_command()
+    driver = make_driver(audio.script, auto_decode=False)
+    driver.feed_until(1.5, audio.pcm)
+    first = driver.request()
+    words = scripted_words(audio.script, first, cut_words=False)
+    assert len(words) >= 2
+    [partial] = driver.apply(first, words)
+    assert isinstance(partial, Partial)
+    assert partial.stable == ""
+    assert partial.text == " ".join(word.text.strip() for word in words)
+    driver.feed_until(2.0, audio.pcm)
+    second = driver.request()
+    assert second.start_s == first.start_s
+    [committing] = driver.apply(second, words)  # same text, but now committed
+    assert isinstance(committing, Partial)
+    assert committing.text == partial.text and committing.stable == partial.text
+    driver.feed_until(2.2, audio.pcm)
+    again = driver.request()
+    assert driver.apply(again, words) == []  # nothing new at all: nothing to tell
+    driver.feed_until(2.5, audio.pcm)
+    third = driver.request()
+    more = scripted_words(audio.script, third, cut_words=False)
+    assert len(more) > len(words)
+    [partial] = driver.apply(third, more)
+    assert isinstance(partial, Partial)
+    assert partial.stable == " ".join(word.text.strip() for word in words)
+
+
+# --- finals ------------------------------------------------------------------------------------
+
+
+def test_final_after_trailing_silence_has_the_full_text() -> None:
+    audio = one_command()
+    driver = make_driver(audio.script)
+    speech_pcm = silence(0.3) + read_pcm("cmd_piper_joe_03")
+    driver.feed(speech_pcm)
+    assert driver.finals() == []
+    voiced_end = last_voiced_end(audio.pcm)
+    driver.feed(silence(1.0))
+    [final] = driver.finals()
+    assert final.text == transcript("cmd_piper_joe_03")
+    assert final.utterance == 1
+    assert final.start <= 0.3 <= voiced_end <= final.end <= audio.seconds
+    assert not driver.session.active
+    assert driver.end() == []
+    assert len(driver.finals()) == 1
+
+
+def test_final_comes_from_push_when_the_latest_hypothesis_covered_every_voiced_frame() -> None:
+    audio = one_command()
+    voiced_end = last_voiced_end(audio.pcm)
+    driver = make_driver(audio.script)
+    driver.feed_until(voiced_end - 0.3, audio.pcm)
+    driver.auto_decode = False
+    driver.feed_until(voiced_end + 0.15, audio.pcm)
+    assert driver.session.wants_decode()
+    request = driver.request()
+    assert request.end_s >= voiced_end + 0.12
+    driver.apply(request)
+    count = len(driver.requests)
+    final_events: list[Event] = []
+    while not final_events:
+        assert not driver.session.wants_decode()
+        final_events = driver.push(audio.pcm[len(driver.fed) : len(driver.fed) + CHUNK_BYTES])
+    [final] = final_events
+    assert isinstance(final, Final)
+    assert final.text == transcript("cmd_piper_joe_03")
+    assert len(driver.requests) == count
+    assert not any(r.final for r in driver.requests)
+
+
+def test_final_comes_from_apply_when_the_request_in_flight_covers_every_voiced_frame() -> None:
+    audio = one_command()
+    voiced_end = last_voiced_end(audio.pcm)
+    driver = make_driver(audio.script)
+    driver.feed_until(voiced_end - 0.3, audio.pcm)
+    driver.auto_decode = False
+    driver.feed_until(voiced_end + 0.15, audio.pcm)
+    request = driver.request()
+    assert not request.final
+    while not driver.session.ending:  # the VAD ends the utterance while the decode runs
+        assert driver.push(audio.pcm[len(driver.fed) : len(driver.fed) + CHUNK_BYTES]) == []
+    events = driver.apply(request)
+    assert isinstance(events[-1], Final)
+    assert events[-1].text == transcript("cmd_piper_joe_03")
+    assert not driver.session.wants_decode()
+    assert not any(r.final for r in driver.requests)
+
+
+def test_final_is_decoded_when_the_latest_hypothesis_missed_the_end() -> None:
+    audio = one_command()
+    voiced_end = last_voiced_end(audio.pcm)
+    driver = make_driver(audio.script)
+    driver.feed_until(voiced_end - 0.4, audio.pcm)
+    driver.auto_decode = False
+    while not driver.session.ending:
+        assert driver.push(audio.pcm[len(driver.fed) : len(driver.fed) + CHUNK_BYTES]) == []
+    assert driver.session.wants_decode()
+    request = driver.request()
+    assert request.final
+    assert request.end_s >= voiced_end
+    events = driver.apply(request)
+    [final] = events
+    assert isinstance(final, Final)
+    assert final.text == transcript("cmd_piper_joe_03")
+    assert not driver.session.active
+
+
+def test_end_of_audio_gives_the_final() -> None:
+    speech = read_pcm("cmd_piper_joe_03")
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03")
+    driver = make_driver(audio.script)
+    driver.feed(audio.pcm[: len(audio.pcm) // CHUNK_BYTES * CHUNK_BYTES])
+    assert driver.finals() == []
+    assert driver.session.active
+    driver.end()
+    [final] = driver.finals()
+    assert final.text == transcript("cmd_piper_joe_03")
+    assert final.end >= 0.3 + len(speech) / BYTES_PER_S - CHUNK_S
+    assert not driver.session.active
+    assert driver.session.end_of_audio(driver.now) == []
+
+
+def test_end_of_audio_of_a_covered_hypothesis_needs_no_decode() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.2)
+    voiced_end = last_voiced_end(audio.pcm)
+    driver = make_driver(audio.script)
+    driver.feed_until(voiced_end - 0.3, audio.pcm)
+    driver.auto_decode = False
+    driver.feed_until(voiced_end + 0.15, audio.pcm)
+    driver.apply(driver.request())
+    assert driver.requests[-1].end_s >= voiced_end + 0.12
+    driver.feed(audio.pcm[len(driver.fed) :])
+    assert driver.finals() == []
+    count = len(driver.requests)
+    events = driver.end()
+    [final] = events
+    assert isinstance(final, Final)
+    assert final.text == transcript("cmd_piper_joe_03")
+    assert final.ttct_ms == 0
+    assert len(driver.requests) == count
+    assert not driver.session.wants_decode()
+
+
+def test_end_of_audio_without_speech_gives_nothing() -> None:
+    driver = make_driver([])
+    driver.feed(silence(0.5))
+    assert driver.end() == []
+    assert driver.events == []
+
+
+def test_speech_after_end_of_audio_is_the_next_utterance() -> None:
+    first = Audio().pause(0.3).say("cmd_piper_joe_03")
+    driver = make_driver(first.script)
+    driver.feed(first.pcm[: len(first.pcm) // CHUNK_BYTES * CHUNK_BYTES])
+    driver.end()
+    offset = len(driver.fed) / BYTES_PER_S
+    second = Audio().pause(offset).pause(0.3).say("cmd_piper_joe_01").pause(1.0)
+    driver.script += second.script
+    driver.feed(second.pcm[len(driver.fed) :])
+    finals = driver.finals()
+    assert [(f.utterance, f.text) for f in finals] == [
+        (1, transcript("cmd_piper_joe_03")),
+        (2, transcript("cmd_piper_joe_01")),
+    ]
+
+
+def test_without_split_on_silence_a_pause_does_not_end_the_utterance() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.5).say("cmd_piper_joe_01").pause(1.5)
+    driver = make_driver(audio.script, split_on_silence=False)
+    driver.feed(audio.pcm)
+    assert driver.finals() == []
+    assert driver.session.active
+    driver.end()
+    [final] = driver.finals()
+    assert final.text == " ".join(audio.texts)
+    assert final.utterance == 1
+    assert {partial.utterance for partial in driver.partials()} == {1}
+
+
+def test_two_utterances_are_numbered_1_and_2() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.0).say("cmd_piper_joe_01").pause(1.0)
+    driver = make_driver(audio.script)
+    driver.feed(audio.pcm)
+    finals = driver.finals()
+    assert [(f.utterance, f.text) for f in finals] == [(1, audio.texts[0]), (2, audio.texts[1])]
+    assert finals[0].end <= finals[1].start
+    numbers = [event.utterance for event in driver.events if isinstance(event, (Partial, Final))]
+    assert numbers == sorted(numbers)
+    assert driver.session.utterance == 3
+
+
+def test_max_utterance_s_forces_a_final_without_losing_words() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").say("cmd_piper_joe_05").pause(1.0)
+    limit = 2.0
+    driver = make_driver(audio.script, limits=LimitSettings(max_utterance_s=limit), cut_words=False)
+    voiced_end = last_voiced_end(audio.pcm)
+    driver.feed(audio.pcm)
+    finals = driver.finals()
+    assert len(finals) >= 2
+    first = finals[0]
+    assert first.end < voiced_end, "the first final must come while the speech goes on"
+    assert limit - 1e-9 <= first.end - first.start < limit + CHUNK_S
+    assert [f.utterance for f in finals] == list(range(1, len(finals) + 1))
+    words = " ".join(f.text for f in finals).split()
+    assert words == " ".join(audio.texts).split()
+
+
+def test_a_long_utterance_keeps_its_window_bounded_and_loses_no_words() -> None:
+    audio = Audio().pause(0.3)
+    for index in range(3, 9):
+        audio.say(f"cmd_piper_joe_{index:02d}")
+    audio.pause(1.0)
+    stream = StreamSettings(max_window_s=4.0)
+    driver = make_driver(audio.script, stream=stream, split_on_silence=False)
+    driver.feed(audio.pcm)
+    driver.end()
+    assert max(r.end_s - r.start_s for r in driver.requests) <= stream.max_window_s + 1e-9
+    assert any(r.start_s > r.utterance_start_s for r in driver.requests), "the window must have moved"
+    [final] = driver.finals()
+    assert final.text.split() == " ".join(audio.texts).split()
+
+
+# --- timing fields and prompt ------------------------------------------------------------------
+
+
+def test_timing_fields_are_non_negative_ints() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.0).say("cmd_piper_joe_01")
+    driver = make_driver(audio.script)
+    driver.feed(audio.pcm)
+    driver.end()
+    events = driver.events
+    assert len(driver.finals()) == 2
+    for event in events:
+        assert isinstance(event, (Partial, Final))
+        fields = [event.asr_ms, event.e2e_ms] + ([event.ttct_ms] if isinstance(event, Final) else [])
+        for value in fields:
+            assert type(value) is int
+            assert value >= 0
+    for event in events:
+        if isinstance(event, Partial):
+            # Served at once: the newest audio of the decode arrived one model time before the event.
+            assert event.asr_ms == round(ASR_S * 1000)
+            assert event.e2e_ms == round(ASR_S * 1000)
+
+
+def test_ttct_counts_from_the_arrival_of_the_silence_start() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.0).say("cmd_piper_joe_01")
+    driver = make_driver(audio.script)
+    driver.feed(audio.pcm)
+    driver.end()
+    first, second = [emitted for emitted in driver.log if isinstance(emitted.event, Final)]
+    assert isinstance(first.event, Final) and isinstance(second.event, Final)
+    # Ended by silence: from when the last voiced frame arrived.
+    silence_start_s = last_voiced_end(silence(0.3) + read_pcm("cmd_piper_joe_03"))
+    assert first.event.ttct_ms == round((first.now - driver.arrival_of(silence_start_s)) * 1000)
+    assert first.event.ttct_ms > 0
+    # Ended by the client: from the end signal, which came at the last chunk's arrival.
+    assert second.event.ttct_ms == round((second.now - driver.arrivals[-1][1]) * 1000)
+
+
+def test_prompt_of_each_request_includes_the_client_prompt() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.0).say("cmd_piper_joe_01").pause(1.0)
+    driver = make_driver(audio.script, prompt="Kitchen, thermostat, Fahrenheit.")
+    driver.feed(audio.pcm)
+    assert len(driver.requests) >= 4
+    assert all("Kitchen, thermostat, Fahrenheit." in r.prompt for r in driver.requests)
+
+
+def test_prompt_chars_zero_sends_no_prompt() -> None:
+    audio = one_command()
+    driver = make_driver(audio.script, stream=StreamSettings(prompt_chars=0), prompt="Kitchen")
+    driver.feed(audio.pcm)
+    assert driver.requests
+    assert all(r.prompt == "" for r in driver.requests)
+
+
+def test_prompt_of_a_moved_window_holds_the_committed_text_before_it() -> None:
+    audio = Audio().pause(0.3)
+    for index in range(3, 7):
+        audio.say(f"cmd_piper_joe_{index:02d}")
+    audio.pause(1.0)
+    driver = make_driver(audio.script, stream=StreamSettings(max_window_s=4.0), split_on_silence=False)
+    driver.feed(audio.pcm)
+    moved = [r for r in driver.requests if r.start_s > r.utterance_start_s]
+    assert moved
+    for request in moved:
+        before = [text for text, _, end in audio.script if end <= request.start_s]
+        assert request.prompt.split()[-len(before) :] == before[-len(request.prompt.split()) :]
+
+
+def test_client_prompt_survives_a_long_committed_text() -> None:
+    """Every request's prompt includes the client prompt, also once the committed text is long.
+
+    SOURCE BUG (session.py, next_request): fails. The prompt is `client prompt + committed text`
+    cut to its last `prompt_chars` characters, so once the committed text before the window
+    exceeds ~200 characters the client prompt is cut off entirely (and the cut lands mid-word).
+    """
+    audio = Audio().pause(0.3)
+    for index in range(3, 13):
+        audio.say(f"cmd_piper_joe_{index:02d}")
+    audio.pause(1.0)
+    driver = make_driver(
+        audio.script, stream=StreamSettings(max_window_s=4.0), split_on_silence=False, prompt="Kitchen, thermostat."
+    )
+    driver.feed(audio.pcm)
+    assert any(len(r.prompt) >= 150 for r in driver.requests), "the committed text must have grown"
+    assert all("Kitchen, thermostat." in r.prompt for r in driver.requests)
+
+
+def test_window_starts_preroll_ms_before_the_detected_speech() -> None:
+    """The first window begins `preroll_ms` before where the VAD put the speech start.
+
+    SOURCE BUG (session.py, push): fails. While idle the session keeps only the last `preroll_ms`
+    of audio (`_drop_before(stream_s - preroll)`), but the VAD reports a start several frames after
+    it (a 3-of-5 frame vote, plus the partial frame it holds back), so `max(_buffer_start_s,
+    at_s - preroll)` clamps: the window loses (start-detection delay - last chunk length) of the
+    preroll, 70 ms here (0.76 s instead of 0.69 s) with 20 ms chunks.
+    """
+    audio = one_command(lead_s=1.0)
+    gate = VadGate(2, 350)
+    start = next(change for change in gate.push(audio.pcm) if change.speaking)
+    preroll_s = StreamSettings().preroll_ms / 1000
+    driver = make_driver(audio.script)
+    driver.feed(audio.pcm)
+    first = driver.requests[0]
+    assert first.utterance_start_s == pytest.approx(start.at_s - preroll_s, abs=1e-6)

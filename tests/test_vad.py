@@ -1,0 +1,216 @@
+"""Unit tests for the webrtcvad speech gate in edge_asr.vad, on real speech from ../shared/speech."""
+
+from __future__ import annotations
+
+import os
+import wave
+from functools import cache
+from pathlib import Path
+
+import pytest
+import webrtcvad
+
+from edge_asr.vad import FRAME_BYTES, FRAME_MS, VadChange, VadGate
+
+SPEECH_DIR = Path(os.environ.get("EDGE_ASR_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech"))
+RATE = 16_000
+BYTES_PER_S = RATE * 2
+FRAME_S = FRAME_MS / 1000
+AGGRESSIVENESS = 2
+
+
+@cache
+def read_pcm(name: str) -> bytes:
+    """The s16le frames of a 16 kHz mono WAV from the shared speech folder."""
+    with wave.open(str(SPEECH_DIR / name), "rb") as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (RATE, 1, 2)
+        return wav.readframes(wav.getnframes())
+
+
+def silence(seconds: float) -> bytes:
+    """Digital silence of that duration."""
+    return b"\0\0" * round(seconds * RATE)
+
+
+def voiced_frames(pcm: bytes) -> list[bool]:
+    """Independent oracle: webrtcvad's verdict on each whole 30 ms frame, from the stream start."""
+    vad = webrtcvad.Vad(AGGRESSIVENESS)
+    return [vad.is_speech(pcm[i : i + FRAME_BYTES], RATE) for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES)]
+
+
+def push_in_chunks(gate: VadGate, pcm: bytes, sizes: list[int]) -> list[VadChange]:
+    """Feed pcm in chunks whose sizes cycle through `sizes`; collect every change."""
+    changes: list[VadChange] = []
+    offset, index = 0, 0
+    while offset < len(pcm):
+        size = sizes[index % len(sizes)]
+        changes += gate.push(pcm[offset : offset + size])
+        offset += size
+        index += 1
+    return changes
+
+
+LEAD_S = 0.3
+SPEECH = "cmd_piper_joe_03.wav"  # "set the thermostat to seventy two degrees"
+
+
+def utterance(trailing_s: float = 1.0) -> bytes:
+    """0.3 s of silence, one spoken command, then trailing digital silence."""
+    return silence(LEAD_S) + read_pcm(SPEECH) + silence(trailing_s)
+
+
+def test_speech_gives_one_start_then_one_end() -> None:
+    gate = VadGate(AGGRESSIVENESS, 350)
+    changes = gate.push(utterance())
+    assert [change.speaking for change in changes] == [True, False]
+    start, end = changes
+    speech_end_s = LEAD_S + len(read_pcm(SPEECH)) / BYTES_PER_S
+    assert LEAD_S - FRAME_S < start.at_s < LEAD_S + 2 * FRAME_S
+    assert start.at_s < end.at_s <= speech_end_s + 3 * FRAME_S
+    assert gate.speaking is False
+
+
+def test_start_is_the_first_voiced_frame() -> None:
+    pcm = utterance()
+    flags = voiced_frames(pcm)
+    first_voiced = flags.index(True)
+    changes = VadGate(AGGRESSIVENESS, 350).push(pcm)
+    assert changes[0] == VadChange(True, pytest.approx(first_voiced * FRAME_S))
+
+
+def test_start_is_reported_once_three_of_five_frames_are_voiced() -> None:
+    pcm = utterance()
+    flags = voiced_frames(pcm)
+    vote_frame = next(i for i in range(len(flags)) if sum(flags[max(0, i - 4) : i + 1]) >= 3)
+    gate = VadGate(AGGRESSIVENESS, 350)
+    for index in range(len(flags)):
+        changes = gate.push(pcm[index * FRAME_BYTES : (index + 1) * FRAME_BYTES])
+        if changes:
+            break
+    assert index == vote_frame
+    assert changes[0].speaking
+
+
+def test_silence_gives_no_change() -> None:
+    gate = VadGate(AGGRESSIVENESS, 350)
+    assert gate.push(read_pcm("silence_3s.wav")) == []
+    assert gate.speaking is False
+    assert gate.last_voice_end_s == 0.0
+
+
+def test_speaking_while_speech_goes_on() -> None:
+    gate = VadGate(AGGRESSIVENESS, 350)
+    speech = read_pcm(SPEECH)
+    changes = gate.push(silence(LEAD_S) + speech[: len(speech) // 2])
+    assert [change.speaking for change in changes] == [True]
+    assert gate.speaking is True
+
+
+def test_end_is_at_the_last_voiced_frame() -> None:
+    pcm = utterance()
+    flags = voiced_frames(pcm)
+    last_voiced_end_s = (len(flags) - flags[::-1].index(True)) * FRAME_S
+    gate = VadGate(AGGRESSIVENESS, 350)
+    changes = gate.push(pcm)
+    assert changes[-1] == VadChange(False, pytest.approx(last_voiced_end_s))
+    assert gate.last_voice_end_s == pytest.approx(last_voiced_end_s)
+
+
+def end_position(silence_ms: int, pcm: bytes) -> tuple[float, VadChange]:
+    """Feed pcm one frame at a time; return how much audio was in when the end came, and the end."""
+    gate = VadGate(AGGRESSIVENESS, silence_ms)
+    for offset in range(0, len(pcm), FRAME_BYTES):
+        for change in gate.push(pcm[offset : offset + FRAME_BYTES]):
+            if not change.speaking:
+                return (offset + FRAME_BYTES) / BYTES_PER_S, change
+    raise AssertionError("no end of speech reported")
+
+
+@pytest.mark.parametrize("silence_ms", [300, 350, 600])
+def test_end_comes_after_silence_ms_of_non_speech_and_not_before(silence_ms: int) -> None:
+    """The end needs silence_ms of non-speech after the last voiced frame (and comes within a frame of it).
+
+    SOURCE BUG (vad.py): fails for silence_ms not a multiple of 30 (e.g. the default 350): the gate
+    counts `silence_ms // 30` frames, so it ends speech after 330 ms of non-speech instead of 350.
+    """
+    heard_s, end = end_position(silence_ms, utterance(trailing_s=silence_ms / 1000 + 0.5))
+    silence_heard_s = heard_s - end.at_s
+    assert silence_heard_s >= silence_ms / 1000 - 1e-9
+    assert silence_heard_s < silence_ms / 1000 + FRAME_S
+
+
+@pytest.mark.parametrize("silence_ms", [300, 350])
+def test_no_end_while_the_silence_is_shorter_than_silence_ms(silence_ms: int) -> None:
+    """Speech, then 10 ms less non-speech than silence_ms after the last voiced frame: no end yet.
+
+    SOURCE BUG (vad.py): fails for 350 for the same reason as the test above.
+    """
+    speech = silence(LEAD_S) + read_pcm(SPEECH)
+    flags = voiced_frames(speech + silence(1.0))
+    last_voiced_end_s = (len(flags) - flags[::-1].index(True)) * FRAME_S
+    pcm = (speech + silence(1.0))[: round((last_voiced_end_s + silence_ms / 1000 - 0.01) * RATE) * 2]
+    gate = VadGate(AGGRESSIVENESS, silence_ms)
+    changes = gate.push(pcm)
+    assert [change.speaking for change in changes] == [True]
+    assert gate.speaking is True
+
+
+@pytest.mark.parametrize("sizes", [[7, 1, 961, 2, 13, 640, 9], [640], [1], [959, 961]])
+def test_chunked_feed_gives_the_same_changes_as_whole(sizes: list[int]) -> None:
+    pcm = utterance() + read_pcm("cmd_piper_joe_01.wav") + silence(1.0)
+    assert len(pcm) % 2 == 0
+    whole_gate = VadGate(AGGRESSIVENESS, 350)
+    whole = whole_gate.push(pcm)
+    chunked_gate = VadGate(AGGRESSIVENESS, 350)
+    chunked = push_in_chunks(chunked_gate, pcm, sizes)
+    assert [change.speaking for change in whole] == [True, False, True, False]
+    assert chunked == whole
+    assert chunked_gate.last_voice_end_s == whole_gate.last_voice_end_s
+
+
+def test_empty_push_changes_nothing() -> None:
+    gate = VadGate(AGGRESSIVENESS, 350)
+    assert gate.push(b"") == []
+    assert gate.push(silence(LEAD_S) + read_pcm(SPEECH)[: FRAME_BYTES * 20]) != []
+    assert gate.push(b"") == []
+    assert gate.speaking is True
+
+
+def test_reset_forgets_speech_and_the_next_speech_starts_anew() -> None:
+    gate = VadGate(AGGRESSIVENESS, 350)
+    speech = read_pcm(SPEECH)
+    head = silence(LEAD_S) + speech[: len(speech) // 2 // FRAME_BYTES * FRAME_BYTES]
+    assert [change.speaking for change in gate.push(head)] == [True]
+    gate.reset()
+    assert gate.speaking is False
+    # The speech goes on: it is a new start, placed after the reset point, then an end.
+    changes = gate.push(speech[len(head) - round(LEAD_S * RATE) * 2 :] + silence(1.0))
+    assert [change.speaking for change in changes] == [True, False]
+    reset_at_s = len(head) / BYTES_PER_S
+    assert reset_at_s - 1e-9 <= changes[0].at_s < reset_at_s + 6 * FRAME_S
+
+
+def test_reset_during_silence_changes_nothing() -> None:
+    gate = VadGate(AGGRESSIVENESS, 350)
+    gate.push(silence(0.6))
+    gate.reset()
+    assert gate.push(silence(0.6)) == []
+    assert gate.speaking is False
+
+
+def test_reset_keeps_the_stream_position() -> None:
+    """`reset()` forgets the speech state, "not the stream position": later times stay stream positions.
+
+    SOURCE BUG (vad.py): fails. reset() drops the partial frame it holds (`_pending`) without counting
+    it, so every reset that happens mid-frame moves all later `at_s`/`last_voice_end_s` earlier than
+    the audio they describe (here ten resets after half a frame each: 150 ms early).
+    """
+    gate = VadGate(AGGRESSIVENESS, 350)
+    for _ in range(10):
+        gate.push(silence(FRAME_S / 2))  # half a frame, held back until the frame is whole
+        gate.reset()
+    pushed_s = 10 * FRAME_S / 2
+    changes = gate.push(silence(LEAD_S) + read_pcm(SPEECH) + silence(1.0))
+    onset_s = pushed_s + LEAD_S
+    assert changes[0].speaking is True
+    assert onset_s - FRAME_S < changes[0].at_s < onset_s + 2 * FRAME_S
