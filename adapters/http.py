@@ -14,8 +14,9 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketState
 
-from edge_asr.config import Settings
-from edge_asr.engine import AudioFormatError, Engine, EngineBusy, EngineNotReady, EngineSession
+from edge_asr.audio import SAMPLE_RATE
+from edge_asr.config import LimitSettings, Settings
+from edge_asr.engine import AudioFormatError, Engine, EngineBusy, EngineNotReady, EngineSession, UnsupportedLanguage
 from edge_asr.events import SessionError
 from edge_asr.metrics import CONTENT_TYPE
 
@@ -26,8 +27,6 @@ CLOSE_NORMAL = 1000
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
 MAX_TEXT_BYTES = 64 * 1024
-# How long a vanished client's open utterance may take to finish for the other listeners.
-_ORPHAN_FINISH_S = 10.0
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
@@ -36,33 +35,41 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """200 with model and session facts once the model is warm, 503 with the reason before."""
         facts = engine.health()
         return JSONResponse(dataclasses.asdict(facts), status_code=200 if facts.ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        """Prometheus text exposition."""
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.websocket("/ws/stream")
     async def stream(websocket: WebSocket) -> None:
+        """Stream PCM in, partial and final transcripts out."""
         await websocket.accept()
         query = websocket.query_params
         try:
             session = engine.session(
                 source="websocket", language=query.get("language") or None, prompt=query.get("prompt", "")
             )
-        except (EngineBusy, EngineNotReady) as err:
-            code = "busy" if isinstance(err, EngineBusy) else "not_ready"
-            await _send_error(websocket, SessionError(code, str(err)))
-            await websocket.close(CLOSE_TRY_AGAIN)
+        except (EngineBusy, EngineNotReady, UnsupportedLanguage) as err:
+            if isinstance(err, UnsupportedLanguage):
+                await _send_now(websocket, SessionError("bad_config", str(err)))
+                await websocket.close(CLOSE_NORMAL)
+            else:
+                code = "busy" if isinstance(err, EngineBusy) else "not_ready"
+                await _send_now(websocket, SessionError(code, str(err)))
+                await websocket.close(CLOSE_TRY_AGAIN)
             return
         async with session:
-            await WebSocketStream(websocket, session, settings.limits.max_frame_bytes).run()
+            await WebSocketStream(websocket, session, settings.limits).run()
 
     return app
 
 
-async def _send_error(websocket: WebSocket, error: SessionError) -> None:
+async def _send_now(websocket: WebSocket, error: SessionError) -> None:
+    """Send an error outside any session's event order (before a session exists or after it ends)."""
     with contextlib.suppress(Exception):
         await websocket.send_text(error.to_json())
 
@@ -70,10 +77,11 @@ async def _send_error(websocket: WebSocket, error: SessionError) -> None:
 class WebSocketStream:
     """Translates one WebSocket connection into engine session calls and events back."""
 
-    def __init__(self, websocket: WebSocket, session: EngineSession, max_frame_bytes: int) -> None:
+    def __init__(self, websocket: WebSocket, session: EngineSession, limits: LimitSettings) -> None:
         self._ws = websocket
         self._session = session
-        self._max_frame_bytes = max_frame_bytes
+        self._limits = limits
+        self._finishing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Send `ready`, then pump frames in and events out until either side closes."""
@@ -82,9 +90,9 @@ class WebSocketStream:
                 {
                     "type": "ready",
                     "session": self._session.id,
-                    "sample_rate": 16000,
+                    "sample_rate": SAMPLE_RATE,
                     "language": self._session.language,
-                    "max_frame_bytes": self._max_frame_bytes,
+                    "max_frame_bytes": self._limits.max_frame_bytes,
                 }
             )
         )
@@ -94,22 +102,26 @@ class WebSocketStream:
         except WebSocketDisconnect:
             _LOGGER.debug("Session %d: client went away", self._session.id)
         finally:
-            if self._session.state.active:
-                # Finish what was said, so listeners other than this client still get the final.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._session.finish(), _ORPHAN_FINISH_S)
+            if self._finishing is not None:
+                self._finishing.cancel()
             self._session.close()
             await writer
 
     async def _read_frames(self) -> None:
         while True:
-            message = await self._ws.receive()
+            try:
+                message = await asyncio.wait_for(self._ws.receive(), self._limits.idle_timeout_s)
+            except asyncio.TimeoutError:
+                await self._close_with(
+                    SessionError("idle_timeout", f"no message for {self._limits.idle_timeout_s:g} s"), CLOSE_NORMAL
+                )
+                return
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
             data: bytes | None = message.get("bytes")
             text: str | None = message.get("text")
             size = len(data) if data is not None else len((text or "").encode())
-            limit = self._max_frame_bytes if data is not None else MAX_TEXT_BYTES
+            limit = self._limits.max_frame_bytes if data is not None else MAX_TEXT_BYTES
             if size > limit:
                 await self._close_with(
                     SessionError("frame_too_large", f"a frame of {size} bytes exceeds the limit of {limit}"),
@@ -118,63 +130,70 @@ class WebSocketStream:
                 return
             if data is not None:
                 await self._on_audio(data)
-            elif text is not None and await self._on_text(text):
-                return
+            elif text is not None:
+                self._on_text(text)
 
     async def _on_audio(self, data: bytes) -> None:
         try:
             await self._session.feed(data)
         except AudioFormatError as err:
-            await _send_error(self._ws, SessionError("bad_audio", f"{err}; frame dropped (expected s16le mono 16 kHz)"))
+            self._session.report_error("bad_audio", f"{err}; frame dropped (expected s16le mono 16 kHz)")
 
-    async def _on_text(self, text: str) -> bool:
-        """Handle a control message; True when the client asked to close."""
+    def _on_text(self, text: str) -> None:
         try:
             message: Any = json.loads(text)
         except json.JSONDecodeError:
-            await _send_error(self._ws, SessionError("bad_json", "text frames must be JSON objects"))
-            return False
+            self._session.report_error("bad_json", "text frames must be JSON objects")
+            return
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "end":
-            await self._session.finish()
-            return False
-        if kind == "config":
-            await self._on_config(message)
-            return False
-        await _send_error(
-            self._ws, SessionError("unknown_message", f"unknown message type {kind!r}; expected config or end")
-        )
-        return False
+            self._finish_in_background()
+        elif kind == "config":
+            self._on_config(message)
+        else:
+            self._session.report_error("unknown_message", f"unknown message type {kind!r}; expected config or end")
 
-    async def _on_config(self, message: dict[str, Any]) -> None:
+    def _finish_in_background(self) -> None:
+        """Finalise without blocking the reader: audio after `end` keeps flowing in."""
+        previous = self._finishing
+
+        async def finish() -> None:
+            if previous is not None:
+                await previous
+            await self._session.finish()
+
+        self._finishing = asyncio.create_task(finish())
+
+    def _on_config(self, message: dict[str, Any]) -> None:
         unknown = sorted(set(message) - {"type", "language", "prompt"})
         if unknown:
-            await _send_error(self._ws, SessionError("bad_config", f"unknown config keys: {', '.join(unknown)}"))
+            self._session.report_error("bad_config", f"unknown config keys: {', '.join(unknown)}")
+            return
+        prompt, language = message.get("prompt", ""), message.get("language", self._session.language)
+        if not isinstance(prompt, str) or not isinstance(language, str):
+            self._session.report_error("bad_config", "prompt and language must be strings")
+            return
+        try:
+            self._session.set_language(language)
+        except UnsupportedLanguage as err:
+            self._session.report_error("bad_config", str(err))
             return
         if "prompt" in message:
-            if not isinstance(message["prompt"], str):
-                await _send_error(self._ws, SessionError("bad_config", "prompt must be a string"))
-                return
-            self._session.set_prompt(message["prompt"])
-        if "language" in message:
-            language = message["language"]
-            if not isinstance(language, str) or not language:
-                await _send_error(self._ws, SessionError("bad_config", "language must be a language code"))
-                return
-            self._session.language = language
+            self._session.set_prompt(prompt)
 
     async def _close_with(self, error: SessionError, code: int) -> None:
-        await _send_error(self._ws, error)
+        self._session.close()
+        await _send_now(self._ws, error)
         with contextlib.suppress(Exception):
             await self._ws.close(code)
 
     async def _write_events(self) -> None:
         async for event in self._session.events():
-            if self._ws.client_state != WebSocketState.CONNECTED:
+            if self._ws.application_state != WebSocketState.CONNECTED:
                 continue
             try:
                 await self._ws.send_text(event.to_json())
-            except Exception:  # the client is gone; keep draining so the session can finish
+            except Exception:  # the client is gone; keep draining so the session can close
                 _LOGGER.debug("Session %d: dropped an event for a closed socket", self._session.id)
 
 

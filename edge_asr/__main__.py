@@ -40,6 +40,19 @@ def _add_config_flags(parser: argparse.ArgumentParser, listeners: bool) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any other setting")
 
 
+def _pin_thread_pools(argv: list[str] | None) -> None:
+    """Set the OpenMP/OpenBLAS/MKL pool sizes before numpy or CTranslate2 load and read them."""
+    early = argparse.ArgumentParser(add_help=False)
+    _add_config_flags(early, listeners=False)
+    args, _rest = early.parse_known_args(argv)
+    try:
+        threads = settings_from_args(args).model.effective_threads
+    except ConfigError:  # reported by the full parse
+        return
+    for variable in _THREAD_VARIABLES:
+        os.environ.setdefault(variable, str(threads))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     from . import bench
@@ -85,6 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    _pin_thread_pools(argv)
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
@@ -96,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level,
         format="%(levelname)s %(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # OpenMP/OpenBLAS/MKL read these once, when they load: set them before numpy or CTranslate2 do.
-    for variable in _THREAD_VARIABLES:
-        os.environ.setdefault(variable, str(settings.model.effective_threads))
     if args.command == "bench":
         from . import bench
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,10 +69,16 @@ class LocalAgreement:
         self.committed: list[Word] = []
         self.tentative: list[Word] = []
 
-    def update(self, hypothesis: Sequence[Word]) -> list[Word]:
-        """Take a new hypothesis; return the words it newly commits."""
+    def update(self, hypothesis: Sequence[Word], horizon_s: float = math.inf) -> list[Word]:
+        """Take a new hypothesis; return the words it newly commits.
+
+        Only words ending by `horizon_s` may commit: a word at the very end of the audio may be
+        cut off ("part" of "participant"), and two passes can agree on the fragment.
+        """
         fresh = strip_committed(self.committed, hypothesis)
         agreed = common_prefix(self.tentative, fresh)
+        while agreed and agreed[-1].end > horizon_s:
+            agreed.pop()
         self.committed.extend(agreed)
         self.tentative = fresh[len(agreed) :]
         return agreed

@@ -17,11 +17,6 @@ def pcm16_to_float(pcm: bytes) -> FloatAudio:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def float_to_pcm16(samples: FloatAudio) -> bytes:
-    """float32 samples to s16le bytes, clipped."""
-    return (np.clip(samples, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
-
-
 def seconds_to_bytes(seconds: float) -> int:
     """Byte count of that much 16 kHz s16le audio, on a sample boundary."""
     return round(seconds * SAMPLE_RATE) * SAMPLE_WIDTH

@@ -63,6 +63,7 @@ class StreamSettings:
     silence_ms: int = _setting(350, low=90, high=10_000)
     cycle_ms: int = _setting(250, low=50, high=5_000)
     overlap_ms: int = _setting(150, low=0, high=1_000)
+    commit_margin_ms: int = _setting(500, low=0, high=5_000)
     preroll_ms: int = _setting(300, low=0, high=1_000)
     min_window_s: float = _setting(1.0, low=0.2, high=10.0)
     max_window_s: float = _setting(15.0, low=2.0, high=30.0)
@@ -76,6 +77,7 @@ class LimitSettings:
     max_sessions: int = _setting(8, low=1, high=1_000)
     max_frame_bytes: int = _setting(256 * 1024, low=320, high=16 * 1024 * 1024)
     max_utterance_s: float = _setting(30.0, low=1.0, high=600.0)
+    idle_timeout_s: float = _setting(120.0, low=1.0, high=86_400.0)
 
 
 @dataclass(frozen=True)

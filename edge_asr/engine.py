@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH
-from .config import Settings
+from .config import ConfigError, Settings
 from .events import Done, Event, Final, SessionError
 from .metrics import Metrics
 from .model import Transcriber, Transcript, WhisperTranscriber
@@ -32,6 +32,10 @@ class EngineNotReady(RuntimeError):
 
 class AudioFormatError(ValueError):
     """Audio that is not whole s16le samples."""
+
+
+class UnsupportedLanguage(ValueError):
+    """A language the loaded model does not know."""
 
 
 @dataclass(frozen=True)
@@ -55,22 +59,20 @@ class Health:
 class EngineSession:
     """A client's stream on the engine: feed audio, read events, finish."""
 
-    def __init__(
-        self, engine: Engine, session_id: int, source: str, language: str, prompt: str, split_on_silence: bool
-    ):
+    def __init__(self, engine: Engine, session_id: int, language: str, prompt: str, split_on_silence: bool) -> None:
         self.id = session_id
-        self.source = source
         self.language = language
-        self.state = StreamSession(
+        self.closed = False
+        self.last_decoded_at = time.monotonic()
+        self._engine = engine
+        self._state = StreamSession(
             engine.settings.stream, engine.settings.limits, split_on_silence=split_on_silence, prompt=prompt
         )
-        self.waiting_since = time.monotonic()
-        self._engine = engine
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._changed = asyncio.Event()
         self._finals = 0
         self._last_final: Final | None = None
-        self.closed = False
+        self._failing = False
 
     async def __aenter__(self) -> EngineSession:
         return self
@@ -87,24 +89,35 @@ class EngineSession:
         if self.closed or not pcm:
             return
         self._engine.metrics.audio_seconds_total.inc(len(pcm) / BYTES_PER_SECOND)
-        self.publish(self.state.push(pcm, time.monotonic()))
+        self._publish(self._state.push(pcm, time.monotonic()))
         self._engine.wake()
 
     async def finish(self) -> Final | None:
-        """End of audio: wait for the open utterance's final and return it (None when nothing was said)."""
+        """End of audio: wait for the open utterance's final and return it (None when nothing was said).
+
+        A `Done` event follows the final. Audio fed meanwhile is transcribed as the next utterance.
+        """
         finals_before = self._finals
-        self.publish(self.state.end_of_audio(time.monotonic()))
+        self._publish(self._state.end_of_audio(time.monotonic()))
         self._engine.wake()
-        while self.state.ending and not self.closed:
+        while self._state.ending and not self.closed:
             self._changed.clear()
             await self._changed.wait()
         final = self._last_final if self._finals > finals_before else None
-        self.publish([Done(self.state.utterance - 1)])
+        self._publish([Done(self._state.utterance - 1)])
         return final
 
     def set_prompt(self, prompt: str) -> None:
         """Text that comes before this stream's speech, passed to the decoder."""
-        self.state.prompt = prompt
+        self._state.prompt = prompt
+
+    def set_language(self, language: str) -> None:
+        """Switch the spoken language; raises UnsupportedLanguage for one the model does not know."""
+        self.language = self._engine.check_language(language)
+
+    def report_error(self, code: str, message: str) -> None:
+        """Queue an error for the client, in order with the session's other events."""
+        self._publish([SessionError(code, message)])
 
     async def events(self) -> AsyncIterator[Event]:
         """Events in order, until the session closes."""
@@ -114,16 +127,6 @@ class EngineSession:
                 return
             yield event
 
-    def publish(self, events: list[Event]) -> None:
-        """Hand events to the reader (and to the engine's listeners)."""
-        for event in events:
-            if isinstance(event, Final):
-                self._finals += 1
-                self._last_final = event
-            self._engine.metrics.observe_event(event)
-            self._events.put_nowait(event)
-        self._changed.set()
-
     def close(self) -> None:
         """Release the session; its queued and in-flight decodes are dropped."""
         if self.closed:
@@ -132,6 +135,35 @@ class EngineSession:
         self._engine.release(self)
         self._events.put_nowait(None)
         self._changed.set()
+
+    def _publish(self, events: list[Event]) -> None:
+        if self.closed:
+            return
+        for event in events:
+            if isinstance(event, Final):
+                self._finals += 1
+                self._last_final = event
+            self._engine.metrics.observe_event(event)
+            self._events.put_nowait(event)
+        self._changed.set()
+
+    def _wants_decode(self) -> bool:
+        return self._state.wants_decode()
+
+    def _decode_started(self) -> DecodeRequest:
+        return self._state.next_request()
+
+    def _decode_done(self, request: DecodeRequest, transcript: Transcript | None) -> None:
+        now = time.monotonic()
+        self.last_decoded_at = now
+        if transcript is None:
+            if not self._failing:
+                self.report_error("decode_failed", "the model failed on this audio; see the server log")
+            self._failing = True
+            self._publish(self._state.decode_failed(request, now))
+            return
+        self._failing = False
+        self._publish(self._state.apply(request, transcript.words, transcript.asr_ms, now))
 
 
 class Engine:
@@ -148,7 +180,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._busy = 0
+        self._decodes_running: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
         self._status = "loading model"
         self._last_decode: float | None = None
@@ -156,13 +188,21 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """The model is loaded and warm."""
-        return self._transcriber is not None and self._dispatcher is not None
+        """The model is loaded and warm, and decodes are being scheduled."""
+        return self._transcriber is not None and self._dispatcher is not None and not self._dispatcher.done()
 
     @property
     def languages(self) -> tuple[str, ...]:
         """Languages of the loaded model (empty until it is loaded)."""
         return self._transcriber.languages if self._transcriber else ()
+
+    def check_language(self, language: str) -> str:
+        """The model's code for a language tag (`en-US` → `en`); raises UnsupportedLanguage."""
+        code = language.strip().lower().replace("_", "-").split("-")[0]
+        if code not in self.languages:
+            known = ", ".join(self.languages) if len(self.languages) <= 10 else f"{len(self.languages)} languages"
+            raise UnsupportedLanguage(f"language {language!r} is not one the model knows ({known})")
+        return code
 
     async def start(self) -> None:
         """Load and warm the model off the event loop, then start scheduling decodes."""
@@ -173,36 +213,41 @@ class Engine:
         except Exception as err:
             self._status = f"model failed: {err}"
             raise
-        _LOGGER.info("Model warm (%.0f ms), %d decode worker(s)", warm_ms, self._workers)
         self._transcriber = transcriber
+        try:
+            self.check_language(self.settings.model.language)
+        except UnsupportedLanguage as err:
+            self._status = f"model.language: {err}"
+            raise ConfigError(f"model.language: {err}") from None
+        _LOGGER.info("Model warm (%.0f ms), %d decode worker(s)", warm_ms, self._workers)
         self._status = "ready"
         self._dispatcher = asyncio.create_task(self._dispatch(), name="edge-asr-dispatch")
+        self._dispatcher.add_done_callback(self._dispatcher_ended)
 
     async def stop(self) -> None:
-        """Close every session and stop the decode threads."""
+        """Close every session, let running decodes end, and stop the decode threads."""
         for session in list(self._sessions.values()):
             session.close()
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
-            self._dispatcher = None
+        await asyncio.gather(*self._decodes_running, return_exceptions=True)
         self._status = "stopped"
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._executor.shutdown, True)
 
     def session(
         self, source: str, language: str | None = None, prompt: str = "", split_on_silence: bool = True
     ) -> EngineSession:
-        """Open a session, or raise EngineBusy / EngineNotReady."""
+        """Open a session, or raise EngineBusy / EngineNotReady / UnsupportedLanguage."""
         if not self.ready:
             self.metrics.rejected_total.labels("not_ready").inc()
             raise EngineNotReady(self._status)
         if len(self._sessions) >= self.settings.limits.max_sessions:
             self.metrics.rejected_total.labels("busy").inc()
             raise EngineBusy(f"all {self.settings.limits.max_sessions} sessions are in use")
-        session = EngineSession(
-            self, next(self._ids), source, language or self.settings.model.language, prompt, split_on_silence
-        )
+        code = self.check_language(language or self.settings.model.language)
+        session = EngineSession(self, next(self._ids), code, prompt, split_on_silence)
         self._sessions[session.id] = session
         self.metrics.sessions_total.labels(source).inc()
         self.metrics.sessions_active.set(len(self._sessions))
@@ -231,48 +276,56 @@ class Engine:
             max_sessions=self.settings.limits.max_sessions,
             uptime_s=round(now - self._started, 3),
             last_decode_s_ago=None if self._last_decode is None else round(now - self._last_decode, 3),
-            decode_queue=sum(1 for s in self._sessions.values() if s.state.wants_decode()),
+            decode_queue=sum(1 for s in self._sessions.values() if s._wants_decode()),
             decodes=self._decodes,
         )
 
+    def _dispatcher_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._status = f"decode scheduler failed: {task.exception()}"
+            _LOGGER.error("Decode scheduler stopped: %s", task.exception())
+
     def _pick(self) -> EngineSession | None:
         """Finals before partials; among each, the session that has waited longest."""
-        waiting = [s for s in self._sessions.values() if s.state.wants_decode()]
+        waiting = [s for s in self._sessions.values() if s._wants_decode()]
         self.metrics.decode_queue.set(len(waiting))
         if not waiting:
             return None
-        return min(waiting, key=lambda s: (not s.state.ending, s.waiting_since))
+        return min(waiting, key=lambda s: (not s._state.ending, s.last_decoded_at))
 
     async def _dispatch(self) -> None:
         """Start decodes while a worker is free and a session wants one; sleep otherwise."""
-        running: set[asyncio.Task[None]] = set()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._busy < self._workers and (session := self._pick()) is not None:
-                self._busy += 1
-                task = asyncio.create_task(self._decode(session, session.state.next_request()))
-                running.add(task)
-                task.add_done_callback(running.discard)
+            while len(self._decodes_running) < self._workers and (session := self._pick()) is not None:
+                try:
+                    request = session._decode_started()
+                except Exception:  # a bug in one session must not stop everyone's decodes
+                    _LOGGER.exception("Session %d: cannot build its decode request", session.id)
+                    session.report_error("internal_error", "the session failed; see the server log")
+                    session.close()
+                    continue
+                task = asyncio.create_task(self._decode(session, request))
+                self._decodes_running.add(task)
+                task.add_done_callback(self._decodes_running.discard)
 
     async def _decode(self, session: EngineSession, request: DecodeRequest) -> None:
         assert self._transcriber is not None
         loop = asyncio.get_running_loop()
+        transcript: Transcript | None = None
         try:
             transcript = await loop.run_in_executor(
                 self._executor, self._transcriber.decode, request.audio, request.prompt, session.language
             )
         except Exception:
             _LOGGER.exception("Decode failed for session %d", session.id)
-            transcript = Transcript(words=(), asr_ms=0.0)
-            session.publish([SessionError("decode_failed", "the model failed on this audio; see the server log")])
         finally:
-            self._busy -= 1
             self._wake.set()
-        now = time.monotonic()
-        self._last_decode = now
+        self._last_decode = time.monotonic()
         self._decodes += 1
-        self.metrics.decode_seconds.labels("final" if request.final else "partial").observe(transcript.asr_ms / 1000)
-        session.waiting_since = now
+        if transcript is not None:
+            kind = "final" if request.final else "partial"
+            self.metrics.decode_seconds.labels(kind).observe(transcript.asr_ms / 1000)
         if not session.closed:
-            session.publish(session.state.apply(request, transcript.words, transcript.asr_ms, now))
+            session._decode_done(request, transcript)

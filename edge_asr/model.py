@@ -28,6 +28,14 @@ _FRAMES_PER_SECOND = 100
 # Speech runs at about 3 words (5 tokens) a second; twice that plus timestamps bounds a loop.
 _TOKENS_PER_SECOND = 12
 _MIN_NEW_TOKENS = 16
+# The decoder's prompt and the window end leave no room for more than this (448 in all).
+_MAX_NEW_TOKENS = 220
+# When Whisper stops before the end of the window, faster-whisper decodes the rest in another pass.
+# On a short remainder of silence the stock models, given a prompt, invent a word there ("friends.",
+# no_speech_prob 0.74, avg_logprob -0.89); such a later-pass segment is dropped. Real words score a
+# no_speech_prob near 0. The first pass keeps Whisper's own 0.6/-1.0 rule: stricter loses quiet speech.
+_LATER_PASS_NO_SPEECH = 0.5
+_LATER_PASS_LOG_PROB = -0.5
 
 
 # Per decode thread: how many encoder frames this thread's current decode uses.
@@ -49,7 +57,6 @@ class Transcript:
 class Transcriber(Protocol):
     """What the engine needs of a speech model."""
 
-    name: str
     languages: tuple[str, ...]
 
     def warm_up(self) -> float:
@@ -120,7 +127,6 @@ class WhisperTranscriber:
         self._settings = settings
         self._model = _new_whisper(settings, threads)
         self.name = settings.name
-        self.threads = threads
         if self._model.model.is_multilingual:
             from faster_whisper.tokenizer import _LANGUAGE_CODES
 
@@ -160,11 +166,14 @@ class WhisperTranscriber:
             word_timestamps=True,
             vad_filter=False,
             without_timestamps=False,
-            max_new_tokens=max(_MIN_NEW_TOKENS, int(duration * _TOKENS_PER_SECOND)),
+            max_new_tokens=min(_MAX_NEW_TOKENS, max(_MIN_NEW_TOKENS, int(duration * _TOKENS_PER_SECOND))),
         )
         words = tuple(
             Word(start=float(word.start), end=float(word.end), text=word.word)
             for segment in segments
+            if segment.seek == 0
+            or segment.no_speech_prob <= _LATER_PASS_NO_SPEECH
+            or segment.avg_logprob >= _LATER_PASS_LOG_PROB
             for word in segment.words or ()
         )
         return Transcript(words=words, asr_ms=(time.monotonic() - started) * 1000)

@@ -9,11 +9,13 @@ from .agreement import LocalAgreement, Word, join_words
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH, FloatAudio, pcm16_to_float, seconds_to_bytes
 from .config import LimitSettings, StreamSettings
 from .events import Event, Final, Partial
-from .vad import START_LOOKBACK_S, VadGate
+from .vad import START_LOOKBACK_S, VadChange, VadGate
 
 # A hypothesis that reaches this far past the last voiced frame has heard every word: webrtcvad marks
 # the soft end of a word as unvoiced a frame or three early.
 COVER_MARGIN_S = 0.12
+# A word that starts this long after the last voiced frame was not heard but made up.
+SILENT_WORD_TOLERANCE_S = 0.3
 _MAX_ARRIVALS = 4096
 
 
@@ -46,7 +48,8 @@ def _tail_words(text: str, limit: int) -> str:
         return text
     tail = text[len(text) - limit :]
     cut = tail.find(" ")
-    return tail[cut + 1 :] if cut >= 0 else ""
+    # Scripts written without spaces are cut between characters.
+    return tail[cut + 1 :] if cut >= 0 else tail
 
 
 class StreamSession:
@@ -76,6 +79,7 @@ class StreamSession:
         self.stream_s = 0.0
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=_MAX_ARRIVALS)
         self._utterances_emitted = 0
+        self._queued_changes: list[VadChange] = []
         self.in_flight = False
         self._reset_utterance(None)
 
@@ -89,6 +93,7 @@ class StreamSession:
         self._latest_arrival: float | None = None
         self._end_at_s: float | None = None
         self._end_wall = 0.0
+        self._voice_end_s = 0.0
         self._last_partial = ("", "")
         self._emitted = False
 
@@ -113,26 +118,33 @@ class StreamSession:
         self.stream_s += len(pcm) / BYTES_PER_SECOND
         self._arrivals.append((self.stream_s, now))
         for change in self._vad.push(pcm):
-            if change.speaking and self._utterance_start_s is None:
-                start = max(self._buffer_start_s, change.at_s - self._stream.preroll_ms / 1000)
-                self._reset_utterance(start)
-            elif not change.speaking and self._split_on_silence and self.active and not self.ending:
-                self._end_at_s = self.stream_s
-                self._end_wall = self._arrival_of(change.at_s)
+            self._on_vad(change)
         if self.active and not self.ending:
             assert self._utterance_start_s is not None
             if self.stream_s - self._utterance_start_s >= self._limits.max_utterance_s:
-                self._end_at_s = self.stream_s
+                self._end_at_s = self._voice_end_s = self.stream_s
                 self._end_wall = now
         if not self.active:
             # The VAD reports a start a few frames after it: keep those frames as well as the preroll.
             self._drop_before(self.stream_s - self._stream.preroll_ms / 1000 - START_LOOKBACK_S)
         return self._final_if_covered(now)
 
+    def _on_vad(self, change: VadChange) -> None:
+        if self.ending:
+            # Speech that comes while a final is pending belongs to the next utterance.
+            self._queued_changes.append(change)
+        elif change.speaking and not self.active:
+            self._reset_utterance(max(self._buffer_start_s, change.at_s - self._stream.preroll_ms / 1000))
+        elif not change.speaking and self.active and self._split_on_silence:
+            self._end_at_s = change.detected_s
+            self._voice_end_s = change.at_s
+            self._end_wall = self._arrival_of(change.at_s)
+
     def end_of_audio(self, now: float) -> list[Event]:
         """The client ended the audio: the open utterance, if any, gets its final."""
         if self.active and not self.ending:
             self._end_at_s = self.stream_s
+            self._voice_end_s = self._vad.last_voice_end_s
             self._end_wall = now
         # What follows the end signal is a new request: speech must start afresh.
         self._vad.reset()
@@ -175,7 +187,10 @@ class StreamSession:
         self.in_flight = False
         if request.utterance_start_s != self._utterance_start_s:
             return []
-        self._agreement.update([Word(w.start + request.start_s, w.end + request.start_s, w.text) for w in words])
+        self._agreement.update(
+            [Word(w.start + request.start_s, w.end + request.start_s, w.text) for w in words],
+            horizon_s=request.end_s - self._stream.commit_margin_ms / 1000,
+        )
         self._latest_end_s = request.end_s
         self._latest_asr_ms = asr_ms
         self._latest_arrival = request.newest_arrival
@@ -207,12 +222,24 @@ class StreamSession:
             return []
         return self._emit_final(now)
 
+    def decode_failed(self, request: DecodeRequest, now: float) -> list[Event]:
+        """A decode raised: a final goes out with what the earlier decodes heard; a partial is skipped."""
+        self.in_flight = False
+        if request.utterance_start_s != self._utterance_start_s or not request.final:
+            return []
+        return self._emit_final(now)
+
     def _emit_final(self, now: float) -> list[Event]:
         assert self._utterance_start_s is not None and self._end_at_s is not None
+        # Whisper invents words in silence; the VAD heard none after the voice ended.
+        self._agreement.tentative = [
+            w for w in self._agreement.tentative if w.start <= self._voice_end_s + SILENT_WORD_TOLERANCE_S
+        ]
         self._agreement.commit_tentative()
         text = join_words(self._agreement.committed)
         events: list[Event] = []
-        if text:
+        # A client that saw partials gets a final even when it is empty, so it can clear them.
+        if text or self._emitted:
             events.append(
                 Final(
                     text=text,
@@ -224,13 +251,17 @@ class StreamSession:
                     end=self._end_at_s,
                 )
             )
-        if text or self._emitted:
             self._utterances_emitted += 1
         if text:
             self._history = _tail_words(f"{self._history} {text}".strip(), self._stream.prompt_chars)
         end_s = self._end_at_s
-        self._drop_before(end_s - self._stream.preroll_ms / 1000)
-        self._reset_utterance(max(end_s, self._buffer_start_s) if self._vad.speaking else None)
+        # Audio up to the end belongs to this utterance; the next one starts no earlier.
+        self._drop_before(end_s)
+        queued, self._queued_changes = self._queued_changes, []
+        # Forced ends (max_utterance_s) cut running speech: the rest is the next utterance.
+        self._reset_utterance(max(end_s, self._buffer_start_s) if self._vad.speaking and not queued else None)
+        for change in queued:
+            self._on_vad(change)
         return events
 
     def _bound_window(self, end_s: float) -> None:

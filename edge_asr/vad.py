@@ -20,10 +20,11 @@ START_LOOKBACK_S = _START_WINDOW * FRAME_MS / 1000
 
 @dataclass(frozen=True)
 class VadChange:
-    """Speech started (`speaking`) or ended; `at_s` is where in the stream, in seconds."""
+    """Speech started (`speaking`) or ended at `at_s`, as decided at `detected_s` (stream seconds)."""
 
     speaking: bool
     at_s: float
+    detected_s: float
 
 
 class VadGate:
@@ -58,11 +59,11 @@ class VadGate:
             if not self.speaking and sum(self._recent) >= _START_VOICED:
                 self.speaking = True
                 first_voiced = len(self._recent) - self._recent.index(True)
-                changes.append(VadChange(True, frame_end_s - first_voiced * FRAME_MS / 1000))
+                changes.append(VadChange(True, frame_end_s - first_voiced * FRAME_MS / 1000, frame_end_s))
             elif self.speaking and self._unvoiced_run >= self._silence_frames:
                 self.speaking = False
                 self._recent.clear()
-                changes.append(VadChange(False, self.last_voice_end_s))
+                changes.append(VadChange(False, self.last_voice_end_s, frame_end_s))
         return changes
 
     def reset(self) -> None:

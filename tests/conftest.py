@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SPEECH_DIR = Path(os.environ.get("EDGE_ASR_SPEECH_DIR", REPO.parent / "shared" / "speech"))
+SPEECH_DIR = Path(os.environ.get("SHARED_SPEECH_DIR", REPO.parent / "shared" / "speech"))
 START_TIMEOUT_S = 60.0
 
 

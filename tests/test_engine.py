@@ -85,7 +85,7 @@ async def test_odd_byte_counts_are_refused_whole() -> None:
         async with engine.session("test") as session:
             with pytest.raises(AudioFormatError):
                 await session.feed(b"\x00\x01\x02")
-            assert session.state.stream_s == 0
+            assert session._state.stream_s == 0
     finally:
         await engine.stop()
 

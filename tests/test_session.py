@@ -21,7 +21,7 @@ from edge_asr.events import Event, Final, Partial
 from edge_asr.session import DecodeRequest, StreamSession
 from edge_asr.vad import FRAME_BYTES, VadGate
 
-SPEECH_DIR = Path(os.environ.get("EDGE_ASR_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech"))
+SPEECH_DIR = Path(os.environ.get("SHARED_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech"))
 RATE = 16_000
 BYTES_PER_S = RATE * 2
 CHUNK_BYTES = 640  # 20 ms
@@ -651,12 +651,7 @@ def test_prompt_of_a_moved_window_holds_the_committed_text_before_it() -> None:
 
 
 def test_client_prompt_survives_a_long_committed_text() -> None:
-    """Every request's prompt includes the client prompt, also once the committed text is long.
-
-    SOURCE BUG (session.py, next_request): fails. The prompt is `client prompt + committed text`
-    cut to its last `prompt_chars` characters, so once the committed text before the window
-    exceeds ~200 characters the client prompt is cut off entirely (and the cut lands mid-word).
-    """
+    """Every request's prompt includes the client prompt, also once the committed text is long."""
     audio = Audio().pause(0.3)
     for index in range(3, 13):
         audio.say(f"cmd_piper_joe_{index:02d}")
@@ -670,14 +665,7 @@ def test_client_prompt_survives_a_long_committed_text() -> None:
 
 
 def test_window_starts_preroll_ms_before_the_detected_speech() -> None:
-    """The first window begins `preroll_ms` before where the VAD put the speech start.
-
-    SOURCE BUG (session.py, push): fails. While idle the session keeps only the last `preroll_ms`
-    of audio (`_drop_before(stream_s - preroll)`), but the VAD reports a start several frames after
-    it (a 3-of-5 frame vote, plus the partial frame it holds back), so `max(_buffer_start_s,
-    at_s - preroll)` clamps: the window loses (start-detection delay - last chunk length) of the
-    preroll, 70 ms here (0.76 s instead of 0.69 s) with 20 ms chunks.
-    """
+    """The first window begins `preroll_ms` before where the VAD put the speech start."""
     audio = one_command(lead_s=1.0)
     gate = VadGate(2, 350)
     start = next(change for change in gate.push(audio.pcm) if change.speaking)
@@ -686,3 +674,48 @@ def test_window_starts_preroll_ms_before_the_detected_speech() -> None:
     driver.feed(audio.pcm)
     first = driver.requests[0]
     assert first.utterance_start_s == pytest.approx(start.at_s - preroll_s, abs=1e-6)
+
+
+def test_speech_during_a_pending_final_is_the_next_utterance_not_lost() -> None:
+    first = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.6)
+    audio = Audio(first.pcm, list(first.script), list(first.texts)).say("asterisk_conf-hasjoin").pause(1.0)
+    driver = make_driver(audio.script, auto_decode=False)
+    driver.feed_until(first.seconds - 1.0, audio.pcm)
+    while driver.session.wants_decode():
+        driver.apply(driver.request())
+    while not driver.session.ending:
+        driver.feed_until(driver.session.stream_s + CHUNK_S, audio.pcm)
+    pending = driver.request()  # the final's decode is slow: the second command is spoken meanwhile
+    assert pending.final
+    driver.feed(audio.pcm[len(driver.fed) :])
+    driver.apply(pending)
+    driver.serve()
+
+    assert [final.text for final in driver.finals()] == audio.texts
+    assert [final.utterance for final in driver.finals()] == [1, 2]
+
+
+def test_one_large_frame_with_two_commands_gives_two_finals() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.0).say("asterisk_conf-hasjoin").pause(1.0)
+    driver = make_driver(audio.script, cut_words=False)
+    driver.push(audio.pcm)
+
+    assert [final.text for final in driver.finals()] == audio.texts
+    assert driver.finals()[0].end <= driver.finals()[1].start
+
+
+def test_a_failed_final_decode_keeps_what_earlier_decodes_heard() -> None:
+    audio = one_command(trailing_s=0.0)
+    driver = make_driver(audio.script, auto_decode=False)
+    driver.feed_until(audio.seconds - 0.5, audio.pcm)
+    driver.apply(driver.request())
+    driver.feed(audio.pcm[len(driver.fed) :])
+    heard = driver.partials()[-1].text
+    driver.end()
+    final_request = driver.request()
+    assert final_request.final
+
+    [final] = driver.session.decode_failed(final_request, driver.now)
+
+    assert isinstance(final, Final) and final.text == heard
+    assert not driver.session.active

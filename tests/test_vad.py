@@ -12,7 +12,7 @@ import webrtcvad
 
 from edge_asr.vad import FRAME_BYTES, FRAME_MS, VadChange, VadGate
 
-SPEECH_DIR = Path(os.environ.get("EDGE_ASR_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech"))
+SPEECH_DIR = Path(os.environ.get("SHARED_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech"))
 RATE = 16_000
 BYTES_PER_S = RATE * 2
 FRAME_S = FRAME_MS / 1000
@@ -75,7 +75,10 @@ def test_start_is_the_first_voiced_frame() -> None:
     flags = voiced_frames(pcm)
     first_voiced = flags.index(True)
     changes = VadGate(AGGRESSIVENESS, 350).push(pcm)
-    assert changes[0] == VadChange(True, pytest.approx(first_voiced * FRAME_S))
+    vote_frame = next(i for i in range(len(flags)) if sum(flags[max(0, i - 4) : i + 1]) >= 3)
+    assert changes[0] == VadChange(
+        True, pytest.approx(first_voiced * FRAME_S), pytest.approx((vote_frame + 1) * FRAME_S)
+    )
 
 
 def test_start_is_reported_once_three_of_five_frames_are_voiced() -> None:
@@ -112,7 +115,9 @@ def test_end_is_at_the_last_voiced_frame() -> None:
     last_voiced_end_s = (len(flags) - flags[::-1].index(True)) * FRAME_S
     gate = VadGate(AGGRESSIVENESS, 350)
     changes = gate.push(pcm)
-    assert changes[-1] == VadChange(False, pytest.approx(last_voiced_end_s))
+    assert changes[-1].speaking is False
+    assert changes[-1].at_s == pytest.approx(last_voiced_end_s)
+    assert changes[-1].detected_s == pytest.approx(last_voiced_end_s + 12 * FRAME_S)
     assert gate.last_voice_end_s == pytest.approx(last_voiced_end_s)
 
 
@@ -128,11 +133,7 @@ def end_position(silence_ms: int, pcm: bytes) -> tuple[float, VadChange]:
 
 @pytest.mark.parametrize("silence_ms", [300, 350, 600])
 def test_end_comes_after_silence_ms_of_non_speech_and_not_before(silence_ms: int) -> None:
-    """The end needs silence_ms of non-speech after the last voiced frame (and comes within a frame of it).
-
-    SOURCE BUG (vad.py): fails for silence_ms not a multiple of 30 (e.g. the default 350): the gate
-    counts `silence_ms // 30` frames, so it ends speech after 330 ms of non-speech instead of 350.
-    """
+    """The end needs silence_ms of non-speech after the last voiced frame (and comes within a frame of it)."""
     heard_s, end = end_position(silence_ms, utterance(trailing_s=silence_ms / 1000 + 0.5))
     silence_heard_s = heard_s - end.at_s
     assert silence_heard_s >= silence_ms / 1000 - 1e-9
@@ -141,10 +142,7 @@ def test_end_comes_after_silence_ms_of_non_speech_and_not_before(silence_ms: int
 
 @pytest.mark.parametrize("silence_ms", [300, 350])
 def test_no_end_while_the_silence_is_shorter_than_silence_ms(silence_ms: int) -> None:
-    """Speech, then 10 ms less non-speech than silence_ms after the last voiced frame: no end yet.
-
-    SOURCE BUG (vad.py): fails for 350 for the same reason as the test above.
-    """
+    """Speech, then 10 ms less non-speech than silence_ms after the last voiced frame: no end yet."""
     speech = silence(LEAD_S) + read_pcm(SPEECH)
     flags = voiced_frames(speech + silence(1.0))
     last_voiced_end_s = (len(flags) - flags[::-1].index(True)) * FRAME_S
@@ -199,12 +197,7 @@ def test_reset_during_silence_changes_nothing() -> None:
 
 
 def test_reset_keeps_the_stream_position() -> None:
-    """`reset()` forgets the speech state, "not the stream position": later times stay stream positions.
-
-    SOURCE BUG (vad.py): fails. reset() drops the partial frame it holds (`_pending`) without counting
-    it, so every reset that happens mid-frame moves all later `at_s`/`last_voice_end_s` earlier than
-    the audio they describe (here ten resets after half a frame each: 150 ms early).
-    """
+    """`reset()` forgets the speech state, "not the stream position": later times stay stream positions."""
     gate = VadGate(AGGRESSIVENESS, 350)
     for _ in range(10):
         gate.push(silence(FRAME_S / 2))  # half a frame, held back until the frame is whole

@@ -92,13 +92,14 @@ def test_two_clients_at_once_are_both_served(service: Service) -> None:
 
 def test_config_message_sets_the_prompt_and_bad_config_is_an_error(service: Service) -> None:
     with open_stream(service.ws_url) as (ws, _ready):
-        ws.send(json.dumps({"type": "config", "prompt": "Voicemail.", "language": "en"}))
+        ws.send(json.dumps({"type": "config", "prompt": "Conference call.", "language": "en"}))
         ws.send(json.dumps({"type": "config", "volume": 11}))
         error = json.loads(ws.recv(timeout=10))
         assert error["type"] == "error" and error["code"] == "bad_config" and "volume" in error["message"]
         send_audio(ws, read_pcm("asterisk_conf-onlyone") + bytes(9600))
         ws.send(json.dumps({"type": "end"}))
         messages = read_until_done(ws)
+    assert not [m for m in messages if m["type"] == "error"]
     assert normalise(finals(messages)[-1]["text"]) == normalise(reference("asterisk_conf-onlyone"))
 
 
@@ -194,8 +195,41 @@ def test_health_is_503_while_the_model_loads_then_200(tmp_path: Path) -> None:
         assert service.stop() == 0
 
 
-def test_sessions_above_the_limit_are_refused_as_busy(tmp_path: Path) -> None:
-    service = start_service(tmp_path, "limits.max_sessions=1")
+def test_language_tags_map_to_the_model_and_unknown_languages_are_refused(service: Service) -> None:
+    with open_stream(f"{service.ws_url}?language=en-US") as (_ws, ready):
+        assert ready["type"] == "ready" and ready["language"] == "en"
+    with open_stream(f"{service.ws_url}?language=de") as (ws, refusal), pytest.raises(ConnectionClosed):
+        ws.recv(timeout=10)
+    assert refusal["type"] == "error" and refusal["code"] == "bad_config" and "'de'" in refusal["message"]
+    with open_stream(service.ws_url) as (ws, _ready):
+        ws.send(json.dumps({"type": "config", "language": "fr"}))
+        error = json.loads(ws.recv(timeout=10))
+    assert error["code"] == "bad_config" and "'fr'" in error["message"]
+
+
+def test_audio_after_end_is_the_next_utterance(service: Service) -> None:
+    first, second = read_pcm("asterisk_conf-hasjoin"), read_pcm("asterisk_conf-leaderhasleft")
+    with open_stream(service.ws_url) as (ws, _ready):
+        send_audio(ws, first)
+        ws.send(json.dumps({"type": "end"}))
+        send_audio(ws, second + bytes(9600))
+        ws.send(json.dumps({"type": "end"}))
+        messages = read_until_done(ws)
+        messages += read_until_done(ws)
+    got = finals(messages)
+    assert [normalise(m["text"]) for m in got] == [
+        normalise(reference("asterisk_conf-hasjoin")),
+        normalise(reference("asterisk_conf-leaderhasleft")),
+    ]
+    assert [m["utterance"] for m in got] == [1, 2]
+    assert [m for m in messages if m["type"] == "done"] == [
+        {"type": "done", "utterances": 1},
+        {"type": "done", "utterances": 2},
+    ]
+
+
+def test_sessions_above_the_limit_are_refused_as_busy_and_idle_ones_are_closed(tmp_path: Path) -> None:
+    service = start_service(tmp_path, "limits.max_sessions=1", "limits.idle_timeout_s=2")
     try:
         with open_stream(service.ws_url) as (_first, _ready), open_stream(service.ws_url) as (second, refusal):
             with pytest.raises(ConnectionClosed):
@@ -211,5 +245,12 @@ def test_sessions_above_the_limit_are_refused_as_busy(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         assert ready["type"] == "ready"
+        with open_stream(service.ws_url) as (silent, ready):
+            assert ready["type"] == "ready"
+            error = json.loads(silent.recv(timeout=10))
+            with pytest.raises(ConnectionClosed):
+                silent.recv(timeout=10)
+        assert error["code"] == "idle_timeout"
+        assert service.health()[1]["sessions"] == 0  # type: ignore[index]
     finally:
         service.stop()
