@@ -4,7 +4,8 @@ Each clip (16 kHz mono s16le `.wav` beside its reference `.txt`; an empty `.txt`
 sent in 20 ms chunks, paced against an absolute schedule (chunk k leaves when its audio has been
 "spoken": at start + bytes sent including that chunk / 32000, so a slow send never accumulates drift;
 `--fast` sends without pacing), followed by `--trailing-silence` seconds of digital silence and the end
-signal, through the engine in-process or a running server (`--url ws://HOST:PORT/ws/stream`).
+signal, through the engine in-process, a running server (`--url ws://HOST:PORT/ws/stream`) or any Wyoming
+speech-to-text server (`--wyoming tcp://HOST:PORT`).
 
 How the numbers are measured (all times from `time.monotonic()` in this process):
 
@@ -20,15 +21,22 @@ How the numbers are measured (all times from `time.monotonic()` in this process)
 - First partial: speech start (as above) to the first partial (or the final, when no partial came first).
 - End -> final: sending the end signal to receiving the clip's last final; 0 when it came before the end
   (the server's VAD already closed the utterance in the trailing silence). Clips without a final are left out.
-- ttct and e2e: the server's own `ttct_ms` and `e2e_ms` fields.
+- ttct and e2e: the server's own `ttct_ms` and `e2e_ms` fields (n/a for Wyoming, whose events carry none).
 - CPU-seconds per audio-second: CPU time (user + system) of the measured process during the replay,
   divided by the seconds of corpus audio (trailing silence not included). In-process that process is
-  this one (engine and bench client together); with `--url` it is `--pid`, else not measured.
+  this one (engine and bench client together); with `--url` or `--wyoming` it is `--pid`, else not measured.
   Peak RSS is sampled every 100 ms. Idle CPU is measured over 3 s with no session after the replay.
 
 WebSocket end of a clip: after `{"type":"end"}` the bench reads until the server's `done` (sent once
 everything before the end is transcribed, after the final if there is one). A server that closes first,
 or sends no `done` within 10 s of the end, gives the clip an error.
+
+Wyoming, as a satellite speaks it: per clip one connection with `transcribe`, `audio-start`, the chunks as
+`audio-chunk`s and `audio-stop` as the end signal; then the bench reads until `transcript-stop`, or until
+`transcript` (or `error`) from a server that sent no `transcript-start` (one that does not stream, such as
+wyoming-faster-whisper). None within 30 s of `audio-stop` gives the clip an error. The `transcript-chunk`s
+add up to the text so far and count as partials (word lag; first partial is the first transcript-chunk, or
+the transcript when none came first); `transcript` is the final, so end -> final is audio-stop -> transcript.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ import psutil
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from adapters.wyoming import WyomingClient, WyomingReply
+
 from .agreement import join_words
 from .audio import BYTES_PER_SECOND, SAMPLE_RATE, SAMPLE_WIDTH, pcm16_to_float
 from .config import Settings, StreamSettings
@@ -70,6 +80,7 @@ RSS_INTERVAL_S = 0.1
 IDLE_SECONDS = 3.0
 READY_TIMEOUT_S = 30.0
 MAX_WAIT_AFTER_END_S = 10.0
+MAX_WAIT_AFTER_AUDIO_STOP_S = 30.0
 
 
 class BenchError(Exception):
@@ -210,11 +221,16 @@ class Received:
 
 @dataclass(frozen=True)
 class Playback:
-    """One clip's replay: events received, when each chunk left, when the end signal left."""
+    """One clip's replay: events received, when each chunk left, when the end signal left.
+
+    `timed` is False when the events carry no server timings (Wyoming's have none; their asr/e2e/ttct are 0
+    placeholders the report leaves out).
+    """
 
     events: tuple[Received, ...]
     sent: tuple[tuple[float, float], ...]
     end_at: float
+    timed: bool = True
 
 
 def final_text(received: Sequence[Received]) -> str:
@@ -473,6 +489,82 @@ class WebSocketTransport:
         return Playback(tuple(received), tuple(sent), end_at)
 
 
+class WyomingReplies:
+    """A Wyoming server's replies to one request as bench events.
+
+    `transcript-chunk`s add up to the text so far (a partial); `transcript` is the final. The request is
+    answered at `transcript-stop` or, from a server that sent no `transcript-start`, at `transcript` or `error`.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self._text = ""
+        self._streaming = False
+
+    def add(self, at: float, reply: WyomingReply) -> bool:
+        """Record one reply received at `at`; True when it answers the request."""
+        if reply.kind == "transcript-start":
+            self._streaming = True
+        elif reply.kind == "transcript-chunk":
+            self._text += reply.text
+            self.received.append(Received(at, Partial(self._text, self._text, utterance=1, asr_ms=0, e2e_ms=0)))
+        elif reply.kind == "transcript":
+            final = Final(reply.text, utterance=1, asr_ms=0, e2e_ms=0, ttct_ms=0, start=0.0, end=0.0)
+            self.received.append(Received(at, final))
+        elif reply.kind == "error":
+            self.received.append(Received(at, SessionError(reply.code or "error", reply.text)))
+        return reply.kind == "transcript-stop" or (not self._streaming and reply.kind in ("transcript", "error"))
+
+
+class WyomingTransport:
+    """A Wyoming speech-to-text server (edge-asr's or another), one connection and one request per clip."""
+
+    def __init__(self, uri: str, language: str, replay: Replay) -> None:
+        self._uri = uri
+        self._language = language
+        self._replay = replay
+
+    async def play(self, pcm: bytes) -> Playback:
+        """Connect, send transcribe, audio-start, the clip and audio-stop, and read until the transcript."""
+        try:
+            client = WyomingClient(self._uri, READY_TIMEOUT_S)
+        except ValueError as err:
+            raise BenchError(f"--wyoming {err}") from None
+        try:
+            async with client:
+                return await self._play(client, pcm)
+        except (OSError, asyncio.TimeoutError) as err:
+            raise BenchError(f"{self._uri}: {err or type(err).__name__}") from None
+
+    async def _play(self, client: WyomingClient, pcm: bytes) -> Playback:
+        replies = WyomingReplies()
+
+        async def read() -> bool:
+            """Record replies until the request is answered; False when the server closed first."""
+            while (reply := await client.reply()) is not None:
+                if replies.add(time.monotonic(), reply):
+                    return True
+            return False
+
+        reader = asyncio.create_task(read())
+        sent: list[tuple[float, float]] = []
+        with contextlib.suppress(ConnectionError):
+            await client.start(self._language)
+            await _send_audio(pcm, self._replay, client.send, sent)
+            await client.stop()
+        end_at = time.monotonic()
+        try:
+            finished = await asyncio.wait_for(reader, MAX_WAIT_AFTER_AUDIO_STOP_S)
+            problem = None if finished else SessionError("closed", "the server closed the connection before answering")
+        except asyncio.TimeoutError:
+            problem = SessionError(
+                "no_transcript", f"no transcript within {MAX_WAIT_AFTER_AUDIO_STOP_S:g} s of audio-stop"
+            )
+        if problem is not None and not any(isinstance(item.event, SessionError) for item in replies.received):
+            replies.received.append(Received(time.monotonic(), problem))
+        return Playback(tuple(replies.received), tuple(sent), end_at, timed=False)
+
+
 # --- resources ---------------------------------------------------------------------------------------
 
 
@@ -595,6 +687,7 @@ class Report:
 
     corpus: str
     transport: str
+    protocol: str
     concurrency: int
     realtime: bool
     trailing_silence_s: float
@@ -611,6 +704,7 @@ def clip_result(clip: Clip, playback: Playback, speech: tuple[float, float] | No
     hypothesis = final_text(playback.events)
     reference_words = normalize(clip.reference).split()
     events = [item.event for item in playback.events]
+    timed = events if playback.timed else []
     return ClipResult(
         name=clip.name,
         reference=clip.reference,
@@ -621,9 +715,9 @@ def clip_result(clip: Clip, playback: Playback, speech: tuple[float, float] | No
         word_lag_ms=tuple(1000 * lag for lag in word_lags(playback, speech)) if speech else (),
         first_partial_ms=_ms(first_text_lag(playback, speech[0])) if speech else None,
         end_to_final_ms=_ms(end_to_final(playback)),
-        ttct_ms=tuple(event.ttct_ms for event in events if isinstance(event, Final)),
-        e2e_partial_ms=tuple(event.e2e_ms for event in events if isinstance(event, Partial)),
-        e2e_final_ms=tuple(event.e2e_ms for event in events if isinstance(event, Final)),
+        ttct_ms=tuple(event.ttct_ms for event in timed if isinstance(event, Final)),
+        e2e_partial_ms=tuple(event.e2e_ms for event in timed if isinstance(event, Partial)),
+        e2e_final_ms=tuple(event.e2e_ms for event in timed if isinstance(event, Final)),
         errors=tuple(f"{event.code}: {event.message}" for event in events if isinstance(event, SessionError)),
     )
 
@@ -710,8 +804,12 @@ async def _stream(
     """Replay the corpus through the chosen transport, measuring the serving process."""
     replay = Replay(realtime=not args.fast, trailing_silence_s=args.trailing_silence)
     audio_s = sum(clip.duration_s for clip in clips)
-    if args.url:
-        transport = WebSocketTransport(args.url, replay)
+    if args.url or args.wyoming:
+        transport: Transport = (
+            WebSocketTransport(args.url, replay)
+            if args.url
+            else WyomingTransport(args.wyoming, settings.model.language, replay)
+        )
         if args.pid is None:
             return await _replay_all(clips, transport, args.concurrency), Resources(None, None, None, None)
         try:
@@ -797,16 +895,17 @@ def _pair(first: float | None, second: float | None) -> str:
 def format_table(report: Report) -> str:
     """The report as a fixed-width text table: one row for streaming, one for offline when run."""
     s, r, o = report.streaming, report.resources, report.offline
+    wyoming = report.protocol == "wyoming"
     headers = [
         "mode",
         "clips",
         "WER",
         "halluc",
         "word lag ms p50/p90",
-        "end->final ms p50/p90",
+        "audio-stop->transcript ms p50/p90" if wyoming else "end->final ms p50/p90",
         "ttct ms p50/p90",
         "e2e ms partial/final p50",
-        "1st partial ms p50",
+        "1st chunk ms p50" if wyoming else "1st partial ms p50",
         "decode ms",
         "CPU s/audio s",
         "peak RSS",
@@ -884,8 +983,12 @@ def _non_negative_float(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's flags and its CORPUS argument."""
     parser.add_argument("corpus", type=Path, metavar="CORPUS", help="directory of 16 kHz mono .wav + .txt pairs")
-    parser.add_argument("--url", help="replay through a running server, e.g. ws://127.0.0.1:8787/ws/stream")
-    parser.add_argument("--pid", type=int, help="with --url: the server's process id, to measure its CPU and RSS")
+    server = parser.add_mutually_exclusive_group()
+    server.add_argument("--url", help="replay through a running server, e.g. ws://127.0.0.1:8787/ws/stream")
+    server.add_argument("--wyoming", metavar="URI", help="replay through a Wyoming STT server, e.g. tcp://HOST:10300")
+    parser.add_argument(
+        "--pid", type=int, help="with --url or --wyoming: the server's process id, to measure its CPU and RSS"
+    )
     parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="K", help="speakers at once (1)")
     parser.add_argument("--fast", action="store_true", help="send audio as fast as possible instead of in real time")
     parser.add_argument(
@@ -904,8 +1007,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the bench; 0 when every clip went through, 1 when a clip got an error or the bench could not run."""
     try:
-        if args.pid is not None and not args.url:
-            raise BenchError("--pid only applies with --url (in-process, the bench measures itself)")
+        if args.pid is not None and not (args.url or args.wyoming):
+            raise BenchError("--pid only applies with --url or --wyoming (in-process, the bench measures itself)")
         clips = load_corpus(args.corpus, args.match, args.limit)
         playbacks, resources = asyncio.run(_stream(args, settings, clips))
         results = [
@@ -918,7 +1021,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     report = Report(
         corpus=str(args.corpus),
-        transport=args.url or "in-process",
+        transport=args.url or args.wyoming or "in-process",
+        protocol="websocket" if args.url else "wyoming" if args.wyoming else "in-process",
         concurrency=args.concurrency,
         realtime=not args.fast,
         trailing_silence_s=args.trailing_silence,

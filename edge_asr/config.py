@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -90,6 +91,15 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class WyomingSettings:
+    """The Wyoming adapter for Home Assistant and its voice satellites."""
+
+    enabled: bool = True
+    uri: str = "tcp://0.0.0.0:10300"
+    zeroconf: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the service."""
 
@@ -97,6 +107,7 @@ class Settings:
     stream: StreamSettings = field(default_factory=StreamSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    wyoming: WyomingSettings = field(default_factory=WyomingSettings)
     log_level: str = "INFO"
 
 
@@ -105,6 +116,7 @@ _SECTIONS: dict[str, type] = {
     "stream": StreamSettings,
     "limits": LimitSettings,
     "http": HttpSettings,
+    "wyoming": WyomingSettings,
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -250,7 +262,24 @@ def build_settings(*layers: Mapping[str, Any]) -> Settings:
         raise ConfigError("stream.max_window_s: must not exceed limits.max_utterance_s")
     if settings.stream.overlap_ms >= settings.stream.min_window_s * 1000:
         raise ConfigError("stream.overlap_ms: must be shorter than stream.min_window_s")
+    _check_wyoming_uri(settings.wyoming)
     return settings
+
+
+def _check_wyoming_uri(wyoming: WyomingSettings) -> None:
+    uri = urlsplit(wyoming.uri)
+    if uri.scheme not in ("tcp", "unix", "stdio"):
+        raise ConfigError(f"wyoming.uri: {wyoming.uri!r} must start with tcp://, unix:// or stdio://")
+    try:
+        port = uri.port
+    except ValueError:
+        port = None
+    if uri.scheme == "tcp" and (not uri.hostname or port is None):
+        raise ConfigError(f"wyoming.uri: {wyoming.uri!r} needs a host and a port, e.g. tcp://0.0.0.0:10300")
+    if uri.scheme == "unix" and not uri.path:
+        raise ConfigError(f"wyoming.uri: {wyoming.uri!r} needs a socket path, e.g. unix:///run/edge-asr.sock")
+    if wyoming.zeroconf and uri.scheme != "tcp":
+        raise ConfigError("wyoming.zeroconf: announcing needs a tcp:// wyoming.uri")
 
 
 def load_settings(

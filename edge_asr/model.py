@@ -28,6 +28,8 @@ _FRAMES_PER_SECOND = 100
 # Speech runs at about 3 words (5 tokens) a second; twice that plus timestamps bounds a loop.
 _TOKENS_PER_SECOND = 12
 _MIN_NEW_TOKENS = 16
+# Multilingual Whisper vocabularies have 51865 entries; English-only ones one fewer.
+_MULTILINGUAL_VOCABULARY = 51865
 # The decoder's prompt and the window end leave no room for more than this (448 in all).
 _MAX_NEW_TOKENS = 220
 # When Whisper stops before the end of the window, faster-whisper decodes the rest in another pass.
@@ -93,6 +95,25 @@ def resolve_model(name: str) -> str:
     if "/" in name and not candidate.exists() and name.startswith(("/", ".", "~")):
         raise ModelError(f"model: directory {name} does not exist")
     return name
+
+
+def languages_of(name: str) -> tuple[str, ...]:
+    """The languages a model speaks, known before it loads (so `describe` is answered at once)."""
+    try:
+        location = Path(resolve_model(name))
+    except ModelError:
+        return ()
+    vocabulary = location / "vocabulary.txt"
+    if vocabulary.is_file():
+        with vocabulary.open(encoding="utf-8") as lines:
+            english_only = sum(1 for _ in lines) < _MULTILINGUAL_VOCABULARY
+    else:
+        english_only = name.endswith(".en")
+    if english_only:
+        return ("en",)
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return tuple(_LANGUAGE_CODES)
 
 
 def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:

@@ -8,6 +8,7 @@ import signal
 import time
 
 from adapters.http import HttpAdapter
+from adapters.wyoming import WyomingAdapter
 
 from .config import Settings
 from .engine import Engine
@@ -16,12 +17,17 @@ _LOGGER = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings) -> int:
-    """Listen first (so /health can say 503 while loading), warm the model, run until SIGTERM/SIGINT."""
+    """Listen first (so /health says 503 and Wyoming answers describe while loading), warm the model,
+    and run until SIGTERM/SIGINT."""
     started = time.monotonic()
     engine = Engine(settings)
-    http = HttpAdapter(engine, settings) if settings.http.enabled else None
-    if http is not None:
-        await http.start()
+    adapters: list[HttpAdapter | WyomingAdapter] = []
+    if settings.http.enabled:
+        adapters.append(HttpAdapter(engine, settings))
+    if settings.wyoming.enabled:
+        adapters.append(WyomingAdapter(engine, settings))
+    for adapter in adapters:
+        await adapter.start()
     await engine.start()
     _LOGGER.info("Ready in %.0f ms", (time.monotonic() - started) * 1000)
 
@@ -31,7 +37,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     _LOGGER.info("Stopping")
-    if http is not None:
-        await http.stop()
+    for adapter in adapters:
+        await adapter.stop()
     await engine.stop()
     return 0

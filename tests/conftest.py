@@ -60,6 +60,7 @@ class Service:
 
     process: subprocess.Popen[str]
     port: int
+    wyoming_port: int
     log_path: Path
 
     @property
@@ -76,6 +77,16 @@ class Service:
     def health(self) -> tuple[int, dict[str, object] | str]:
         return http_get(f"{self.base_url}/health")
 
+    def sessions_drop_to(self, count: int, timeout_s: float = 20.0) -> bool:
+        """Wait until /health reports `count` open sessions; False if it does not in time."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _status, health = self.health()
+            if isinstance(health, dict) and health["sessions"] == count:
+                return True
+            time.sleep(0.1)
+        return False
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.terminate()
@@ -88,16 +99,17 @@ class Service:
 
 
 def start_service(tmp_path: Path, *settings: str, wait_ready: bool = True) -> Service:
-    """Start the real service on a free port with `--set` overrides; wait for /health 200 if asked."""
-    port = free_port()
+    """Start the real service on free ports (HTTP and Wyoming) with `--set` overrides; wait for /health 200
+    if asked."""
+    port, wyoming_port = free_port(), free_port()
     log_path = tmp_path / f"service-{port}.log"
     args = [sys.executable, "-m", "edge_asr", "serve", "--config", str(REPO / "config" / "edge-asr.yaml")]
-    args += ["--host", "127.0.0.1", "--port", str(port)]
+    args += ["--host", "127.0.0.1", "--port", str(port), "--set", f"wyoming.uri=tcp://127.0.0.1:{wyoming_port}"]
     for item in settings:
         args += ["--set", item]
     with log_path.open("w") as log:
         process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    service = Service(process, port, log_path)
+    service = Service(process, port, wyoming_port, log_path)
     if wait_ready:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import wave
 from pathlib import Path
 
 import pytest
 
+from adapters.wyoming import WyomingReply
 from edge_asr.bench import (
     BenchError,
     Clip,
     ClipResult,
     Playback,
     Received,
+    WyomingReplies,
     builtin_normalize,
     end_to_final,
     first_seen,
@@ -28,6 +31,7 @@ from edge_asr.bench import (
     word_errors,
     word_lags,
 )
+from edge_asr.bench import clip_result as score_clip
 from edge_asr.config import StreamSettings
 from edge_asr.events import Done, Event, Final, Partial, SessionError
 
@@ -238,6 +242,57 @@ def test_summarize_counts_insertions_on_no_speech_clips_and_hallucinations() -> 
     assert summary.end_to_final_p50_ms == 0.0
     assert summary.first_partial_p50_ms is None
     assert summary.audio_s == pytest.approx(8.0)
+
+
+def test_wyoming_replies_of_a_streaming_server_end_at_transcript_stop() -> None:
+    replies = WyomingReplies()
+    answered = [
+        replies.add(T0 + at, reply)
+        for at, reply in (
+            (0.0, WyomingReply("transcript-start")),
+            (1.0, WyomingReply("transcript-chunk", "Turn on")),
+            (1.5, WyomingReply("transcript-chunk", " the")),
+            (2.6, WyomingReply("transcript", "Turn on the lights.")),
+            (2.6, WyomingReply("transcript-stop")),
+        )
+    ]
+    assert answered == [False, False, False, False, True]
+    assert [(item.at, item.event) for item in replies.received] == [
+        (T0 + 1.0, Partial("Turn on", "Turn on", utterance=1, asr_ms=0, e2e_ms=0)),
+        (T0 + 1.5, Partial("Turn on the", "Turn on the", utterance=1, asr_ms=0, e2e_ms=0)),
+        (T0 + 2.6, Final("Turn on the lights.", 1, 0, 0, 0, 0.0, 0.0)),
+    ]
+
+
+def test_wyoming_replies_of_a_server_that_does_not_stream_end_at_the_transcript_or_an_error() -> None:
+    replies = WyomingReplies()
+    assert replies.add(T0, WyomingReply("transcript", "Hi.")) is True
+    assert [item.event for item in replies.received] == [Final("Hi.", 1, 0, 0, 0, 0.0, 0.0)]
+    refused = WyomingReplies()
+    assert refused.add(T0, WyomingReply("error", "too many sessions", "busy")) is True
+    assert [item.event for item in refused.received] == [SessionError("busy", "too many sessions")]
+    streaming = WyomingReplies()
+    assert streaming.add(T0, WyomingReply("transcript-start")) is False
+    assert streaming.add(T0, WyomingReply("error", "decode failed")) is False
+    assert [item.event for item in streaming.received] == [SessionError("error", "decode failed")]
+
+
+def test_a_replay_without_server_timings_reports_none() -> None:
+    clip = Clip("c", Path("c.wav"), "turn on the lights", 2.5)
+    events: list[tuple[float, Event]] = [(T0 + 1.0, partial("Turn on")), (T0 + 2.9, final("Turn on the lights."))]
+    untimed = Playback(tuple(Received(at, event) for at, event in events), paced(2.5), T0 + 2.5, timed=False)
+
+    result = score_clip(clip, untimed, (0.5, 1.7))
+
+    assert (result.ttct_ms, result.e2e_partial_ms, result.e2e_final_ms) == ((), (), ())
+    assert result.end_to_final_ms == pytest.approx(400.0)
+    assert result.first_partial_ms == pytest.approx(500.0)
+    assert len(result.word_lag_ms) == 4 and result.word_errors == 0
+    summary = summarize([result])
+    assert (summary.ttct_p50_ms, summary.e2e_partial_p50_ms, summary.e2e_final_p50_ms) == (None, None, None)
+    assert summary.end_to_final_p50_ms == pytest.approx(400.0)
+    timed = score_clip(clip, dataclasses.replace(untimed, timed=True), (0.5, 1.7))
+    assert (timed.ttct_ms, timed.e2e_partial_ms, timed.e2e_final_ms) == ((30,), (20,), (20,))
 
 
 def write_clip(directory: Path, name: str, text: str | None, rate: int = 16000, seconds: float = 0.5) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edge_asr import __version__
 
-from .conftest import REPO, SPEECH_DIR
+from .conftest import REPO, SPEECH_DIR, free_port, start_service
 
 
 def _edge_asr(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -56,12 +56,18 @@ def test_a_missing_model_directory_stops_start_up_with_a_clear_line(tmp_path: Pa
     assert "does not exist" in result.stderr and "model" in result.stderr
 
 
-def test_bench_replays_a_corpus_and_reports_json(tmp_path: Path) -> None:
+def _corpus(tmp_path: Path, *names: str) -> Path:
+    """A corpus directory of links to clips of the shared speech corpus."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for name in ("asterisk_conf-hasjoin", "silence_3s"):
+    for name in names:
         for suffix in (".wav", ".txt"):
             (corpus / f"{name}{suffix}").symlink_to(SPEECH_DIR / f"{name}{suffix}")
+    return corpus
+
+
+def test_bench_replays_a_corpus_and_reports_json(tmp_path: Path) -> None:
+    corpus = _corpus(tmp_path, "asterisk_conf-hasjoin", "silence_3s")
     report = tmp_path / "report.json"
 
     result = _edge_asr("bench", str(corpus), "--fast", "--offline", "--json", str(report), "--threads", "1")
@@ -78,3 +84,29 @@ def test_bench_replays_a_corpus_and_reports_json(tmp_path: Path) -> None:
     assert by_name["asterisk_conf-hasjoin"]["hypothesis"]
     assert data["resources"]["peak_rss_mb"] > 0 and data["resources"]["start_to_ready_s"] > 0
     assert "streaming" in result.stderr + result.stdout
+
+
+def test_bench_measures_a_wyoming_server(tmp_path: Path) -> None:
+    corpus = _corpus(tmp_path, "asterisk_conf-hasjoin", "silence_3s")
+    report = tmp_path / "report.json"
+    uri = f"tcp://127.0.0.1:{free_port()}"
+    service = start_service(tmp_path, f"wyoming.uri={uri}")
+    try:
+        result = _edge_asr("bench", str(corpus), "--wyoming", uri, "--json", str(report), "--fast")
+    finally:
+        service.stop()
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    streaming = data["streaming"]
+    assert (data["protocol"], data["transport"]) == ("wyoming", uri)
+    assert streaming["clips"] == 2 and streaming["clip_errors"] == 0
+    assert streaming["hallucinations"] == 0 and streaming["reference_words"] == 5
+    assert streaming["wer"] == streaming["word_errors"] / 5
+    assert streaming["end_to_final_p50_ms"] >= 0 and streaming["end_to_final_p90_ms"] >= 0
+    assert streaming["ttct_p50_ms"] is None and streaming["e2e_final_p50_ms"] is None
+    by_name = {clip["name"]: clip for clip in data["clips"]}
+    assert by_name["silence_3s"]["hypothesis"] == ""
+    assert by_name["asterisk_conf-hasjoin"]["hypothesis"]
+    assert by_name["asterisk_conf-hasjoin"]["ttct_ms"] == []
+    assert "audio-stop->transcript" in result.stdout

@@ -144,16 +144,7 @@ def test_a_client_that_vanishes_mid_utterance_frees_its_session(service: Service
         send_audio(ws, read_pcm("asterisk_conf-onlyone")[: 32000 * 2])
         ws.socket.close()  # no close handshake: the client is simply gone
 
-    deadline = time.monotonic() + 20
-    sessions: object = None
-    while time.monotonic() < deadline:
-        _status, health = service.health()
-        assert isinstance(health, dict)
-        sessions = health["sessions"]
-        if sessions == 0:
-            break
-        time.sleep(0.1)
-    assert sessions == 0
+    assert service.sessions_drop_to(0)
     assert service.process.poll() is None
 
 
