@@ -360,7 +360,7 @@ def test_partials_change_text_and_stable_only_grows() -> None:
 
 def test_a_repeated_hypothesis_gives_a_partial_only_for_what_it_commits() -> None:
     audio = one_command()
-    driver = make_driver(audio.script, auto_decode=False)
+    driver = make_driver(audio.script, stream=StreamSettings(commit_margin_ms=500), auto_decode=False)
     driver.feed_until(1.5, audio.pcm)
     first = driver.request()
     words = scripted_words(audio.script, first, cut_words=False)
@@ -385,6 +385,25 @@ def test_a_repeated_hypothesis_gives_a_partial_only_for_what_it_commits() -> Non
     [partial] = driver.apply(third, more)
     assert isinstance(partial, Partial)
     assert partial.stable == " ".join(word.text.strip() for word in words)
+
+
+def test_agreed_words_commit_only_once_they_end_commit_margin_ms_before_the_newest_audio() -> None:
+    audio = one_command()
+    driver = make_driver(audio.script, auto_decode=False)
+    margin_s = StreamSettings().commit_margin_ms / 1000
+    driver.feed_until(2.0, audio.pcm)
+    first = driver.request()
+    words = scripted_words(audio.script, first, cut_words=False)
+    driver.apply(first, words)
+    driver.feed_until(2.3, audio.pcm)
+    second = driver.request()
+    [partial] = driver.apply(second, words)
+
+    assert isinstance(partial, Partial)
+    stable_words = partial.stable.split()
+    assert 0 < len(stable_words) < len(words)
+    assert all(w.end + first.start_s <= second.end_s - margin_s for w in words[: len(stable_words)])
+    assert words[len(stable_words)].end + first.start_s > second.end_s - margin_s
 
 
 # --- finals ------------------------------------------------------------------------------------
