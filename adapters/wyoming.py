@@ -32,7 +32,8 @@ _LOGGER = logging.getLogger(__name__)
 # A client that announced data or a payload must send it promptly; a stalled one is cut off.
 PAYLOAD_TIMEOUT_S = 1.0
 MAX_DATA_BYTES = 64 * 1024
-_ATTRIBUTION = Attribution(name="edge-asr", url="https://pypi.org/project/edge-asr/")
+# edge-asr has no home page of its own yet; Home Assistant shows the name.
+_ATTRIBUTION = Attribution(name="edge-asr", url="")
 _WHISPER = Attribution(name="OpenAI", url="https://github.com/openai/whisper")
 
 
@@ -140,9 +141,15 @@ class WyomingHandler(AsyncEventHandler):
         try:
             while True:
                 try:
-                    event = await async_read_event(self._guarded)  # type: ignore[arg-type]
+                    event = await asyncio.wait_for(
+                        async_read_event(self._guarded),  # type: ignore[arg-type]
+                        self._settings.limits.idle_timeout_s,
+                    )
                 except ProtocolError as err:
                     await self._error(err.code, str(err))
+                    return
+                except asyncio.TimeoutError:
+                    await self._error("idle_timeout", f"no event for {self._settings.limits.idle_timeout_s:g} s")
                     return
                 if event is None:
                     return

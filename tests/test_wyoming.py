@@ -284,3 +284,17 @@ def test_describe_is_answered_while_the_model_loads(tmp_path: Path) -> None:
         assert answered_while_loading
     finally:
         service.stop()
+
+
+def test_a_satellite_that_stalls_mid_request_is_cut_off_after_idle_timeout(tmp_path: Path) -> None:
+    service = start_service(tmp_path, "limits.idle_timeout_s=2")
+    try:
+        start = _line("audio-start", {"rate": 16000, "width": 2, "channels": 1})
+        chunk = _line("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, read_pcm("asterisk_conf-hasjoin"))
+        codes, closed = _error_codes(service.wyoming_port, start + chunk, wait_s=10.0)
+
+        assert codes == ["idle_timeout"]
+        assert closed
+        assert service.sessions_drop_to(0)
+    finally:
+        service.stop()
