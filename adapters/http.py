@@ -27,6 +27,8 @@ CLOSE_NORMAL = 1000
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
 MAX_TEXT_BYTES = 64 * 1024
+# How long a vanished client's open utterance may take to be finalised for the listeners.
+ORPHAN_FINISH_S = 10.0
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
@@ -51,7 +53,10 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         query = websocket.query_params
         try:
             session = engine.session(
-                source="websocket", language=query.get("language") or None, prompt=query.get("prompt", "")
+                source="websocket",
+                language=query.get("language") or None,
+                prompt=query.get("prompt", ""),
+                site=query.get("site") or None,
             )
         except (EngineBusy, EngineNotReady, UnsupportedLanguage) as err:
             if isinstance(err, UnsupportedLanguage):
@@ -102,6 +107,10 @@ class WebSocketStream:
         except WebSocketDisconnect:
             _LOGGER.debug("Session %d: client went away", self._session.id)
         finally:
+            if self._session.has_open_utterance:
+                # The client is gone, but listeners (MQTT) still get the final of what it said.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._session.finish(), ORPHAN_FINISH_S)
             if self._finishing is not None:
                 self._finishing.cancel()
             self._session.close()
@@ -165,13 +174,14 @@ class WebSocketStream:
         self._finishing = asyncio.create_task(finish())
 
     def _on_config(self, message: dict[str, Any]) -> None:
-        unknown = sorted(set(message) - {"type", "language", "prompt"})
+        unknown = sorted(set(message) - {"type", "language", "prompt", "site"})
         if unknown:
             self._session.report_error("bad_config", f"unknown config keys: {', '.join(unknown)}")
             return
         prompt, language = message.get("prompt", ""), message.get("language", self._session.language)
-        if not isinstance(prompt, str) or not isinstance(language, str):
-            self._session.report_error("bad_config", "prompt and language must be strings")
+        site = message.get("site", self._session.site)
+        if not all(isinstance(value, str) for value in (prompt, language, site)):
+            self._session.report_error("bad_config", "prompt, language and site must be strings")
             return
         try:
             self._session.set_language(language)
@@ -180,6 +190,7 @@ class WebSocketStream:
             return
         if "prompt" in message:
             self._session.set_prompt(prompt)
+        self._session.set_site(site or self._session.site)
 
     async def _close_with(self, error: SessionError, code: int) -> None:
         self._session.close()

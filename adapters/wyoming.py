@@ -131,6 +131,7 @@ class WyomingHandler(AsyncEventHandler):
         self._settings = settings
         self._guarded = GuardedReader(reader, settings.limits.max_frame_bytes)
         self._language: str | None = None
+        self._site: str | None = None
         self._session: EngineSession | None = None
         self._responder: asyncio.Task[None] | None = None
         self._converter = AudioChunkConverter(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1)
@@ -168,7 +169,10 @@ class WyomingHandler(AsyncEventHandler):
             elif Ping.is_type(event.type):
                 await self._write(Pong(text=Ping.from_event(event).text).event())
             elif Transcribe.is_type(event.type):
-                self._language = Transcribe.from_event(event).language
+                transcribe = Transcribe.from_event(event)
+                self._language = transcribe.language
+                site = (transcribe.context or {}).get("site")
+                self._site = site if isinstance(site, str) and site else None
             elif AudioStart.is_type(event.type):
                 await self._start_request(AudioStart.from_event(event))
             elif AudioChunk.is_type(event.type):
@@ -189,7 +193,9 @@ class WyomingHandler(AsyncEventHandler):
         self._refused = False
         _check_format(start.rate, start.width, start.channels)
         try:
-            session = self._engine.session(source="wyoming", language=self._language, split_on_silence=False)
+            session = self._engine.session(
+                source="wyoming", language=self._language, split_on_silence=False, site=self._site
+            )
         except (EngineBusy, EngineNotReady, UnsupportedLanguage) as err:
             self._refused = True
             if isinstance(err, UnsupportedLanguage):

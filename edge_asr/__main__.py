@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(serve(settings))
+    except ConfigError as err:  # found while starting, e.g. an unreadable mqtt.password_file
+        print(f"edge-asr: invalid configuration: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # start-up failures (model, port) end in one clear line

@@ -100,6 +100,29 @@ class WyomingSettings:
 
 
 @dataclass(frozen=True)
+class MqttSettings:
+    """The MQTT adapter: every session's partials and finals, availability and Home Assistant discovery."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = _setting(1883, low=1, high=65_535)
+    protocol: str = _setting("5", choices=("5", "3.1.1"))
+    client_id: str = "edge-asr"
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive_s: int = _setting(60, low=5, high=3_600)
+    topic_prefix: str = "edge_asr"
+    discovery_prefix: str = "homeassistant"
+    default_site: str = "default"
+    queue_size: int = _setting(1000, low=1, high=1_000_000)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the service."""
 
@@ -108,6 +131,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     wyoming: WyomingSettings = field(default_factory=WyomingSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
     log_level: str = "INFO"
 
 
@@ -117,6 +141,7 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitSettings,
     "http": HttpSettings,
     "wyoming": WyomingSettings,
+    "mqtt": MqttSettings,
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -14,7 +14,7 @@ from types import TracebackType
 
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH
 from .config import ConfigError, Settings
-from .events import Done, Event, Final, SessionError
+from .events import Done, Event, Final, SessionError, SessionInfo
 from .metrics import Metrics
 from .model import Transcriber, Transcript, WhisperTranscriber
 from .session import DecodeRequest, StreamSession
@@ -38,6 +38,18 @@ class UnsupportedLanguage(ValueError):
     """A language the loaded model does not know."""
 
 
+Listener = Callable[[SessionInfo, Event], None]
+
+
+@dataclass(frozen=True)
+class ComponentState:
+    """The state of a part outside the engine, such as the MQTT connection, for /health."""
+
+    name: str
+    state: str
+    healthy: bool
+
+
 @dataclass(frozen=True)
 class Health:
     """What /health reports."""
@@ -54,13 +66,25 @@ class Health:
     last_decode_s_ago: float | None
     decode_queue: int
     decodes: int
+    components: tuple[ComponentState, ...]
 
 
 class EngineSession:
     """A client's stream on the engine: feed audio, read events, finish."""
 
-    def __init__(self, engine: Engine, session_id: int, language: str, prompt: str, split_on_silence: bool) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        session_id: int,
+        source: str,
+        site: str,
+        language: str,
+        prompt: str,
+        split_on_silence: bool,
+    ) -> None:
         self.id = session_id
+        self.source = source
+        self.site = site
         self.language = language
         self.closed = False
         self.last_decoded_at = time.monotonic()
@@ -111,6 +135,20 @@ class EngineSession:
         """Text that comes before this stream's speech, passed to the decoder."""
         self._state.prompt = prompt
 
+    @property
+    def has_open_utterance(self) -> bool:
+        """Speech was heard whose final is not out yet."""
+        return self._state.active
+
+    @property
+    def info(self) -> SessionInfo:
+        """Who this session's events belong to."""
+        return SessionInfo(self.id, self.source, self.site, self.language)
+
+    def set_site(self, site: str) -> None:
+        """Where the speaker is (a room or satellite name), for listeners such as MQTT."""
+        self.site = site
+
     def set_language(self, language: str) -> None:
         """Switch the spoken language; raises UnsupportedLanguage for one the model does not know."""
         self.language = self._engine.check_language(language)
@@ -139,12 +177,14 @@ class EngineSession:
     def _publish(self, events: list[Event]) -> None:
         if self.closed:
             return
+        info = self.info
         for event in events:
             if isinstance(event, Final):
                 self._finals += 1
                 self._last_final = event
             self._engine.metrics.observe_event(event)
             self._events.put_nowait(event)
+            self._engine.notify(info, event)
         self._changed.set()
 
     def _wants_decode(self) -> bool:
@@ -185,6 +225,8 @@ class Engine:
         self._status = "loading model"
         self._last_decode: float | None = None
         self._decodes = 0
+        self._listeners: list[Listener] = []
+        self._components: dict[str, ComponentState] = {}
 
     @property
     def ready(self) -> bool:
@@ -236,8 +278,29 @@ class Engine:
         self._status = "stopped"
         await asyncio.to_thread(self._executor.shutdown, True)
 
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener` on the event loop with every event of every session, in order."""
+        self._listeners.append(listener)
+
+    def notify(self, info: SessionInfo, event: Event) -> None:
+        """Hand one session's event to the listeners; a failing listener is logged, not fatal."""
+        for listener in self._listeners:
+            try:
+                listener(info, event)
+            except Exception:
+                _LOGGER.exception("Event listener %r failed", listener)
+
+    def set_component(self, name: str, state: str, healthy: bool) -> None:
+        """Record the state of a part outside the engine (e.g. the MQTT connection) for /health."""
+        self._components[name] = ComponentState(name, state, healthy)
+
     def session(
-        self, source: str, language: str | None = None, prompt: str = "", split_on_silence: bool = True
+        self,
+        source: str,
+        language: str | None = None,
+        prompt: str = "",
+        split_on_silence: bool = True,
+        site: str | None = None,
     ) -> EngineSession:
         """Open a session, or raise EngineBusy / EngineNotReady / UnsupportedLanguage."""
         if not self.ready:
@@ -247,7 +310,9 @@ class Engine:
             self.metrics.rejected_total.labels("busy").inc()
             raise EngineBusy(f"all {self.settings.limits.max_sessions} sessions are in use")
         code = self.check_language(language or self.settings.model.language)
-        session = EngineSession(self, next(self._ids), code, prompt, split_on_silence)
+        session = EngineSession(
+            self, next(self._ids), source, site or self.settings.mqtt.default_site, code, prompt, split_on_silence
+        )
         self._sessions[session.id] = session
         self.metrics.sessions_total.labels(source).inc()
         self.metrics.sessions_active.set(len(self._sessions))
@@ -278,6 +343,7 @@ class Engine:
             last_decode_s_ago=None if self._last_decode is None else round(now - self._last_decode, 3),
             decode_queue=sum(1 for s in self._sessions.values() if s._wants_decode()),
             decodes=self._decodes,
+            components=tuple(self._components.values()),
         )
 
     def _dispatcher_ended(self, task: asyncio.Task[None]) -> None:

@@ -85,3 +85,13 @@ class Done:
 
 
 Event = Partial | Final | SessionError | Done
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """Who an event belongs to: the session, the adapter it came through, its site and language."""
+
+    id: int
+    source: str
+    site: str
+    language: str

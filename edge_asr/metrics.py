@@ -42,6 +42,11 @@ class Metrics:
             "edge_asr_sessions_rejected_total", "Sessions refused", ["reason"], registry=self.registry
         )
         self.audio_seconds_total = Counter("edge_asr_audio_seconds_total", "Audio received", registry=self.registry)
+        self.mqtt_finals_dropped_total = Counter(
+            "edge_asr_mqtt_finals_dropped_total",
+            "Finals dropped because the MQTT queue was full while the broker was unreachable",
+            registry=self.registry,
+        )
         self.sessions_active = Gauge("edge_asr_sessions_active", "Open sessions", registry=self.registry)
         self.decode_queue = Gauge(
             "edge_asr_decode_queue_depth", "Sessions waiting for a decode", registry=self.registry

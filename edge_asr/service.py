@@ -8,6 +8,7 @@ import signal
 import time
 
 from adapters.http import HttpAdapter
+from adapters.mqtt import MqttAdapter
 from adapters.wyoming import WyomingAdapter
 
 from .config import Settings
@@ -21,7 +22,9 @@ async def serve(settings: Settings) -> int:
     and run until SIGTERM/SIGINT."""
     started = time.monotonic()
     engine = Engine(settings)
-    adapters: list[HttpAdapter | WyomingAdapter] = []
+    adapters: list[HttpAdapter | WyomingAdapter | MqttAdapter] = []
+    if settings.mqtt.enabled:
+        adapters.append(MqttAdapter(engine, settings))
     if settings.http.enabled:
         adapters.append(HttpAdapter(engine, settings))
     if settings.wyoming.enabled:

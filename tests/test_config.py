@@ -357,3 +357,16 @@ def test_cross_field_check_sees_values_from_different_layers(tmp_path: Path) -> 
         load_settings(path, environ={"EDGE_ASR_STREAM_MIN_WINDOW_S": "5"})
     equal = load_settings(path, environ={"EDGE_ASR_STREAM_MIN_WINDOW_S": "3"})
     assert equal.stream.min_window_s == equal.stream.max_window_s == 3.0
+
+
+def test_mqtt_settings_are_checked_by_name() -> None:
+    assert build_settings({"mqtt": {"enabled": "true", "port": "8883"}}).mqtt.port == 8883
+    assert config_error({"mqtt": {"protocol": "4"}}).startswith("mqtt.protocol:")
+    assert config_error({"mqtt": {"queue_size": 0}}).startswith("mqtt.queue_size:")
+
+
+def test_wyoming_uri_is_checked() -> None:
+    assert build_settings({"wyoming": {"uri": "unix:///run/edge-asr.sock"}}).wyoming.uri.startswith("unix://")
+    assert config_error({"wyoming": {"uri": "http://x:1"}}).startswith("wyoming.uri:")
+    assert config_error({"wyoming": {"uri": "tcp://0.0.0.0"}}).startswith("wyoming.uri:")
+    assert config_error({"wyoming": {"uri": "stdio://", "zeroconf": "edge-asr"}}).startswith("wyoming.zeroconf:")
