@@ -46,8 +46,6 @@ FINAL_FIELDS = {
 }
 PARTIAL_FIELDS = {"text", "stable", "utterance", "session", "site", "adapter", "asr_ms", "e2e_ms", "timestamp"}
 
-pytestmark = pytest.mark.skipif(not MOSQUITTO.exists(), reason="needs the mosquitto broker (Debian package)")
-
 
 @dataclass
 class Broker:
@@ -59,6 +57,7 @@ class Broker:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        assert MOSQUITTO.exists(), "the MQTT tests need Debian's mosquitto: script/test installs it"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + 10
