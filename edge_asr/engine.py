@@ -220,7 +220,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._decodes_running: set[asyncio.Task[None]] = set()
+        # Running decode tasks and when each started, for the watchdog.
+        self._decodes_running: dict[asyncio.Task[None], float] = {}
         self._started = time.monotonic()
         self._status = "loading model"
         self._last_decode: float | None = None
@@ -237,6 +238,22 @@ class Engine:
     def languages(self) -> tuple[str, ...]:
         """Languages of the loaded model (empty until it is loaded)."""
         return self._transcriber.languages if self._transcriber else ()
+
+    def decoding_alive(self, stall_s: float) -> bool:
+        """The scheduler runs and no decode has been running for longer than `stall_s`."""
+        if not self.ready:
+            return False
+        now = time.monotonic()
+        return all(now - started < stall_s for started in self._decodes_running.values())
+
+    async def finish_all(self, timeout_s: float) -> None:
+        """Finalise every open utterance (for shutdown), waiting at most `timeout_s`."""
+        open_sessions = [s for s in self._sessions.values() if s.has_open_utterance]
+        if not open_sessions:
+            return
+        _LOGGER.info("Finishing %d open utterance(s)", len(open_sessions))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(s.finish() for s in open_sessions)), timeout_s)
 
     def check_language(self, language: str) -> str:
         """The model's code for a language tag (`en-US` → `en`); raises UnsupportedLanguage."""
@@ -373,8 +390,11 @@ class Engine:
                     session.close()
                     continue
                 task = asyncio.create_task(self._decode(session, request))
-                self._decodes_running.add(task)
-                task.add_done_callback(self._decodes_running.discard)
+                self._decodes_running[task] = time.monotonic()
+                task.add_done_callback(self._decode_ended)
+
+    def _decode_ended(self, task: asyncio.Task[None]) -> None:
+        self._decodes_running.pop(task, None)
 
     async def _decode(self, session: EngineSession, request: DecodeRequest) -> None:
         assert self._transcriber is not None

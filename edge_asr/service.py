@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -13,14 +14,21 @@ from adapters.wyoming import WyomingAdapter
 
 from .config import Settings
 from .engine import Engine
+from .systemd import Notifier
 
 _LOGGER = logging.getLogger(__name__)
+
+# How long open utterances may take to reach their finals when the service is told to stop.
+FINISH_ON_STOP_S = 5.0
+# A decode running longer than this means decoding is stuck: the watchdog stops being fed.
+DECODE_STALL_S = 30.0
 
 
 async def serve(settings: Settings) -> int:
     """Listen first (so /health says 503 and Wyoming answers describe while loading), warm the model,
-    and run until SIGTERM/SIGINT."""
+    tell systemd READY, and run until SIGTERM/SIGINT; a second signal exits at once."""
     started = time.monotonic()
+    notifier = Notifier()
     engine = Engine(settings)
     adapters: list[HttpAdapter | WyomingAdapter | MqttAdapter] = []
     if settings.mqtt.enabled:
@@ -33,14 +41,41 @@ async def serve(settings: Settings) -> int:
         await adapter.start()
     await engine.start()
     _LOGGER.info("Ready in %.0f ms", (time.monotonic() - started) * 1000)
+    notifier.notify(f"READY=1\nSTATUS=Listening, model {settings.model.name} warm")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            _LOGGER.warning("Second signal: exiting at once")
+            os._exit(1)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
+    watchdog = (
+        asyncio.create_task(_feed_watchdog(engine, notifier, notifier.watchdog_interval_s))
+        if notifier.watchdog_interval_s
+        else None
+    )
     await stop.wait()
     _LOGGER.info("Stopping")
+    notifier.notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
+    await engine.finish_all(FINISH_ON_STOP_S)
     for adapter in adapters:
         await adapter.stop()
     await engine.stop()
     return 0
+
+
+async def _feed_watchdog(engine: Engine, notifier: Notifier, interval_s: float) -> None:
+    """WATCHDOG=1 every half period while decoding is alive; systemd restarts a stuck service."""
+    while True:
+        if engine.decoding_alive(DECODE_STALL_S):
+            notifier.notify("WATCHDOG=1")
+        else:
+            _LOGGER.error("Decoding looks stuck: not feeding the systemd watchdog")
+        await asyncio.sleep(interval_s)

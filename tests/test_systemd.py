@@ -1,0 +1,116 @@
+"""The service under systemd: the unit verifies, and the notify protocol (READY, WATCHDOG, STOPPING)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+
+from .conftest import REPO, free_port, http_get, read_pcm, reference
+from .wsclient import finals, normalise, open_stream, send_audio
+
+UNIT = REPO / "systemd" / "edge-asr.service"
+
+
+def test_the_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: script/test installs Debian's systemd"
+    installed = Path(sys.executable).with_name("edge-asr")
+    unit = tmp_path / "edge-asr.service"
+    unit.write_text(UNIT.read_text().replace("/opt/edge-asr/.venv/bin/edge-asr", str(installed)))
+
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    text = UNIT.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "ProtectSystem=strict"):
+        assert line in text
+
+
+class NotifyListener:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET, read by a thread as systemd would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.1)
+        self._running = True
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while self._running:
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self._sock.recv(4096).decode())
+
+    def wait_for(self, text: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(text in message for message in self.messages):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def count(self, text: str) -> int:
+        return sum(text in message for message in self.messages)
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join()
+        self._sock.close()
+
+
+def _messages_until_closed(ws: ClientConnection, timeout_s: float) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(ConnectionClosed, TimeoutError):
+        while time.monotonic() < deadline:
+            messages.append(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))
+    return messages
+
+
+def test_ready_after_health_watchdog_while_alive_stopping_and_a_last_final_on_sigterm(tmp_path: Path) -> None:
+    notify_path = tmp_path / "notify.sock"
+    listener = NotifyListener(notify_path)
+    port, wyoming_port = free_port(), free_port()
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "600000"}
+    args = [sys.executable, "-m", "edge_asr", "serve", "--config", str(REPO / "config" / "edge-asr.yaml")]
+    args += ["--host", "127.0.0.1", "--port", str(port), "--set", f"wyoming.uri=tcp://127.0.0.1:{wyoming_port}"]
+    with (tmp_path / "service.log").open("w") as log:
+        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert listener.wait_for("READY=1", 60)
+        assert listener.count("READY=1") == 1
+        assert http_get(f"http://127.0.0.1:{port}/health")[0] == 200  # READY=1 only once the model is warm
+        before = listener.count("WATCHDOG=1")
+        time.sleep(1.5)
+        assert listener.count("WATCHDOG=1") - before >= 2
+
+        pcm = read_pcm("asterisk_conf-onlyone")
+        with open_stream(f"ws://127.0.0.1:{port}/ws/stream") as (ws, _ready):
+            send_audio(ws, pcm)
+            process.send_signal(signal.SIGTERM)
+            messages = _messages_until_closed(ws, timeout_s=15)
+        assert listener.wait_for("STOPPING=1", 10)
+        got = finals(messages)
+        assert got, f"no final for the audio sent just before SIGTERM: {messages}"
+        assert normalise(got[-1]["text"]) == normalise(reference("asterisk_conf-onlyone"))
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        listener.close()
