@@ -7,11 +7,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.websockets import WebSocketState
 
 from edge_asr.audio import SAMPLE_RATE
@@ -22,6 +23,7 @@ from edge_asr.metrics import CONTENT_TYPE
 
 _LOGGER = logging.getLogger(__name__)
 
+STATIC_DIR = Path(__file__).with_name("static")
 # RFC 6455 close codes.
 CLOSE_NORMAL = 1000
 CLOSE_TOO_BIG = 1009
@@ -40,6 +42,17 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         """200 with model and session facts once the model is warm, 503 with the reason before."""
         facts = engine.health()
         return JSONResponse(dataclasses.asdict(facts), status_code=200 if facts.ready else 503)
+
+    @app.get("/")
+    async def live_page() -> HTMLResponse:
+        """The live page: a microphone button, partials in grey, finals in black with their timings."""
+        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/static/pcm16k-worklet.js")
+    async def pcm_worklet() -> Response:
+        """The AudioWorklet that turns the microphone into 16 kHz s16le frames in the browser."""
+        script = (STATIC_DIR / "pcm16k-worklet.js").read_text(encoding="utf-8")
+        return Response(script, media_type="text/javascript")
 
     @app.get("/metrics")
     async def metrics() -> Response:
