@@ -98,9 +98,11 @@ class Service:
         return int(self.process.returncode)
 
 
-def start_service(tmp_path: Path, *settings: str, wait_ready: bool = True) -> Service:
-    """Start the real service on free ports (HTTP and Wyoming) with `--set` overrides; wait for /health 200
-    if asked."""
+def start_service(
+    tmp_path: Path, *settings: str, wait_ready: bool = True, environ: dict[str, str] | None = None
+) -> Service:
+    """Start the real service on free ports (HTTP and Wyoming) with `--set` overrides and extra environment
+    variables; wait for /health 200 if asked."""
     port, wyoming_port = free_port(), free_port()
     log_path = tmp_path / f"service-{port}.log"
     args = [sys.executable, "-m", "edge_asr", "serve", "--config", str(REPO / "config" / "edge-asr.yaml")]
@@ -108,7 +110,9 @@ def start_service(tmp_path: Path, *settings: str, wait_ready: bool = True) -> Se
     for item in settings:
         args += ["--set", item]
     with log_path.open("w") as log:
-        process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            args, cwd=REPO, env={**os.environ, **(environ or {})}, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
     service = Service(process, port, wyoming_port, log_path)
     if wait_ready:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -18,7 +17,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-from .conftest import REPO, free_port, http_get, read_pcm, reference
+from .conftest import REPO, http_get, read_pcm, reference, start_service
 from .wsclient import finals, normalise, open_stream, send_audio
 
 UNIT = REPO / "systemd" / "edge-asr.service"
@@ -86,12 +85,10 @@ def _messages_until_closed(ws: ClientConnection, timeout_s: float) -> list[dict[
 def test_ready_after_health_watchdog_while_alive_stopping_and_a_last_final_on_sigterm(tmp_path: Path) -> None:
     notify_path = tmp_path / "notify.sock"
     listener = NotifyListener(notify_path)
-    port, wyoming_port = free_port(), free_port()
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "600000"}
-    args = [sys.executable, "-m", "edge_asr", "serve", "--config", str(REPO / "config" / "edge-asr.yaml")]
-    args += ["--host", "127.0.0.1", "--port", str(port), "--set", f"wyoming.uri=tcp://127.0.0.1:{wyoming_port}"]
-    with (tmp_path / "service.log").open("w") as log:
-        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    service = start_service(
+        tmp_path, wait_ready=False, environ={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "600000"}
+    )
+    process, port = service.process, service.port
     try:
         assert listener.wait_for("READY=1", 60)
         assert listener.count("READY=1") == 1
