@@ -54,6 +54,18 @@ def http_get(url: str) -> tuple[int, dict[str, object] | str]:
         return status, body
 
 
+def stop_process(process: subprocess.Popen[str] | subprocess.Popen[bytes], timeout_s: float) -> int:
+    """SIGTERM a test's subprocess, SIGKILL it if it outlives `timeout_s`; its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
 @dataclass
 class Service:
     """A running `edge-asr serve` subprocess."""
@@ -88,14 +100,7 @@ class Service:
         return False
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return int(self.process.returncode)
+        return stop_process(self.process, timeout_s=15)
 
 
 def start_service(

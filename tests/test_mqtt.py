@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from wyoming.asr import Transcribe, TranscriptStop
 from wyoming.client import AsyncTcpClient
 
-from .conftest import Service, free_port, read_pcm, reference, start_service
+from .conftest import Service, free_port, read_pcm, reference, start_service, stop_process
 from .test_wyoming import _read_until, _send_clip
 from .wsclient import finals, normalise, transcribe
 
@@ -71,13 +71,8 @@ class Broker:
         raise AssertionError(f"mosquitto did not listen on {self.port}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s=10)
 
 
 def make_broker(directory: Path, *lines: str, anonymous: bool = True) -> Broker:
