@@ -1,4 +1,4 @@
-"""FastAPI/uvicorn adapter: `/ws/stream` streaming transcription, `/health` and `/metrics`."""
+"""FastAPI/uvicorn adapter: the live page at `/`, `/ws/stream` streaming transcription, `/health` and `/metrics`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,19 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.websockets import WebSocketState
 
+from edge_asr.api import (
+    AudioFormatError,
+    EngineBusy,
+    EngineNotReady,
+    EngineRefusal,
+    SpeechEngine,
+    SpeechSession,
+    UnsupportedLanguage,
+    refusal_error,
+)
 from edge_asr.audio import SAMPLE_RATE
 from edge_asr.config import LimitSettings, Settings
-from edge_asr.engine import AudioFormatError, Engine, EngineBusy, EngineNotReady, EngineSession, UnsupportedLanguage
-from edge_asr.events import SessionError
+from edge_asr.events import Ready, SessionError
 from edge_asr.metrics import CONTENT_TYPE
 
 _LOGGER = logging.getLogger(__name__)
@@ -33,7 +42,7 @@ MAX_TEXT_BYTES = 64 * 1024
 ORPHAN_FINISH_S = 10.0
 
 
-def create_app(engine: Engine, settings: Settings) -> FastAPI:
+def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
     """The ASGI app: health, metrics and the streaming WebSocket."""
     app = FastAPI(title="edge-asr", docs_url=None, redoc_url=None)
 
@@ -71,14 +80,11 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                 prompt=query.get("prompt", ""),
                 site=query.get("site") or None,
             )
-        except (EngineBusy, EngineNotReady, UnsupportedLanguage) as err:
-            if isinstance(err, UnsupportedLanguage):
-                await _send_now(websocket, SessionError("bad_config", str(err)))
-                await websocket.close(CLOSE_NORMAL)
-            else:
-                code = "busy" if isinstance(err, EngineBusy) else "not_ready"
-                await _send_now(websocket, SessionError(code, str(err)))
-                await websocket.close(CLOSE_TRY_AGAIN)
+        except EngineRefusal as err:
+            await _send_now(websocket, refusal_error(err))
+            # Busy and loading pass: RFC 6455's "try again later" tells the client to come back.
+            transient = isinstance(err, (EngineBusy, EngineNotReady))
+            await websocket.close(CLOSE_TRY_AGAIN if transient else CLOSE_NORMAL)
             return
         async with session:
             await WebSocketStream(websocket, session, settings.limits).run()
@@ -95,7 +101,7 @@ async def _send_now(websocket: WebSocket, error: SessionError) -> None:
 class WebSocketStream:
     """Translates one WebSocket connection into engine session calls and events back."""
 
-    def __init__(self, websocket: WebSocket, session: EngineSession, limits: LimitSettings) -> None:
+    def __init__(self, websocket: WebSocket, session: SpeechSession, limits: LimitSettings) -> None:
         self._ws = websocket
         self._session = session
         self._limits = limits
@@ -103,17 +109,8 @@ class WebSocketStream:
 
     async def run(self) -> None:
         """Send `ready`, then pump frames in and events out until either side closes."""
-        await self._ws.send_text(
-            json.dumps(
-                {
-                    "type": "ready",
-                    "session": self._session.id,
-                    "sample_rate": SAMPLE_RATE,
-                    "language": self._session.language,
-                    "max_frame_bytes": self._limits.max_frame_bytes,
-                }
-            )
-        )
+        ready = Ready(self._session.id, SAMPLE_RATE, self._session.language, self._limits.max_frame_bytes)
+        await self._ws.send_text(ready.to_json())
         writer = asyncio.create_task(self._write_events())
         try:
             await self._read_frames()
@@ -151,15 +148,15 @@ class WebSocketStream:
                 )
                 return
             if data is not None:
-                await self._on_audio(data)
+                self._on_audio(data)
             elif text is not None:
                 self._on_text(text)
 
-    async def _on_audio(self, data: bytes) -> None:
+    def _on_audio(self, data: bytes) -> None:
         try:
-            await self._session.feed(data)
+            self._session.feed(data)
         except AudioFormatError as err:
-            self._session.report_error("bad_audio", f"{err}; frame dropped (expected s16le mono 16 kHz)")
+            self._refused(err, "; frame dropped (expected s16le mono 16 kHz)")
 
     def _on_text(self, text: str) -> None:
         try:
@@ -199,11 +196,15 @@ class WebSocketStream:
         try:
             self._session.set_language(language)
         except UnsupportedLanguage as err:
-            self._session.report_error("bad_config", str(err))
+            self._refused(err)
             return
         if "prompt" in message:
             self._session.set_prompt(prompt)
         self._session.set_site(site or self._session.site)
+
+    def _refused(self, refusal: EngineRefusal, detail: str = "") -> None:
+        error = refusal_error(refusal)
+        self._session.report_error(error.code, error.message + detail)
 
     async def _close_with(self, error: SessionError, code: int) -> None:
         self._session.close()
@@ -224,7 +225,9 @@ class WebSocketStream:
 class HttpAdapter:
     """Runs the FastAPI app on uvicorn inside the service's event loop."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    name = "http"
+
+    def __init__(self, engine: SpeechEngine, settings: Settings) -> None:
         self._settings = settings
         config = uvicorn.Config(
             create_app(engine, settings),

@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -26,8 +25,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_asr import __version__
-from edge_asr.config import ConfigError, MqttSettings, Settings
-from edge_asr.engine import Engine
+from edge_asr.api import SpeechEngine
+from edge_asr.config import MqttSettings, Settings
 from edge_asr.events import Event, Final, Partial, SessionInfo
 
 _LOGGER = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ _LOGGER = logging.getLogger(__name__)
 COMPONENT = "mqtt"
 # How long stop() waits for the broker to acknowledge queued finals and `offline`.
 FLUSH_TIMEOUT_S = 2.0
-_FLUSH_POLL_S = 0.02
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 SENSOR_MAX_CHARS = 255
@@ -59,41 +57,10 @@ def utc_timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def partial_payload(info: SessionInfo, site: str, partial: Partial) -> str:
-    """The JSON of `<prefix>/<site>/partial`."""
-    return json.dumps(
-        {
-            "text": partial.text,
-            "stable": partial.stable,
-            "utterance": partial.utterance,
-            "session": info.id,
-            "site": site,
-            "adapter": info.source,
-            "asr_ms": partial.asr_ms,
-            "e2e_ms": partial.e2e_ms,
-            "timestamp": utc_timestamp(),
-        }
-    )
-
-
-def final_payload(info: SessionInfo, site: str, final: Final) -> str:
-    """The JSON of `<prefix>/<site>/final`; `timestamp` is when the final was made."""
-    return json.dumps(
-        {
-            "text": final.text,
-            "utterance": final.utterance,
-            "session": info.id,
-            "site": site,
-            "adapter": info.source,
-            "language": info.language,
-            "start": round(final.start, 3),
-            "end": round(final.end, 3),
-            "asr_ms": final.asr_ms,
-            "e2e_ms": final.e2e_ms,
-            "ttct_ms": final.ttct_ms,
-            "timestamp": utc_timestamp(),
-        }
-    )
+def event_payload(info: SessionInfo, site: str, event: Partial | Final) -> str:
+    """The JSON of `<prefix>/<site>/partial` or `/final`: the event's wire form, whose session it is, and
+    when it was published (for a final queued while the broker was away, when it was made)."""
+    return json.dumps({**event.to_dict(), **info.to_dict(), "site": site, "timestamp": utc_timestamp()})
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,21 +71,18 @@ class QueuedFinal:
     payload: str
 
 
-def _check_topic_part(key: str, value: str) -> None:
-    if not value or any(c in value for c in "+#\0"):
-        raise ConfigError(f"mqtt.{key}: {value!r} must be a non-empty topic without '+', '#' or NUL")
-
-
 class MqttAdapter:
     """Publishes every session's events, availability and Home Assistant discovery to an MQTT broker."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    name = "mqtt"
+
+    def __init__(self, engine: SpeechEngine, settings: Settings) -> None:
         self._engine = engine
         self._settings: MqttSettings = settings.mqtt
         self._model = settings.model.name
         mqtt_settings = settings.mqtt
-        self._prefix = mqtt_settings.topic_prefix.strip("/")
-        self._discovery_prefix = mqtt_settings.discovery_prefix.strip("/")
+        self._prefix = mqtt_settings.topic_prefix
+        self._discovery_prefix = mqtt_settings.discovery_prefix
         self._status_topic = f"{self._prefix}/status"
         self._ha_status_topic = f"{self._discovery_prefix}/status"
         self._node = topic_safe(mqtt_settings.client_id, "edge-asr")
@@ -132,6 +96,8 @@ class MqttAdapter:
         self._stopping = False
         self._state = ""
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set on the event loop whenever the broker acknowledges something or the connection drops.
+        self._broker_news = asyncio.Event()
         protocol = mqtt.MQTTv5 if mqtt_settings.protocol == "5" else mqtt.MQTTv311
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=mqtt_settings.client_id, protocol=protocol
@@ -147,29 +113,19 @@ class MqttAdapter:
         return f"{self._settings.host}:{self._settings.port}"
 
     async def start(self) -> None:
-        """Check the settings, listen to the engine and connect in the background (never waits for the broker)."""
+        """Listen to the engine and connect in the background (never waits for the broker).
+
+        The settings were checked when they were loaded: the password is read from its file, TLS files exist.
+        """
         settings = self._settings
-        _check_topic_part("topic_prefix", self._prefix)
-        _check_topic_part("discovery_prefix", self._discovery_prefix)
-        password = settings.password
-        if settings.password_file:
-            try:
-                password = Path(settings.password_file).read_text(encoding="utf-8").strip()
-            except OSError as err:
-                raise ConfigError(
-                    f"mqtt.password_file: cannot read {settings.password_file}: {err.strerror or err}"
-                ) from None
-        if settings.username or password:
-            self._client.username_pw_set(settings.username or None, password or None)
+        if settings.username or settings.password:
+            self._client.username_pw_set(settings.username or None, settings.password or None)
         if settings.tls:
-            try:
-                self._client.tls_set(
-                    ca_certs=settings.ca_file or None,
-                    certfile=settings.cert_file or None,
-                    keyfile=settings.key_file or None,
-                )
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"mqtt.tls: cannot set up TLS (mqtt.ca_file, cert_file, key_file): {err}") from None
+            self._client.tls_set(
+                ca_certs=settings.ca_file or None,
+                certfile=settings.cert_file or None,
+                keyfile=settings.key_file or None,
+            )
         self._client.will_set(self._status_topic, "offline", qos=1, retain=True)
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._loop = asyncio.get_running_loop()
@@ -186,7 +142,9 @@ class MqttAdapter:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + FLUSH_TIMEOUT_S
             while self._connected and (self._queue or not offline.is_published()) and loop.time() < deadline:
-                await asyncio.sleep(_FLUSH_POLL_S)
+                self._broker_news.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._broker_news.wait(), deadline - loop.time())
         if self._queue:
             _LOGGER.warning("MQTT: %d final(s) not delivered before shutdown", len(self._queue))
         self._client.disconnect()
@@ -271,6 +229,7 @@ class MqttAdapter:
         )
 
     def _disconnected(self, reason: str) -> None:
+        self._broker_news.set()
         self._connected = False
         if self._refused or self._stopping:  # the refusal says more than the disconnect that follows it
             return
@@ -281,6 +240,7 @@ class MqttAdapter:
         )
 
     def _acknowledged(self, mid: int, failed: bool, reason: str) -> None:
+        self._broker_news.set()
         queued = self._in_flight.pop(mid, None)
         if queued is None:
             return
@@ -309,7 +269,7 @@ class MqttAdapter:
                 self._publish_discovery(site)
         if isinstance(event, Partial):
             if self._connected:
-                self._client.publish(self._topic(site, "partial"), partial_payload(info, site, event), qos=0)
+                self._client.publish(self._topic(site, "partial"), event_payload(info, site, event), qos=0)
             return
         if len(self._queue) == self._queue.maxlen:
             self._queue.popleft()
@@ -320,7 +280,7 @@ class MqttAdapter:
                 len(self._queue) + 1,
                 self.dropped_finals,
             )
-        queued = QueuedFinal(self._topic(site, "final"), final_payload(info, site, event))
+        queued = QueuedFinal(self._topic(site, "final"), event_payload(info, site, event))
         self._queue.append(queued)
         if self._connected:
             self._send(queued)

@@ -6,14 +6,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.audio import AudioChunk, AudioChunkConverter, AudioStart, AudioStop
-from wyoming.client import AsyncClient
 from wyoming.error import Error
 from wyoming.event import Event, async_get_stdin, async_get_stdout, async_read_event, async_write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
@@ -21,11 +19,10 @@ from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler, AsyncServer, AsyncStdioServer
 
 from edge_asr import __version__
+from edge_asr.api import AudioFormatError, EngineRefusal, SpeechEngine, SpeechSession, refusal_error
 from edge_asr.audio import SAMPLE_RATE, SAMPLE_WIDTH
 from edge_asr.config import Settings
-from edge_asr.engine import AudioFormatError, Engine, EngineBusy, EngineNotReady, EngineSession, UnsupportedLanguage
 from edge_asr.events import Done, Final, Partial, SessionError
-from edge_asr.model import languages_of
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -124,7 +121,7 @@ class WyomingHandler(AsyncEventHandler):
     """One client connection: translates Wyoming events into engine session calls and back."""
 
     def __init__(
-        self, engine: Engine, settings: Settings, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, engine: SpeechEngine, settings: Settings, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         super().__init__(reader, writer)
         self._engine = engine
@@ -132,7 +129,7 @@ class WyomingHandler(AsyncEventHandler):
         self._guarded = GuardedReader(reader, settings.limits.max_frame_bytes)
         self._language: str | None = None
         self._site: str | None = None
-        self._session: EngineSession | None = None
+        self._session: SpeechSession | None = None
         self._responder: asyncio.Task[None] | None = None
         self._converter = AudioChunkConverter(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1)
         self._refused = False
@@ -165,7 +162,7 @@ class WyomingHandler(AsyncEventHandler):
         """Answer one event; protocol faults become error events and the connection goes on."""
         try:
             if Describe.is_type(event.type):
-                await self._write(model_info(self._settings, self._languages()).event())
+                await self._write(model_info(self._settings, self._engine.languages).event())
             elif Ping.is_type(event.type):
                 await self._write(Pong(text=Ping.from_event(event).text).event())
             elif Transcribe.is_type(event.type):
@@ -185,9 +182,6 @@ class WyomingHandler(AsyncEventHandler):
             await self._error("bad_event", f"malformed {event.type} event: {err!r}")
         return True
 
-    def _languages(self) -> tuple[str, ...]:
-        return self._engine.languages or languages_of(self._settings.model.name)
-
     async def _start_request(self, start: AudioStart) -> None:
         await self._end_request()
         self._refused = False
@@ -196,12 +190,9 @@ class WyomingHandler(AsyncEventHandler):
             session = self._engine.session(
                 source="wyoming", language=self._language, split_on_silence=False, site=self._site
             )
-        except (EngineBusy, EngineNotReady, UnsupportedLanguage) as err:
+        except EngineRefusal as err:
             self._refused = True
-            if isinstance(err, UnsupportedLanguage):
-                await self._error("unsupported_language", str(err))
-            else:
-                await self._error("busy" if isinstance(err, EngineBusy) else "not_ready", str(err))
+            await self._refusal(err)
             return
         self._session = session
         await self._write(TranscriptStart(language=session.language).event())
@@ -217,9 +208,9 @@ class WyomingHandler(AsyncEventHandler):
             await self._error("bad_audio", "audio-chunk is not whole samples; dropped")
             return
         try:
-            await self._session.feed(self._converter.convert(chunk).audio)
+            self._session.feed(self._converter.convert(chunk).audio)
         except AudioFormatError as err:
-            await self._error("bad_audio", str(err))
+            await self._refusal(err)
 
     async def _stop_request(self) -> None:
         if self._session is None:
@@ -232,7 +223,7 @@ class WyomingHandler(AsyncEventHandler):
             await self._responder
         await self._end_request()
 
-    async def _respond(self, session: EngineSession) -> None:
+    async def _respond(self, session: SpeechSession) -> None:
         """Committed text as transcript-chunks while audio flows, then transcript and transcript-stop."""
         sent = ""
         finals: list[str] = []
@@ -264,6 +255,10 @@ class WyomingHandler(AsyncEventHandler):
             self._session = None
         self._converter = AudioChunkConverter(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1)
 
+    async def _refusal(self, refusal: EngineRefusal) -> None:
+        error = refusal_error(refusal)
+        await self._error(error.code, error.message)
+
     async def _error(self, code: str, message: str) -> None:
         _LOGGER.debug("Wyoming error %s: %s", code, message)
         await self._write(Error(text=message, code=code).event())
@@ -285,7 +280,9 @@ def _check_format(rate: int, width: int, channels: int) -> None:
 class WyomingAdapter:
     """The Wyoming server (tcp://, unix:// or stdio://) on the service's event loop."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    name = "wyoming"
+
+    def __init__(self, engine: SpeechEngine, settings: Settings) -> None:
         self._engine = engine
         self._settings = settings
         self._server = AsyncServer.from_uri(settings.wyoming.uri)
@@ -327,70 +324,3 @@ class WyomingAdapter:
             self._stdio.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stdio
-
-
-# --- the client side: `edge-asr bench --wyoming` speaks to any Wyoming STT server as a satellite does --------
-
-
-@dataclass(frozen=True)
-class WyomingReply:
-    """An event from a Wyoming server as plain values: its type (e.g. "transcript-chunk"), text and error code."""
-
-    kind: str
-    text: str = ""
-    code: str = ""
-
-
-class WyomingClient:
-    """One connection to a Wyoming speech-to-text server (tcp:// or unix://), sending what a satellite sends."""
-
-    def __init__(self, uri: str, connect_timeout_s: float) -> None:
-        parts = urlsplit(uri)
-        if not ((parts.scheme == "tcp" and parts.hostname and parts.port) or (parts.scheme == "unix" and parts.path)):
-            raise ValueError(f"{uri}: expected tcp://HOST:PORT or unix://PATH")
-        self._client = AsyncClient.from_uri(uri, connect_timeout=connect_timeout_s)
-
-    async def __aenter__(self) -> WyomingClient:
-        """Connect."""
-        await self._client.connect()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Disconnect."""
-        with contextlib.suppress(ConnectionError):
-            await self._client.disconnect()
-
-    async def start(self, language: str | None) -> None:
-        """Ask for a transcript (`transcribe`) and announce 16 kHz mono s16le audio (`audio-start`)."""
-        await self._client.write_event(Transcribe(language=language).event())
-        await self._client.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1).event())
-
-    async def send(self, pcm: bytes) -> None:
-        """One `audio-chunk` of 16 kHz mono s16le audio."""
-        await self._client.write_event(AudioChunk(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1, audio=pcm).event())
-
-    async def stop(self) -> None:
-        """End the audio (`audio-stop`); the server answers with its transcript."""
-        await self._client.write_event(AudioStop().event())
-
-    async def reply(self) -> WyomingReply | None:
-        """The server's next event; None once it closed the connection."""
-        try:
-            event = await self._client.read_event()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
-        except ValueError as err:
-            return WyomingReply("error", f"unreadable event: {err}", "bad_event")
-        if event is None:
-            return None
-        try:
-            if Transcript.is_type(event.type):
-                return WyomingReply(event.type, Transcript.from_event(event).text)
-            if TranscriptChunk.is_type(event.type):
-                return WyomingReply(event.type, TranscriptChunk.from_event(event).text)
-            if Error.is_type(event.type):
-                error = Error.from_event(event)
-                return WyomingReply(event.type, error.text, error.code or "")
-        except (KeyError, TypeError, ValueError) as err:
-            return WyomingReply("error", f"malformed {event.type} event: {err!r}", "bad_event")
-        return WyomingReply(event.type)

@@ -72,7 +72,7 @@ def _pin_thread_pools(argv: list[str] | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    from . import bench
+    from .bench.arguments import add_arguments as add_bench_arguments
 
     parser = argparse.ArgumentParser(
         prog="edge-asr", description="Real-time streaming speech-to-text for the smart-home edge"
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(serve, listeners=True)
     bench_parser = commands.add_parser("bench", help="replay WAV+TXT pairs and report latency, WER and cost")
     _add_config_flags(bench_parser, listeners=False)
-    bench.add_arguments(bench_parser)
+    add_bench_arguments(bench_parser)
     return parser
 
 
@@ -128,15 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level,
         format="%(levelname)s %(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # faster-whisper logs every decode at INFO: several lines a second per speaker.
+    logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
     if args.command == "bench":
-        from . import bench
+        from .bench.command import run as run_bench
 
-        return bench.run(args, settings)
+        return run_bench(args, settings)
     from .service import serve
 
     try:
         return asyncio.run(serve(settings))
-    except ConfigError as err:  # found while starting, e.g. an unreadable mqtt.password_file
+    except ConfigError as err:  # found while starting, e.g. a model.language the model does not speak
         print(f"edge-asr: invalid configuration: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

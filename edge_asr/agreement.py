@@ -66,8 +66,18 @@ class LocalAgreement:
     """Committed words plus the tentative tail of the newest hypothesis."""
 
     def __init__(self) -> None:
-        self.committed: list[Word] = []
-        self.tentative: list[Word] = []
+        self._committed: list[Word] = []
+        self._tentative: list[Word] = []
+
+    @property
+    def committed(self) -> tuple[Word, ...]:
+        """Words that never change again."""
+        return tuple(self._committed)
+
+    @property
+    def tentative(self) -> tuple[Word, ...]:
+        """The newest hypothesis after the committed words, not agreed yet."""
+        return tuple(self._tentative)
 
     def update(self, hypothesis: Sequence[Word], horizon_s: float = math.inf) -> list[Word]:
         """Take a new hypothesis; return the words it newly commits.
@@ -75,27 +85,27 @@ class LocalAgreement:
         Only words ending by `horizon_s` may commit: a word at the very end of the audio may be
         cut off ("part" of "participant"), and two passes can agree on the fragment.
         """
-        fresh = strip_committed(self.committed, hypothesis)
-        agreed = common_prefix(self.tentative, fresh)
+        fresh = strip_committed(self._committed, hypothesis)
+        agreed = common_prefix(self._tentative, fresh)
         while agreed and agreed[-1].end > horizon_s:
             agreed.pop()
-        self.committed.extend(agreed)
-        self.tentative = fresh[len(agreed) :]
+        self._committed.extend(agreed)
+        self._tentative = fresh[len(agreed) :]
         return agreed
 
-    def commit_tentative(self) -> list[Word]:
-        """End of the utterance: the tentative tail becomes committed."""
-        newly = self.tentative
-        self.committed.extend(newly)
-        self.tentative = []
+    def commit_tentative(self, until_s: float = math.inf) -> list[Word]:
+        """End of the utterance: the tentative words that start by `until_s` are committed, the rest dropped."""
+        newly = [word for word in self._tentative if word.start <= until_s]
+        self._committed.extend(newly)
+        self._tentative = []
         return newly
 
     def commit_before(self, time_s: float) -> list[Word]:
         """Force-commit the leading tentative words that end before `time_s`, to bound the window."""
         count = 0
-        while count < len(self.tentative) and self.tentative[count].end <= time_s:
+        while count < len(self._tentative) and self._tentative[count].end <= time_s:
             count += 1
-        newly = self.tentative[:count]
-        self.committed.extend(newly)
-        self.tentative = self.tentative[count:]
+        newly = self._tentative[:count]
+        self._committed.extend(newly)
+        self._tentative = self._tentative[count:]
         return newly

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+import ssl
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -16,6 +19,10 @@ import yaml
 ENV_PREFIX = "EDGE_ASR_"
 DEFAULT_CONFIG_PATH = Path("config/edge-asr.yaml")
 INSTALLED_CONFIG_PATH = Path("/etc/edge-asr/config.yaml")
+# systemd's LoadCredential= puts a service's credentials here; relative credential-file paths are looked up in it.
+_CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
+
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
@@ -109,7 +116,8 @@ class MqttSettings:
     protocol: str = _setting("5", choices=("5", "3.1.1"))
     client_id: str = "edge-asr"
     username: str = ""
-    password: str = ""
+    # Kept out of repr() so that logging the settings never logs the password.
+    password: str = field(default="", repr=False)
     password_file: str = ""
     tls: bool = False
     ca_file: str = ""
@@ -144,38 +152,106 @@ _SECTIONS: dict[str, type] = {
     "mqtt": MqttSettings,
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TRUE = ("true", "yes", "on", "1")
+_BOOLEANS = (*_TRUE, "false", "no", "off", "0")
 
 
-def _convert(key: str, raw: Any, kind: type, meta: Mapping[str, Any]) -> Any:
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _BOOLEANS:
+        return raw.strip().lower() in _TRUE
+    raise ValueError(raw)
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError(raw)
+    return int(raw)
+
+
+def _to_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    value = float(raw)
+    if math.isnan(value):
+        raise ValueError(raw)
+    return value
+
+
+def _to_str(raw: Any) -> str:
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ValueError(raw)
+    return str(raw)
+
+
+def _to_str_tuple(raw: Any) -> tuple[str, ...]:
+    # A string is split at commas: that is how the environment and --set give a list (and YAML may too).
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(raw)
+    return tuple(text for item in items if (text := _to_str(item).strip()))
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _converter(kind: Any) -> tuple[str, Callable[[Any], Any]]:
+    """What a field of type `kind` accepts (for messages) and the function that coerces a raw value to it.
+
+    `X | None` takes YAML null as None; any other value, including an environment or --set string (even ""),
+    is read as X. `tuple[str, ...]` takes a YAML list or a comma-separated string. Any other type is a TypeError,
+    so that a new field type fails at import instead of being read as something it is not.
+    """
+    if kind in _SCALARS:
+        return kind.__name__, _SCALARS[kind]
+    args = typing.get_args(kind)
+    # X | None is a types.UnionType; Optional[X] (and X | None from Python 3.14) a typing.Union.
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        expected, convert = _converter(args[0] if args[1] is type(None) else args[1])
+        return f"{expected} or null", lambda raw: None if raw is None else convert(raw)
+    if kind == tuple[str, ...]:
+        return "a list of strings", _to_str_tuple
+    raise TypeError(f"no converter for the field type {kind}")
+
+
+@dataclass(frozen=True)
+class _Key:
+    """How one settings key is read: what it accepts, its converter, its bounds and whether its value is secret."""
+
+    expected: str
+    convert: Callable[[Any], Any]
+    meta: Mapping[str, Any]
+    secret: bool
+
+
+def _section_keys(cls: type) -> dict[str, _Key]:
+    """Each field of a settings dataclass as a _Key, from its real type; TypeError names a field of unknown type."""
+    hints = typing.get_type_hints(cls)
+    keys = {}
+    for item in dataclasses.fields(cls):
+        try:
+            expected, convert = _converter(hints[item.name])
+        except TypeError as err:
+            raise TypeError(f"{cls.__name__}.{item.name}: {err}") from None
+        keys[item.name] = _Key(expected, convert, item.metadata, secret=not item.repr)
+    return keys
+
+
+# Resolved at import, so a field type _converter does not know stops the import, not the first config that sets it.
+_SECTION_KEYS = {name: _section_keys(cls) for name, cls in _SECTIONS.items()}
+
+
+def _convert(key: str, raw: Any, spec: _Key) -> Any:
     """Coerce one value to its field's type and check its bounds."""
     try:
-        if kind is bool:
-            if isinstance(raw, str):
-                lowered = raw.strip().lower()
-                if lowered not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-                    raise ValueError(raw)
-                value: Any = lowered in ("true", "yes", "on", "1")
-            elif isinstance(raw, bool):
-                value = raw
-            else:
-                raise ValueError(raw)
-        elif kind is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError(raw)
-            value = int(raw)
-        elif kind is float:
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            value = float(raw)
-            if math.isnan(value):
-                raise ValueError(raw)
-        else:
-            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-                raise ValueError(raw)
-            value = str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}") from None
-    low, high, choices = meta.get("low"), meta.get("high"), meta.get("choices") or ()
+        value = spec.convert(raw)
+    except (TypeError, ValueError, OverflowError):
+        shown = f"a {type(raw).__name__}" if spec.secret else repr(raw)  # a secret stays out of the log
+        raise ConfigError(f"{key}: expected {spec.expected}, got {shown}") from None
+    if value is None:
+        return None
+    low, high, choices = spec.meta.get("low"), spec.meta.get("high"), spec.meta.get("choices") or ()
     if low is not None and value < low:
         raise ConfigError(f"{key}: {value!r} is below the minimum {low}")
     if high is not None and value > high:
@@ -185,15 +261,12 @@ def _convert(key: str, raw: Any, kind: type, meta: Mapping[str, Any]) -> Any:
     return value
 
 
-def _build_section(name: str, values: Mapping[str, Any]) -> Any:
-    cls = _SECTIONS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def _build_section(name: str, cls: type[_T], keys: Mapping[str, _Key], values: Mapping[str, Any]) -> _T:
     kwargs = {}
     for key, raw in values.items():
-        if key not in fields:
-            raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
-        kind = {"int": int, "float": float, "bool": bool, "str": str}[str(fields[key].type)]
-        kwargs[key] = _convert(f"{name}.{key}", raw, kind, fields[key].metadata)
+        if key not in keys:
+            raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(keys)})")
+        kwargs[key] = _convert(f"{name}.{key}", raw, keys[key])
     return cls(**kwargs)
 
 
@@ -263,8 +336,9 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
     return layer
 
 
-def build_settings(*layers: Mapping[str, Any]) -> Settings:
-    """Validate merged layers (later wins) into Settings."""
+def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate merged layers (later wins) into Settings, reading the credential files of enabled adapters."""
+    environ = os.environ if environ is None else environ
     merged = _merge(list(layers))
     sections: dict[str, Any] = {}
     for key, value in merged.items():
@@ -276,7 +350,7 @@ def build_settings(*layers: Mapping[str, Any]) -> Settings:
             value = {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: must be a mapping of keys, got {value!r}")
-        sections[key] = _build_section(key, value)
+        sections[key] = _build_section(key, _SECTIONS[key], _SECTION_KEYS[key], value)
     log_level = str(merged.get("log_level", "INFO")).upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
@@ -288,7 +362,7 @@ def build_settings(*layers: Mapping[str, Any]) -> Settings:
     if settings.stream.overlap_ms >= settings.stream.min_window_s * 1000:
         raise ConfigError("stream.overlap_ms: must be shorter than stream.min_window_s")
     _check_wyoming_uri(settings.wyoming)
-    return settings
+    return dataclasses.replace(settings, mqtt=_checked_mqtt(settings.mqtt, environ))
 
 
 def _check_wyoming_uri(wyoming: WyomingSettings) -> None:
@@ -307,6 +381,105 @@ def _check_wyoming_uri(wyoming: WyomingSettings) -> None:
         raise ConfigError("wyoming.zeroconf: announcing needs a tcp:// wyoming.uri")
 
 
+def _topic_part(key: str, value: str) -> str:
+    """A topic prefix without its outer '/': MQTT wildcards or NUL in it would break every topic built on it."""
+    part = value.strip("/")
+    if not part or any(c in part for c in "+#\0"):
+        raise ConfigError(f"{key}: {value!r} must be a non-empty topic without '+', '#' or NUL")
+    return part
+
+
+def _credential_path(path: str, environ: Mapping[str, str]) -> str:
+    """`path`, or when it is relative and systemd passed credentials, that credential's file ("" stays "")."""
+    directory = environ.get(_CREDENTIALS_DIRECTORY)
+    if directory and path and not os.path.isabs(path):
+        return os.path.join(directory, path)
+    return path
+
+
+def _read_secret(key: str, path: str) -> str:
+    """The first line of a secret file, stripped; an unreadable or empty file is a ConfigError naming `key`."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            secret = file.readline().strip()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(f"{key}: {path} is empty (its first line must hold the secret)")
+    return secret
+
+
+def _check_ssl(key: str, path: str, problem: str, load: Callable[[], object]) -> None:
+    """Run an `ssl` load of `path`; its failure is a ConfigError naming `key`."""
+    try:
+        load()
+    except ssl.SSLError as err:  # an OSError too, but one about the content, not the file
+        reason = str(err.strerror or err).partition(" (_ssl.c:")[0]
+        raise ConfigError(f"{key}: {path} {problem}: {reason}") from None
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path}: {err.strerror or err}") from None
+
+
+def _check_tls(mqtt: MqttSettings) -> None:
+    """Load the CA, client certificate and key as paho's tls_set will, so that a bad file stops start-up."""
+    if mqtt.key_file and not mqtt.cert_file:  # paho would silently connect without a client certificate
+        raise ConfigError("mqtt.key_file: needs mqtt.cert_file, the client certificate the key belongs to")
+    if mqtt.ca_file:
+        _check_ssl(
+            "mqtt.ca_file",
+            mqtt.ca_file,
+            "holds no CA certificate",
+            lambda: ssl.create_default_context(cafile=mqtt.ca_file),
+        )
+    if not mqtt.cert_file:
+        return
+    # ssl has no public call that loads just a certificate: loading it as a trust anchor parses it, and tells a
+    # bad certificate from a bad key, which load_cert_chain reports alike.
+    _check_ssl(
+        "mqtt.cert_file",
+        mqtt.cert_file,
+        "holds no certificate",
+        lambda: ssl.create_default_context(cafile=mqtt.cert_file),
+    )
+    # Without key_file the key is in cert_file, as paho reads it. The empty password refuses an encrypted key
+    # (there is no setting for its passphrase) instead of OpenSSL prompting on the terminal.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if mqtt.key_file:
+        key, path, problem = "mqtt.key_file", mqtt.key_file, "holds no unencrypted private key for mqtt.cert_file"
+    else:
+        key, path, problem = (
+            "mqtt.cert_file",
+            mqtt.cert_file,
+            "holds no unencrypted private key, and mqtt.key_file is empty",
+        )
+    _check_ssl(key, path, problem, lambda: context.load_cert_chain(mqtt.cert_file, mqtt.key_file or None, password=""))
+
+
+def _checked_mqtt(mqtt: MqttSettings, environ: Mapping[str, str]) -> MqttSettings:
+    """Check the topic prefixes, and the files an enabled adapter reads; return the settings the adapter uses."""
+    mqtt = dataclasses.replace(
+        mqtt,
+        topic_prefix=_topic_part("mqtt.topic_prefix", mqtt.topic_prefix),
+        discovery_prefix=_topic_part("mqtt.discovery_prefix", mqtt.discovery_prefix),
+    )
+    if not mqtt.enabled:  # a disabled adapter's files need not exist
+        return mqtt
+    if mqtt.password_file:
+        path = _credential_path(mqtt.password_file, environ)
+        mqtt = dataclasses.replace(mqtt, password_file=path, password=_read_secret("mqtt.password_file", path))
+    if mqtt.tls:
+        mqtt = dataclasses.replace(
+            mqtt,
+            ca_file=_credential_path(mqtt.ca_file, environ),
+            cert_file=_credential_path(mqtt.cert_file, environ),
+            key_file=_credential_path(mqtt.key_file, environ),
+        )
+        _check_tls(mqtt)
+    return mqtt
+
+
 def load_settings(
     config_path: Path | None,
     environ: Mapping[str, str] | None = None,
@@ -317,4 +490,4 @@ def load_settings(
     if config_path is None and environ.get(f"{ENV_PREFIX}CONFIG"):
         config_path = Path(environ[f"{ENV_PREFIX}CONFIG"])
     file_layer = read_yaml(config_path) if config_path is not None else {}
-    return build_settings(file_layer, env_overrides(environ), cli_layer or {})
+    return build_settings(file_layer, env_overrides(environ), cli_layer or {}, environ=environ)

@@ -1,4 +1,10 @@
-"""Shares one model among sessions: decode scheduling, admission limits and the decode threads."""
+"""The engine: owns the model and the sessions that share it; admission, events to listeners, health.
+
+`Engine` is what adapters use (the `SpeechEngine` protocol); `EngineSession` is one client's stream (a
+`SpeechSession` to the adapters, a `DecodeJob` to the scheduler). The two meet only through small public
+interfaces: a session asks its `SessionHost` (the engine) for what it needs, and the engine asks a
+session nothing but what the scheduler needs.
+"""
 
 from __future__ import annotations
 
@@ -8,65 +14,46 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
+from .api import (
+    AudioFormatError,
+    ComponentState,
+    EngineBusy,
+    EngineNotReady,
+    Health,
+    Listener,
+    UnsupportedLanguage,
+)
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH
 from .config import ConfigError, Settings
 from .events import Done, Event, Final, SessionError, SessionInfo
 from .metrics import Metrics
-from .model import Transcriber, Transcript, WhisperTranscriber
+from .model import Transcriber, Transcript, WhisperTranscriber, languages_of
+from .scheduler import DecodeNeed, DecodeScheduler
 from .session import DecodeRequest, StreamSession
 
 _LOGGER = logging.getLogger(__name__)
 
 
-class EngineBusy(RuntimeError):
-    """All `limits.max_sessions` sessions are taken."""
+class SessionHost(Protocol):
+    """What a session needs from the engine."""
 
+    def decode_wanted(self) -> None:
+        """The session may want a decode now."""
 
-class EngineNotReady(RuntimeError):
-    """The model is not loaded and warm yet."""
+    def publish(self, info: SessionInfo, event: Event) -> None:
+        """Count an event and hand it to the listeners."""
 
+    def audio_received(self, seconds: float) -> None:
+        """Count audio taken in."""
 
-class AudioFormatError(ValueError):
-    """Audio that is not whole s16le samples."""
+    def session_closed(self, session_id: int) -> None:
+        """Forget a closed session and free its slot."""
 
-
-class UnsupportedLanguage(ValueError):
-    """A language the loaded model does not know."""
-
-
-Listener = Callable[[SessionInfo, Event], None]
-
-
-@dataclass(frozen=True)
-class ComponentState:
-    """The state of a part outside the engine, such as the MQTT connection, for /health."""
-
-    name: str
-    state: str
-    healthy: bool
-
-
-@dataclass(frozen=True)
-class Health:
-    """What /health reports."""
-
-    ready: bool
-    status: str
-    model: str
-    threads: int
-    workers: int
-    languages: tuple[str, ...]
-    sessions: int
-    max_sessions: int
-    uptime_s: float
-    last_decode_s_ago: float | None
-    decode_queue: int
-    decodes: int
-    components: tuple[ComponentState, ...]
+    def check_language(self, language: str) -> str:
+        """The model's code for a language tag; raises UnsupportedLanguage."""
 
 
 class EngineSession:
@@ -74,24 +61,18 @@ class EngineSession:
 
     def __init__(
         self,
-        engine: Engine,
-        session_id: int,
-        source: str,
-        site: str,
-        language: str,
-        prompt: str,
-        split_on_silence: bool,
+        host: SessionHost,
+        stream: StreamSession,
+        info: SessionInfo,
     ) -> None:
-        self.id = session_id
-        self.source = source
-        self.site = site
-        self.language = language
-        self.closed = False
-        self.last_decoded_at = time.monotonic()
-        self._engine = engine
-        self._state = StreamSession(
-            engine.settings.stream, engine.settings.limits, split_on_silence=split_on_silence, prompt=prompt
-        )
+        self._host = host
+        self._state = stream
+        self._id = info.id
+        self._source = info.source
+        self._site = info.site
+        self._language = info.language
+        self._closed = False
+        self._last_decoded_at = time.monotonic()
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._changed = asyncio.Event()
         self._finals = 0
@@ -106,15 +87,45 @@ class EngineSession:
     ) -> None:
         self.close()
 
-    async def feed(self, pcm: bytes) -> None:
+    @property
+    def id(self) -> int:
+        """The session's number, unique in this process."""
+        return self._id
+
+    @property
+    def language(self) -> str:
+        """The language its speech is decoded as."""
+        return self._language
+
+    @property
+    def site(self) -> str:
+        """Where the speaker is (a room or satellite name), for listeners such as MQTT."""
+        return self._site
+
+    @property
+    def info(self) -> SessionInfo:
+        """Who this session's events belong to."""
+        return SessionInfo(self._id, self._source, self._site, self._language)
+
+    @property
+    def has_open_utterance(self) -> bool:
+        """Speech was heard whose final is not out yet."""
+        return self._state.active
+
+    @property
+    def audio_s(self) -> float:
+        """Seconds of audio fed so far."""
+        return self._state.stream_s
+
+    def feed(self, pcm: bytes) -> None:
         """Add 16 kHz mono s16le audio; odd byte counts are refused whole."""
         if len(pcm) % SAMPLE_WIDTH:
             raise AudioFormatError(f"audio of {len(pcm)} bytes is not whole 16-bit samples")
-        if self.closed or not pcm:
+        if self._closed or not pcm:
             return
-        self._engine.metrics.audio_seconds_total.inc(len(pcm) / BYTES_PER_SECOND)
+        self._host.audio_received(len(pcm) / BYTES_PER_SECOND)
         self._publish(self._state.push(pcm, time.monotonic()))
-        self._engine.wake()
+        self._host.decode_wanted()
 
     async def finish(self) -> Final | None:
         """End of audio: wait for the open utterance's final and return it (None when nothing was said).
@@ -123,8 +134,8 @@ class EngineSession:
         """
         finals_before = self._finals
         self._publish(self._state.end_of_audio(time.monotonic()))
-        self._engine.wake()
-        while self._state.ending and not self.closed:
+        self._host.decode_wanted()
+        while self._state.ending and not self._closed:
             self._changed.clear()
             await self._changed.wait()
         final = self._last_final if self._finals > finals_before else None
@@ -133,25 +144,16 @@ class EngineSession:
 
     def set_prompt(self, prompt: str) -> None:
         """Text that comes before this stream's speech, passed to the decoder."""
-        self._state.prompt = prompt
-
-    @property
-    def has_open_utterance(self) -> bool:
-        """Speech was heard whose final is not out yet."""
-        return self._state.active
-
-    @property
-    def info(self) -> SessionInfo:
-        """Who this session's events belong to."""
-        return SessionInfo(self.id, self.source, self.site, self.language)
+        self._state.set_prompt(prompt)
 
     def set_site(self, site: str) -> None:
         """Where the speaker is (a room or satellite name), for listeners such as MQTT."""
-        self.site = site
+        self._site = site
 
     def set_language(self, language: str) -> None:
         """Switch the spoken language; raises UnsupportedLanguage for one the model does not know."""
-        self.language = self._engine.check_language(language)
+        self._language = self._host.check_language(language)
+        self._state.set_language(self._language)
 
     def report_error(self, code: str, message: str) -> None:
         """Queue an error for the client, in order with the session's other events."""
@@ -166,36 +168,32 @@ class EngineSession:
             yield event
 
     def close(self) -> None:
-        """Release the session; its queued and in-flight decodes are dropped."""
-        if self.closed:
+        """Release the session; a decode still running for it is dropped."""
+        if self._closed:
             return
-        self.closed = True
-        self._engine.release(self)
+        self._closed = True
+        self._host.session_closed(self._id)
         self._events.put_nowait(None)
         self._changed.set()
 
-    def _publish(self, events: list[Event]) -> None:
-        if self.closed:
-            return
-        info = self.info
-        for event in events:
-            if isinstance(event, Final):
-                self._finals += 1
-                self._last_final = event
-            self._engine.metrics.observe_event(event)
-            self._events.put_nowait(event)
-            self._engine.notify(info, event)
-        self._changed.set()
+    # What the scheduler asks (DecodeJob).
 
-    def _wants_decode(self) -> bool:
-        return self._state.wants_decode()
+    def decode_need(self) -> DecodeNeed | None:
+        """Whether a decode would bring something new now."""
+        if self._closed or not self._state.wants_decode():
+            return None
+        return DecodeNeed(final=self._state.ending, since=self._last_decoded_at)
 
-    def _decode_started(self) -> DecodeRequest:
+    def begin_decode(self) -> DecodeRequest:
+        """The window to decode now."""
         return self._state.next_request()
 
-    def _decode_done(self, request: DecodeRequest, transcript: Transcript | None) -> None:
+    def end_decode(self, request: DecodeRequest, transcript: Transcript | None) -> None:
+        """Turn a decode's words into events; a failed decode is reported once until one succeeds."""
+        if self._closed:
+            return
         now = time.monotonic()
-        self.last_decoded_at = now
+        self._last_decoded_at = now
         if transcript is None:
             if not self._failing:
                 self.report_error("decode_failed", "the model failed on this audio; see the server log")
@@ -205,46 +203,65 @@ class EngineSession:
         self._failing = False
         self._publish(self._state.apply(request, transcript.words, transcript.asr_ms, now))
 
+    def abort(self, reason: str) -> None:
+        """Tell the client the session broke, and close it."""
+        self.report_error("internal_error", reason)
+        self.close()
+
+    def _publish(self, events: list[Event]) -> None:
+        if self._closed:
+            return
+        info = self.info
+        for event in events:
+            if isinstance(event, Final):
+                self._finals += 1
+                self._last_final = event
+            self._events.put_nowait(event)
+            self._host.publish(info, event)
+        self._changed.set()
+
 
 class Engine:
-    """Owns the model, the decode threads and the sessions that share them."""
+    """Owns the model, the decode scheduler and the sessions that share them."""
 
     def __init__(self, settings: Settings, transcriber_factory: Callable[[], Transcriber] | None = None) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self._metrics = Metrics()
         self._factory = transcriber_factory or (lambda: WhisperTranscriber(settings.model))
         self._transcriber: Transcriber | None = None
-        self._workers = settings.model.effective_workers
-        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="decode")
         self._sessions: dict[int, EngineSession] = {}
+        self._scheduler = DecodeScheduler(
+            settings.model.effective_workers, lambda: self._sessions.values(), self._metrics
+        )
         self._ids = itertools.count(1)
-        self._wake = asyncio.Event()
-        self._dispatcher: asyncio.Task[None] | None = None
-        # Running decode tasks and when each started, for the watchdog.
-        self._decodes_running: dict[asyncio.Task[None], float] = {}
         self._started = time.monotonic()
         self._status = "loading model"
-        self._last_decode: float | None = None
-        self._decodes = 0
         self._listeners: list[Listener] = []
         self._components: dict[str, ComponentState] = {}
+        self._languages_before_load: tuple[str, ...] | None = None
+
+    @property
+    def metrics(self) -> Metrics:
+        """The engine's Prometheus metrics."""
+        return self._metrics
 
     @property
     def ready(self) -> bool:
         """The model is loaded and warm, and decodes are being scheduled."""
-        return self._transcriber is not None and self._dispatcher is not None and not self._dispatcher.done()
+        return self._transcriber is not None and self._scheduler.running
 
     @property
     def languages(self) -> tuple[str, ...]:
-        """Languages of the loaded model (empty until it is loaded)."""
-        return self._transcriber.languages if self._transcriber else ()
+        """Languages of the model: the loaded model's own, or what its files say while it loads."""
+        if self._transcriber is not None:
+            return self._transcriber.languages
+        if self._languages_before_load is None:
+            self._languages_before_load = languages_of(self.settings.model.name)
+        return self._languages_before_load
 
     def decoding_alive(self, stall_s: float) -> bool:
-        """The scheduler runs and no decode has been running for longer than `stall_s`."""
-        if not self.ready:
-            return False
-        now = time.monotonic()
-        return all(now - started < stall_s for started in self._decodes_running.values())
+        """Decodes are scheduled and none has been running for longer than `stall_s`."""
+        return self.ready and not self._scheduler.stalled(stall_s)
 
     async def finish_all(self, timeout_s: float) -> None:
         """Finalise every open utterance (for shutdown), waiting at most `timeout_s`."""
@@ -258,17 +275,17 @@ class Engine:
     def check_language(self, language: str) -> str:
         """The model's code for a language tag (`en-US` → `en`); raises UnsupportedLanguage."""
         code = language.strip().lower().replace("_", "-").split("-")[0]
-        if code not in self.languages:
-            known = ", ".join(self.languages) if len(self.languages) <= 10 else f"{len(self.languages)} languages"
+        languages = self.languages
+        if code not in languages:
+            known = ", ".join(languages) if len(languages) <= 10 else f"{len(languages)} languages"
             raise UnsupportedLanguage(f"language {language!r} is not one the model knows ({known})")
         return code
 
     async def start(self) -> None:
         """Load and warm the model off the event loop, then start scheduling decodes."""
-        loop = asyncio.get_running_loop()
         try:
-            transcriber = await loop.run_in_executor(self._executor, self._factory)
-            warm_ms = await loop.run_in_executor(self._executor, transcriber.warm_up)
+            transcriber = await self._scheduler.run_blocking(self._factory)
+            warm_ms = await self._scheduler.run_blocking(transcriber.warm_up)
         except Exception as err:
             self._status = f"model failed: {err}"
             raise
@@ -278,34 +295,20 @@ class Engine:
         except UnsupportedLanguage as err:
             self._status = f"model.language: {err}"
             raise ConfigError(f"model.language: {err}") from None
-        _LOGGER.info("Model warm (%.0f ms), %d decode worker(s)", warm_ms, self._workers)
+        _LOGGER.info("Model warm (%.0f ms), %d decode worker(s)", warm_ms, self._scheduler.workers)
         self._status = "ready"
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="edge-asr-dispatch")
-        self._dispatcher.add_done_callback(self._dispatcher_ended)
+        self._scheduler.start(transcriber)
 
     async def stop(self) -> None:
         """Close every session, let running decodes end, and stop the decode threads."""
         for session in list(self._sessions.values()):
             session.close()
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
-        await asyncio.gather(*self._decodes_running, return_exceptions=True)
+        await self._scheduler.stop()
         self._status = "stopped"
-        await asyncio.to_thread(self._executor.shutdown, True)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener` on the event loop with every event of every session, in order."""
         self._listeners.append(listener)
-
-    def notify(self, info: SessionInfo, event: Event) -> None:
-        """Hand one session's event to the listeners; a failing listener is logged, not fatal."""
-        for listener in self._listeners:
-            try:
-                listener(info, event)
-            except Exception:
-                _LOGGER.exception("Event listener %r failed", listener)
 
     def set_component(self, name: str, state: str, healthy: bool) -> None:
         """Record the state of a part outside the engine (e.g. the MQTT connection) for /health."""
@@ -321,97 +324,66 @@ class Engine:
     ) -> EngineSession:
         """Open a session, or raise EngineBusy / EngineNotReady / UnsupportedLanguage."""
         if not self.ready:
-            self.metrics.rejected_total.labels("not_ready").inc()
+            self._metrics.rejected_total.labels("not_ready").inc()
             raise EngineNotReady(self._status)
         if len(self._sessions) >= self.settings.limits.max_sessions:
-            self.metrics.rejected_total.labels("busy").inc()
+            self._metrics.rejected_total.labels("busy").inc()
             raise EngineBusy(f"all {self.settings.limits.max_sessions} sessions are in use")
         code = self.check_language(language or self.settings.model.language)
-        session = EngineSession(
-            self, next(self._ids), source, site or self.settings.mqtt.default_site, code, prompt, split_on_silence
+        stream = StreamSession(
+            self.settings.stream,
+            self.settings.limits,
+            split_on_silence=split_on_silence,
+            prompt=prompt,
+            language=code,
         )
-        self._sessions[session.id] = session
-        self.metrics.sessions_total.labels(source).inc()
-        self.metrics.sessions_active.set(len(self._sessions))
+        info = SessionInfo(next(self._ids), source, site or self.settings.mqtt.default_site, code)
+        session = EngineSession(self, stream, info)
+        self._sessions[info.id] = session
+        self._metrics.sessions_total.labels(source).inc()
+        self._metrics.sessions_active.set(len(self._sessions))
         return session
-
-    def release(self, session: EngineSession) -> None:
-        """Forget a closed session."""
-        self._sessions.pop(session.id, None)
-        self.metrics.sessions_active.set(len(self._sessions))
-
-    def wake(self) -> None:
-        """Tell the dispatcher that a session may want a decode."""
-        self._wake.set()
 
     def health(self) -> Health:
         """Model, sessions, uptime and decode facts."""
         now = time.monotonic()
+        last = self._scheduler.last_decode_at
         return Health(
             ready=self.ready,
             status=self._status,
             model=self.settings.model.name,
             threads=self.settings.model.effective_threads,
-            workers=self._workers,
+            workers=self._scheduler.workers,
             languages=self.languages,
             sessions=len(self._sessions),
             max_sessions=self.settings.limits.max_sessions,
             uptime_s=round(now - self._started, 3),
-            last_decode_s_ago=None if self._last_decode is None else round(now - self._last_decode, 3),
-            decode_queue=sum(1 for s in self._sessions.values() if s._wants_decode()),
-            decodes=self._decodes,
+            last_decode_s_ago=None if last is None else round(now - last, 3),
+            decode_queue=self._scheduler.waiting(),
+            decodes=self._scheduler.decodes,
             components=tuple(self._components.values()),
         )
 
-    def _dispatcher_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._status = f"decode scheduler failed: {task.exception()}"
-            _LOGGER.error("Decode scheduler stopped: %s", task.exception())
+    # What a session asks of the engine (SessionHost).
 
-    def _pick(self) -> EngineSession | None:
-        """Finals before partials; among each, the session that has waited longest."""
-        waiting = [s for s in self._sessions.values() if s._wants_decode()]
-        self.metrics.decode_queue.set(len(waiting))
-        if not waiting:
-            return None
-        return min(waiting, key=lambda s: (not s._state.ending, s.last_decoded_at))
+    def decode_wanted(self) -> None:
+        """A session may want a decode: start it if a worker is free."""
+        self._scheduler.kick()
 
-    async def _dispatch(self) -> None:
-        """Start decodes while a worker is free and a session wants one; sleep otherwise."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while len(self._decodes_running) < self._workers and (session := self._pick()) is not None:
-                try:
-                    request = session._decode_started()
-                except Exception:  # a bug in one session must not stop everyone's decodes
-                    _LOGGER.exception("Session %d: cannot build its decode request", session.id)
-                    session.report_error("internal_error", "the session failed; see the server log")
-                    session.close()
-                    continue
-                task = asyncio.create_task(self._decode(session, request))
-                self._decodes_running[task] = time.monotonic()
-                task.add_done_callback(self._decode_ended)
+    def publish(self, info: SessionInfo, event: Event) -> None:
+        """Count one session's event and hand it to the listeners; a failing listener is logged, not fatal."""
+        self._metrics.observe_event(event)
+        for listener in self._listeners:
+            try:
+                listener(info, event)
+            except Exception:
+                _LOGGER.exception("Event listener %r failed", listener)
 
-    def _decode_ended(self, task: asyncio.Task[None]) -> None:
-        self._decodes_running.pop(task, None)
+    def audio_received(self, seconds: float) -> None:
+        """Count audio taken in."""
+        self._metrics.audio_seconds_total.inc(seconds)
 
-    async def _decode(self, session: EngineSession, request: DecodeRequest) -> None:
-        assert self._transcriber is not None
-        loop = asyncio.get_running_loop()
-        transcript: Transcript | None = None
-        try:
-            transcript = await loop.run_in_executor(
-                self._executor, self._transcriber.decode, request.audio, request.prompt, session.language
-            )
-        except Exception:
-            _LOGGER.exception("Decode failed for session %d", session.id)
-        finally:
-            self._wake.set()
-        self._last_decode = time.monotonic()
-        self._decodes += 1
-        if transcript is not None:
-            kind = "final" if request.final else "partial"
-            self.metrics.decode_seconds.labels(kind).observe(transcript.asr_ms / 1000)
-        if not session.closed:
-            session._decode_done(request, transcript)
+    def session_closed(self, session_id: int) -> None:
+        """Forget a closed session."""
+        self._sessions.pop(session_id, None)
+        self._metrics.sessions_active.set(len(self._sessions))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,17 +21,18 @@ if TYPE_CHECKING:
     from faster_whisper import WhisperModel
 
 _LOGGER = logging.getLogger(__name__)
-# faster-whisper logs every decode at INFO: several lines a second per speaker.
-logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
 BUNDLED_MODEL_NAME = "tiny.en"
-# Whisper's encoder sees 100 mel frames per second of audio.
+# Whisper's encoder sees 100 mel frames per second of audio, 30 s at most.
 _FRAMES_PER_SECOND = 100
+_WHISPER_FRAMES = 3000
 # Speech runs at about 3 words (5 tokens) a second; twice that plus timestamps bounds a loop.
 _TOKENS_PER_SECOND = 12
 _MIN_NEW_TOKENS = 16
 # Multilingual Whisper vocabularies have 51865 entries; English-only ones one fewer.
 _MULTILINGUAL_VOCABULARY = 51865
+# Language tokens in a Whisper vocabulary: <|en|>, <|haw|>, ...
+_LANGUAGE_TOKEN = re.compile(r"<\|([a-z]{2,3})\|>")
 # The decoder's prompt and the window end leave no room for more than this (448 in all).
 _MAX_NEW_TOKENS = 220
 # When Whisper stops before the end of the window, faster-whisper decodes the rest in another pass.
@@ -40,7 +43,7 @@ _LATER_PASS_NO_SPEECH = 0.5
 _LATER_PASS_LOG_PROB = -0.5
 
 
-# Per decode thread: how many encoder frames this thread's current decode uses.
+# Per decode thread: how many encoder frames this thread's current decode may use, and used.
 _decode_state = threading.local()
 
 
@@ -50,10 +53,14 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class Transcript:
-    """One decode: words with times relative to the start of the decoded audio."""
+    """One decode: words with times relative to the start of the decoded audio.
+
+    `encoder_s` is the encoder input the decode used, in seconds (Whisper's own is 30).
+    """
 
     words: tuple[Word, ...]
     asr_ms: float
+    encoder_s: float = 0.0
 
 
 class Transcriber(Protocol):
@@ -98,22 +105,36 @@ def resolve_model(name: str) -> str:
 
 
 def languages_of(name: str) -> tuple[str, ...]:
-    """The languages a model speaks, known before it loads (so `describe` is answered at once)."""
+    """The languages a model speaks, read from its files before it loads (so `describe` is answered at once).
+
+    English-only models have one token fewer than multilingual ones; a multilingual model speaks the
+    languages it has tokens for. A size name not downloaded yet is known by its `.en` suffix only:
+    empty until the model is loaded.
+    """
     try:
         location = Path(resolve_model(name))
     except ModelError:
         return ()
-    vocabulary = location / "vocabulary.txt"
-    if vocabulary.is_file():
-        with vocabulary.open(encoding="utf-8") as lines:
-            english_only = sum(1 for _ in lines) < _MULTILINGUAL_VOCABULARY
-    else:
-        english_only = name.endswith(".en")
-    if english_only:
+    tokens = _vocabulary(location)
+    if tokens is None:
+        return ("en",) if name.endswith(".en") else ()
+    if len(tokens) < _MULTILINGUAL_VOCABULARY:
         return ("en",)
-    from faster_whisper.tokenizer import _LANGUAGE_CODES
+    return tuple(match.group(1) for token in tokens if (match := _LANGUAGE_TOKEN.fullmatch(token)))
 
-    return tuple(_LANGUAGE_CODES)
+
+def _vocabulary(location: Path) -> list[str] | None:
+    """The tokens of a CTranslate2 Whisper model directory (vocabulary.txt or .json), or None."""
+    text_file, json_file = location / "vocabulary.txt", location / "vocabulary.json"
+    try:
+        if text_file.is_file():
+            return text_file.read_text(encoding="utf-8").splitlines()
+        if json_file.is_file():
+            tokens = json.loads(json_file.read_text(encoding="utf-8"))
+            return [str(token) for token in tokens] if isinstance(tokens, list) else None
+    except (OSError, ValueError) as err:
+        _LOGGER.warning("Cannot read the vocabulary of %s: %s", location, err)
+    return None
 
 
 def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:
@@ -123,7 +144,9 @@ def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:
         """Encodes only as many mel frames as needed, down to a floor, instead of always 30 s."""
 
         def encode(self, features: np.ndarray) -> Any:
-            return super().encode(features[..., : getattr(_decode_state, "encoder_frames", 3000)])
+            frames = min(features.shape[-1], getattr(_decode_state, "encoder_frames", _WHISPER_FRAMES))
+            _decode_state.encoded_frames = frames
+            return super().encode(features[..., :frames])
 
     location = resolve_model(settings.name)
     try:
@@ -148,12 +171,7 @@ class WhisperTranscriber:
         self._settings = settings
         self._model = _new_whisper(settings, threads)
         self.name = settings.name
-        if self._model.model.is_multilingual:
-            from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-            self.languages: tuple[str, ...] = tuple(_LANGUAGE_CODES)
-        else:
-            self.languages = ("en",)
+        self.languages: tuple[str, ...] = tuple(self._model.supported_languages)
         self._floor_frames = int(settings.encoder_floor_s * _FRAMES_PER_SECOND)
         _LOGGER.info(
             "Loaded model %s (%s, %d threads) in %.0f ms",
@@ -176,7 +194,8 @@ class WhisperTranscriber:
         started = time.monotonic()
         duration = len(audio) / SAMPLE_RATE
         content_frames = int(duration * _FRAMES_PER_SECOND) + 1
-        _decode_state.encoder_frames = min(3000, max(self._floor_frames, content_frames))
+        _decode_state.encoder_frames = min(_WHISPER_FRAMES, max(self._floor_frames, content_frames))
+        _decode_state.encoded_frames = 0
         segments, _info = self._model.transcribe(
             audio,
             language=language if language in self.languages else self.languages[0],
@@ -197,4 +216,8 @@ class WhisperTranscriber:
             or segment.avg_logprob >= _LATER_PASS_LOG_PROB
             for word in segment.words or ()
         )
-        return Transcript(words=words, asr_ms=(time.monotonic() - started) * 1000)
+        return Transcript(
+            words=words,
+            asr_ms=(time.monotonic() - started) * 1000,
+            encoder_s=_decode_state.encoded_frames / _FRAMES_PER_SECOND,
+        )

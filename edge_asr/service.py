@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+from adapters import Adapter
 from adapters.http import HttpAdapter
 from adapters.mqtt import MqttAdapter
 from adapters.wyoming import WyomingAdapter
@@ -30,16 +31,22 @@ async def serve(settings: Settings) -> int:
     started = time.monotonic()
     notifier = Notifier()
     engine = Engine(settings)
-    adapters: list[HttpAdapter | WyomingAdapter | MqttAdapter] = []
+    adapters: list[Adapter] = []
     if settings.mqtt.enabled:
         adapters.append(MqttAdapter(engine, settings))
     if settings.http.enabled:
         adapters.append(HttpAdapter(engine, settings))
     if settings.wyoming.enabled:
         adapters.append(WyomingAdapter(engine, settings))
-    for adapter in adapters:
-        await adapter.start()
-    await engine.start()
+    running: list[Adapter] = []
+    try:
+        for adapter in adapters:
+            await adapter.start()
+            running.append(adapter)
+        await engine.start()
+    except BaseException:
+        await _stop(running, engine)
+        raise
     _LOGGER.info("Ready in %.0f ms", (time.monotonic() - started) * 1000)
     notifier.notify(f"READY=1\nSTATUS=Listening, model {settings.model.name} warm")
 
@@ -65,10 +72,21 @@ async def serve(settings: Settings) -> int:
     if watchdog is not None:
         watchdog.cancel()
     await engine.finish_all(FINISH_ON_STOP_S)
-    for adapter in adapters:
-        await adapter.stop()
-    await engine.stop()
+    await _stop(running, engine)
     return 0
+
+
+async def _stop(adapters: list[Adapter], engine: Engine) -> None:
+    """Stop the adapters, then the engine; a failing stop is logged and the others still run."""
+    for adapter in adapters:
+        try:
+            await adapter.stop()
+        except Exception:
+            _LOGGER.exception("Stopping the %s adapter failed", adapter.name)
+    try:
+        await engine.stop()
+    except Exception:
+        _LOGGER.exception("Stopping the engine failed")
 
 
 async def _feed_watchdog(engine: Engine, notifier: Notifier, interval_s: float) -> None:

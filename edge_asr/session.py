@@ -27,6 +27,7 @@ class DecodeRequest:
     start_s: float
     end_s: float
     prompt: str
+    language: str
     final: bool
     newest_arrival: float
     utterance_start_s: float
@@ -66,11 +67,13 @@ class StreamSession:
         *,
         split_on_silence: bool = True,
         prompt: str = "",
+        language: str = "en",
     ) -> None:
         self._stream = stream
         self._limits = limits
         self._split_on_silence = split_on_silence
-        self.prompt = prompt
+        self._prompt = prompt
+        self._language = language
         # Finals of earlier utterances: the context Whisper conditions on across short pauses.
         self._history = ""
         self._vad = VadGate(stream.vad_aggressiveness, stream.silence_ms)
@@ -80,7 +83,7 @@ class StreamSession:
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=_MAX_ARRIVALS)
         self._utterances_emitted = 0
         self._queued_changes: list[VadChange] = []
-        self.in_flight = False
+        self._in_flight = False
         self._reset_utterance(None)
 
     def _reset_utterance(self, start_s: float | None) -> None:
@@ -111,6 +114,19 @@ class StreamSession:
     def ending(self) -> bool:
         """The current utterance has ended and waits for its final."""
         return self._end_at_s is not None
+
+    @property
+    def in_flight(self) -> bool:
+        """A decode request is out and its result not applied yet."""
+        return self._in_flight
+
+    def set_prompt(self, prompt: str) -> None:
+        """The client's text that comes before this stream's speech, passed to the decoder first."""
+        self._prompt = prompt
+
+    def set_language(self, language: str) -> None:
+        """The language later decodes ask for."""
+        self._language = language
 
     def push(self, pcm: bytes, now: float) -> list[Event]:
         """Take s16le mono 16 kHz audio of any even length; may complete a final at once."""
@@ -152,7 +168,7 @@ class StreamSession:
 
     def wants_decode(self) -> bool:
         """Whether a decode would bring something new now."""
-        if not self.active or self.in_flight:
+        if not self.active or self._in_flight:
             return False
         if self.ending:
             return True
@@ -170,13 +186,16 @@ class StreamSession:
         end_s = self._end_at_s if self._end_at_s is not None else self.stream_s
         self._bound_window(end_s)
         before_window = [w for w in self._agreement.committed if w.end <= self._window_start_s + 0.05]
-        self.in_flight = True
+        self._in_flight = True
         self._last_request_end_s = end_s
         return DecodeRequest(
             audio=pcm16_to_float(bytes(self._slice(self._window_start_s, end_s))),
             start_s=self._window_start_s,
             end_s=end_s,
-            prompt=build_prompt(self.prompt, f"{self._history} {join_words(before_window)}", self._stream.prompt_chars),
+            prompt=build_prompt(
+                self._prompt, f"{self._history} {join_words(before_window)}", self._stream.prompt_chars
+            ),
+            language=self._language,
             final=final,
             newest_arrival=self._arrival_of(end_s),
             utterance_start_s=self._utterance_start_s,
@@ -184,7 +203,7 @@ class StreamSession:
 
     def apply(self, request: DecodeRequest, words: tuple[Word, ...], asr_ms: float, now: float) -> list[Event]:
         """Take the words a decode found (times relative to the window) and emit what changed."""
-        self.in_flight = False
+        self._in_flight = False
         if request.utterance_start_s != self._utterance_start_s:
             return []
         self._agreement.update(
@@ -215,7 +234,7 @@ class StreamSession:
 
     def _final_if_covered(self, now: float) -> list[Event]:
         """When the newest hypothesis already heard every voiced frame, the final needs no decode."""
-        if not self.ending or self.in_flight or self._latest_arrival is None:
+        if not self.ending or self._in_flight or self._latest_arrival is None:
             return []
         assert self._end_at_s is not None
         if self._latest_end_s < min(self._end_at_s, self._vad.last_voice_end_s + COVER_MARGIN_S):
@@ -224,18 +243,16 @@ class StreamSession:
 
     def decode_failed(self, request: DecodeRequest, now: float) -> list[Event]:
         """A decode raised: a final goes out with what the earlier decodes heard; a partial is skipped."""
-        self.in_flight = False
+        self._in_flight = False
         if request.utterance_start_s != self._utterance_start_s or not request.final:
             return []
         return self._emit_final(now)
 
     def _emit_final(self, now: float) -> list[Event]:
-        assert self._utterance_start_s is not None and self._end_at_s is not None
+        assert self._utterance_start_s is not None
+        assert self._end_at_s is not None
         # Whisper invents words in silence; the VAD heard none after the voice ended.
-        self._agreement.tentative = [
-            w for w in self._agreement.tentative if w.start <= self._voice_end_s + SILENT_WORD_TOLERANCE_S
-        ]
-        self._agreement.commit_tentative()
+        self._agreement.commit_tentative(until_s=self._voice_end_s + SILENT_WORD_TOLERANCE_S)
         text = join_words(self._agreement.committed)
         events: list[Event] = []
         # A client that saw partials gets a final even when it is empty, so it can clear them.
@@ -273,6 +290,7 @@ class StreamSession:
         committed = self._agreement.committed
         if not committed or end_s - (committed[-1].end - overlap) > limit:
             self._agreement.commit_before(end_s - limit / 2)
+            committed = self._agreement.committed
         if committed:
             self._window_start_s = max(self._window_start_s, committed[-1].end - overlap)
         if end_s - self._window_start_s > limit:

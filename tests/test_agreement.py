@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pytest
 
@@ -15,13 +16,15 @@ from edge_asr.agreement import (
     strip_committed,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def words(*spec: tuple[str, float, float]) -> list[Word]:
     """Words from (text, start, end); the text is given a leading space as Whisper spaces it."""
     return [Word(start, end, f" {text}") for text, start, end in spec]
 
 
-def texts(items: list[Word]) -> list[str]:
+def texts(items: Sequence[Word]) -> list[str]:
     """The normalised texts of words, for compact comparisons."""
     return [normalise(word.text) for word in items]
 
@@ -75,7 +78,7 @@ def test_common_prefix_with_an_empty_side_is_empty() -> None:
 def test_first_hypothesis_commits_nothing() -> None:
     agreement = LocalAgreement()
     assert agreement.update(words(TURN, ON, THE)) == []
-    assert agreement.committed == []
+    assert agreement.committed == ()
     assert texts(agreement.tentative) == ["turn", "on", "the"]
 
 
@@ -92,7 +95,7 @@ def test_disagreeing_hypotheses_commit_nothing() -> None:
     agreement = LocalAgreement()
     agreement.update(words(("learn", 0.1, 0.3), ON))
     assert agreement.update(words(TURN, ON)) == []
-    assert agreement.committed == []
+    assert agreement.committed == ()
     assert texts(agreement.tentative) == ["turn", "on"]
 
 
@@ -107,7 +110,7 @@ def test_committed_text_never_changes_when_a_later_hypothesis_rewrites_it() -> N
     agreement = LocalAgreement()
     agreement.update(words(TURN, ON, THE))
     agreement.update(words(TURN, ON, THE, KITCHEN))
-    committed = list(agreement.committed)
+    committed = agreement.committed
     # A later pass hears the committed audio differently; committed words stay as they are.
     agreement.update(words(("learn", 0.10, 0.30), ("an", 0.35, 0.50), ("a", 0.55, 0.65), KITCHEN, LIGHTS))
     agreement.update(words(("learn", 0.10, 0.30), ("an", 0.35, 0.50), ("a", 0.55, 0.65), KITCHEN, LIGHTS))
@@ -124,7 +127,7 @@ def test_growing_hypotheses_commit_each_word_once() -> None:
     newly_all += agreement.update(words(*spec))
     assert texts(newly_all) == ["turn", "on", "the", "kitchen", "lights"]
     assert texts(agreement.committed) == texts(newly_all)
-    assert agreement.tentative == []
+    assert agreement.tentative == ()
 
 
 @pytest.mark.parametrize("seed", range(25))
@@ -153,7 +156,7 @@ def test_jittered_overlapping_hypotheses_keep_committed_text_append_only(seed: i
             hypothesis.append(
                 Word(max(window_start, start + jitter_start), min(audio_end, end + jitter_end), " " + shown)
             )
-        before = list(agreement.committed)
+        before = agreement.committed
         agreement.update(hypothesis)
         assert agreement.committed[: len(before)] == before
         audio_end += rng.choice([0.25, 0.26, 0.5])
@@ -252,7 +255,7 @@ def test_commit_tentative_commits_the_whole_tail_once() -> None:
     newly = agreement.commit_tentative()
     assert texts(newly) == ["the", "kitchen"]
     assert texts(agreement.committed) == ["turn", "on", "the", "kitchen"]
-    assert agreement.tentative == []
+    assert agreement.tentative == ()
     assert agreement.commit_tentative() == []
     assert texts(agreement.committed) == ["turn", "on", "the", "kitchen"]
 
@@ -260,7 +263,7 @@ def test_commit_tentative_commits_the_whole_tail_once() -> None:
 def test_commit_tentative_on_a_fresh_agreement_is_empty() -> None:
     agreement = LocalAgreement()
     assert agreement.commit_tentative() == []
-    assert agreement.committed == []
+    assert agreement.committed == ()
 
 
 def test_commit_before_commits_leading_words_ending_by_the_time() -> None:
@@ -276,7 +279,7 @@ def test_commit_before_an_early_time_commits_nothing() -> None:
     agreement = LocalAgreement()
     agreement.update(words(TURN, ON))
     assert agreement.commit_before(0.2) == []
-    assert agreement.committed == []
+    assert agreement.committed == ()
     assert texts(agreement.tentative) == ["turn", "on"]
 
 
@@ -286,4 +289,4 @@ def test_commit_before_a_late_time_commits_everything_and_appends() -> None:
     agreement.update(words(TURN, ON, THE))
     assert texts(agreement.commit_before(10.0)) == ["the"]
     assert texts(agreement.committed) == ["turn", "on", "the"]
-    assert agreement.tentative == []
+    assert agreement.tentative == ()

@@ -1,39 +1,35 @@
-"""Unit tests for the pure parts of edge_asr.bench: normalising, WER, percentiles, latencies from timed events."""
+"""Unit tests for the pure parts of edge_asr.bench: scoring, percentiles, latencies, server messages, the corpus."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import wave
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
-from adapters.wyoming import WyomingReply
-from edge_asr.bench import (
-    BenchError,
-    Clip,
-    ClipResult,
+from edge_asr.bench.corpus import Clip, load_corpus
+from edge_asr.bench.errors import BenchError
+from edge_asr.bench.report import ClipResult, summarize
+from edge_asr.bench.report import clip_result as score_clip
+from edge_asr.bench.scoring import WordScore, normalize, percentile, score_words
+from edge_asr.bench.timing import (
     Playback,
     Received,
-    WyomingReplies,
-    builtin_normalize,
     end_to_final,
     first_seen,
     first_text_lag,
-    load_corpus,
-    normalize,
-    parse_message,
-    percentile,
     sent_at,
     speech_span,
-    summarize,
-    word_errors,
     word_lags,
 )
-from edge_asr.bench import clip_result as score_clip
+from edge_asr.bench.transports import Replay, WebSocketTransport, WyomingReplies, read_message
+from edge_asr.bench.wyoming_client import WyomingReply
 from edge_asr.config import StreamSettings
-from edge_asr.events import Done, Event, Final, Partial, SessionError
+from edge_asr.events import Done, Event, Final, Partial, Ready, SessionError
 
 CHUNK = 640
 T0 = 100.0
@@ -60,28 +56,7 @@ def playback(events: list[tuple[float, Event]], end_at: float = T0 + 2.5) -> Pla
     return Playback(tuple(Received(at, event) for at, event in events), paced(2.5), end_at)
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("Set the thermostat to seventy two degrees.", "set the thermostat to 72 degrees"),
-        ("Dim the lights to thirty percent!", "dim the lights to 30 percent"),
-        ("dim the lights to 30%", "dim the lights to 30 percent"),
-        ("twenty-five", "25"),
-        ("two hundred and five", "205"),
-        ("one thousand two hundred thirty four", "1234"),
-        ("nineteen hundred", "1900"),
-        ("one two three", "1 2 3"),
-        ("twenty twenty", "20 20"),
-        ("It's 1,000 people, isn't it?", "its 1000 people isnt it"),
-        ("a hundred and one", "a hundred and 1"),
-        ("rock and roll", "rock and roll"),
-        ("  ", ""),
-    ],
-)
-def test_builtin_normalize(text: str, expected: str) -> None:
-    assert builtin_normalize(text) == expected
-
-
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("reference", "hypothesis"),
     [
@@ -92,26 +67,37 @@ def test_builtin_normalize(text: str, expected: str) -> None:
 )
 def test_spelled_and_written_forms_score_alike(reference: str, hypothesis: str) -> None:
     assert normalize(reference) == normalize(hypothesis)
-    assert builtin_normalize(reference) == builtin_normalize(hypothesis)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
-    ("reference", "hypothesis", "errors"),
+    ("reference", "hypothesis", "expected"),
     [
-        ("", "", 0),
-        ("a b c", "a b c", 0),
-        ("a b c", "a x c", 1),
-        ("a b c", "a c", 1),
-        ("a b c", "a b c d", 1),
-        ("a b c", "", 3),
-        ("", "a b", 2),
-        ("turn on the lights", "on the lights please", 2),
+        ("turn on the lights", "Turn on the lights.", WordScore(4, 0, 0, 0)),
+        ("turn on the lights", "turn off the lights", WordScore(4, 1, 0, 0)),
+        ("turn on the lights", "turn the lights", WordScore(4, 0, 1, 0)),
+        ("turn on the lights", "turn on the lights now", WordScore(4, 0, 0, 1)),
+        ("turn on the lights", "on the lights please", WordScore(4, 0, 1, 1)),
+        ("set the thermostat to seventy two degrees", "Set the thermostat to 72 degrees.", WordScore(6, 0, 0, 0)),
+        ("turn on the lights", "", WordScore(4, 0, 4, 0)),
+        ("", "thank you", WordScore(0, 0, 0, 2)),
+        ("Um.", "thank you for watching", WordScore(0, 0, 0, 4)),
+        ("", "", WordScore(0, 0, 0, 0)),
     ],
 )
-def test_word_errors(reference: str, hypothesis: str, errors: int) -> None:
-    assert word_errors(reference.split(), hypothesis.split()) == errors
+def test_score_words_counts_substitutions_deletions_and_insertions(
+    reference: str, hypothesis: str, expected: WordScore
+) -> None:
+    assert score_words(reference, hypothesis) == expected
 
 
+@pytest.mark.fast
+def test_word_errors_add_up_the_three_kinds() -> None:
+    assert WordScore(reference_words=9, substitutions=1, deletions=2, insertions=3).errors == 6
+    assert score_words("lock the front door", "unlock the door please now").errors == 4
+
+
+@pytest.mark.fast
 def test_percentile() -> None:
     assert percentile([], 50) is None
     assert percentile([7.0], 90) == 7.0
@@ -121,6 +107,7 @@ def test_percentile() -> None:
     assert percentile([1.0, 2.0, 3.0], 100) == 3.0
 
 
+@pytest.mark.fast
 def test_sent_at_is_the_time_the_chunk_holding_the_position_left() -> None:
     sent = paced(1.0)
     assert sent_at(sent, 0.8) == pytest.approx(T0 + 0.8)
@@ -129,6 +116,7 @@ def test_sent_at_is_the_time_the_chunk_holding_the_position_left() -> None:
     assert sent_at(sent, 5.0) == pytest.approx(T0 + 1.0)
 
 
+@pytest.mark.fast
 def test_first_seen_takes_the_first_hypothesis_with_the_word_at_its_position() -> None:
     events: list[tuple[float, Event]] = [
         (T0 + 1.0, partial("Turn")),
@@ -141,6 +129,7 @@ def test_first_seen_takes_the_first_hypothesis_with_the_word_at_its_position() -
     assert seen == [("turn", T0 + 1.0), ("on", T0 + 1.5), ("the", T0 + 1.3), ("lights", T0 + 2.2)]
 
 
+@pytest.mark.fast
 def test_first_seen_counts_positions_after_earlier_finals() -> None:
     events: list[tuple[float, Event]] = [
         (T0 + 0.5, partial("lock")),
@@ -161,6 +150,7 @@ def test_first_seen_counts_positions_after_earlier_finals() -> None:
     ]
 
 
+@pytest.mark.fast
 def test_word_lags_spread_the_final_words_evenly_over_the_speech() -> None:
     replay = playback(
         [
@@ -173,10 +163,12 @@ def test_word_lags_spread_the_final_words_evenly_over_the_speech() -> None:
     assert word_lags(replay, (0.5, 1.7)) == pytest.approx([0.2, 0.4, 0.1, 0.5])
 
 
+@pytest.mark.fast
 def test_word_lags_without_a_final_are_empty() -> None:
     assert word_lags(playback([(T0 + 1.0, partial("Turn"))]), (0.5, 1.7)) == []
 
 
+@pytest.mark.fast
 def test_first_text_lag_counts_from_the_speech_start() -> None:
     replay = playback([(T0 + 0.1, partial("")), (T0 + 1.3, partial("Turn")), (T0 + 2.2, final("Turn on."))])
     assert first_text_lag(replay, 0.5) == pytest.approx(0.8)
@@ -184,6 +176,7 @@ def test_first_text_lag_counts_from_the_speech_start() -> None:
     assert first_text_lag(playback([]), 0.5) is None
 
 
+@pytest.mark.fast
 def test_end_to_final_is_zero_when_the_final_came_before_the_end() -> None:
     assert end_to_final(playback([(T0 + 2.2, final("Hi."))], end_at=T0 + 2.5)) == 0.0
     assert end_to_final(playback([(T0 + 2.9, final("Hi."))], end_at=T0 + 2.5)) == pytest.approx(0.4)
@@ -191,19 +184,114 @@ def test_end_to_final_is_zero_when_the_final_came_before_the_end() -> None:
     assert end_to_final(playback([(T0 + 1.0, partial("Hi"))])) is None
 
 
-def test_parse_message() -> None:
-    assert parse_message(partial("hel").to_json()) == ("partial", partial("hel"))
-    wire = json.dumps({**json.loads(final("Hi.").to_json()), "end": 1.25})
-    assert parse_message(wire) == ("final", Final("Hi.", 1, 10, 20, 30, 0.0, 1.25))
-    assert parse_message(SessionError("busy", "full").to_json()) == ("error", SessionError("busy", "full"))
-    assert parse_message(Done(2).to_json()) == ("done", Done(2))
-    assert parse_message('{"type": "ready", "session": 3}') == ("ready", None)
-    kind, event = parse_message("not json")
-    assert kind == "error" and isinstance(event, SessionError) and event.code == "bad_message"
-    kind, event = parse_message('{"type": "final", "text": "x"}')
-    assert kind == "error" and isinstance(event, SessionError) and event.code == "bad_message"
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    "message",
+    [
+        partial("hel"),
+        final("Hi."),
+        SessionError("busy", "full"),
+        Done(2),
+        Ready(session=3, sample_rate=16000, language="en", max_frame_bytes=65536),
+    ],
+)
+def test_read_message_reads_every_server_message(message: Event | Ready) -> None:
+    assert read_message(message.to_json()) == message
+    assert read_message(message.to_json().encode()) == message
 
 
+@pytest.mark.fast
+def test_read_message_ignores_unknown_keys_and_takes_ints_for_floats() -> None:
+    wire = json.dumps({**final("Hi.").to_dict(), "end": 2, "server": "edge-asr"})
+    assert read_message(wire) == Final("Hi.", 1, 10, 20, 30, 0.0, 2.0)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        b"\xff\xfe",
+        "[1, 2]",
+        '{"text": "no type"}',
+        '{"type": "shout", "text": "hi"}',
+        '{"type": "final", "text": "x"}',
+        '{"type": "partial", "text": 1, "stable": "", "utterance": 1, "asr_ms": 1, "e2e_ms": 1}',
+        '{"type": "done", "utterances": true}',
+    ],
+)
+def test_a_malformed_server_message_becomes_a_bad_message_error(raw: str | bytes) -> None:
+    message = read_message(raw)
+    assert isinstance(message, SessionError)
+    assert message.code == "bad_message"
+
+
+END = json.dumps({"type": "end"})
+READY = Ready(session=1, sample_rate=16000, language="en", max_frame_bytes=65536).to_json()
+
+
+async def replay_through_websocket(before: Sequence[str], after_end: Sequence[str]) -> Playback:
+    """Replay 0.1 s of silence through a WebSocket server that sends `before` at once and `after_end` after `end`."""
+
+    async def handler(ws: ServerConnection) -> None:
+        for raw in before:
+            await ws.send(raw)
+        async for message in ws:
+            if message == END:
+                for raw in after_end:
+                    await ws.send(raw)
+                return
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        transport = WebSocketTransport(f"ws://127.0.0.1:{port}", Replay(realtime=False, trailing_silence_s=0.0))
+        return await transport.play(bytes(3200))
+
+
+@pytest.mark.fast
+async def test_a_malformed_message_from_a_websocket_server_is_a_clip_error() -> None:
+    replay = await replay_through_websocket(
+        [READY, partial("Turn on").to_json(), '{"type": "partial", "text": "Turn"}'],
+        [final("Turn on the lights.").to_json(), Done(1).to_json()],
+    )
+
+    events = [item.event for item in replay.events]
+    assert events[0] == partial("Turn on")
+    assert isinstance(events[1], SessionError)
+    assert events[1].code == "bad_message"
+    assert events[2:] == [final("Turn on the lights."), Done(1)]
+    assert len(replay.sent) == 5
+    result = score_clip(Clip("c", Path("c.wav"), "turn on the lights", 0.1), replay, None)
+    assert (result.hypothesis, result.word_errors) == ("Turn on the lights.", 0)
+    assert [error.split(":")[0] for error in result.errors] == ["bad_message"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        (partial("hi").to_json(), "no_ready"),
+        ('{"type": "ready", "session": 1}', "bad_message"),
+        (SessionError("busy", "too many sessions").to_json(), "busy"),
+    ],
+)
+async def test_a_websocket_server_that_does_not_start_with_ready_fails_the_clip(first: str, code: str) -> None:
+    replay = await replay_through_websocket([first], [])
+
+    assert [item.event.code for item in replay.events if isinstance(item.event, SessionError)] == [code]
+    assert len(replay.events) == 1
+    assert replay.sent == ()
+
+
+@pytest.mark.fast
+async def test_a_websocket_server_that_closes_before_done_fails_the_clip() -> None:
+    replay = await replay_through_websocket([READY], [final("Hi.").to_json()])
+
+    assert [item.event for item in replay.events][:1] == [final("Hi.")]
+    assert [item.event.code for item in replay.events if isinstance(item.event, SessionError)] == ["closed"]
+
+
+@pytest.mark.fast
 def test_speech_span_of_silence_is_none() -> None:
     assert speech_span(bytes(32000), StreamSettings()) is None
 
@@ -227,6 +315,7 @@ def clip_result(name: str, reference: str, hypothesis: str, errors: int, lags: t
     )
 
 
+@pytest.mark.fast
 def test_summarize_counts_insertions_on_no_speech_clips_and_hallucinations() -> None:
     summary = summarize(
         [
@@ -244,6 +333,7 @@ def test_summarize_counts_insertions_on_no_speech_clips_and_hallucinations() -> 
     assert summary.audio_s == pytest.approx(8.0)
 
 
+@pytest.mark.fast
 def test_wyoming_replies_of_a_streaming_server_end_at_transcript_stop() -> None:
     replies = WyomingReplies()
     answered = [
@@ -264,6 +354,7 @@ def test_wyoming_replies_of_a_streaming_server_end_at_transcript_stop() -> None:
     ]
 
 
+@pytest.mark.fast
 def test_wyoming_replies_of_a_server_that_does_not_stream_end_at_the_transcript_or_an_error() -> None:
     replies = WyomingReplies()
     assert replies.add(T0, WyomingReply("transcript", "Hi.")) is True
@@ -277,6 +368,7 @@ def test_wyoming_replies_of_a_server_that_does_not_stream_end_at_the_transcript_
     assert [item.event for item in streaming.received] == [SessionError("error", "decode failed")]
 
 
+@pytest.mark.fast
 def test_a_replay_without_server_timings_reports_none() -> None:
     clip = Clip("c", Path("c.wav"), "turn on the lights", 2.5)
     events: list[tuple[float, Event]] = [(T0 + 1.0, partial("Turn on")), (T0 + 2.9, final("Turn on the lights."))]
@@ -287,7 +379,7 @@ def test_a_replay_without_server_timings_reports_none() -> None:
     assert (result.ttct_ms, result.e2e_partial_ms, result.e2e_final_ms) == ((), (), ())
     assert result.end_to_final_ms == pytest.approx(400.0)
     assert result.first_partial_ms == pytest.approx(500.0)
-    assert len(result.word_lag_ms) == 4 and result.word_errors == 0
+    assert (len(result.word_lag_ms), result.word_errors) == (4, 0)
     summary = summarize([result])
     assert (summary.ttct_p50_ms, summary.e2e_partial_p50_ms, summary.e2e_final_p50_ms) == (None, None, None)
     assert summary.end_to_final_p50_ms == pytest.approx(400.0)
@@ -306,6 +398,7 @@ def write_clip(directory: Path, name: str, text: str | None, rate: int = 16000, 
         (directory / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
 
 
+@pytest.mark.fast
 def test_load_corpus_sorts_filters_and_limits(tmp_path: Path) -> None:
     for name in ("cmd_b", "cmd_a", "other", "cmd_c"):
         write_clip(tmp_path, name, f"say {name}")
@@ -319,6 +412,7 @@ def test_load_corpus_sorts_filters_and_limits(tmp_path: Path) -> None:
     assert [clip.name for clip in load_corpus(tmp_path)] == ["cmd_a", "cmd_b", "cmd_c", "other"]
 
 
+@pytest.mark.fast
 def test_load_corpus_refuses_bad_input(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="not a directory"):
         load_corpus(tmp_path / "missing")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from edge_asr import __version__
 
-from .conftest import REPO, SPEECH_DIR, free_port, start_service
+from .server import free_port, start_service
+from .speech import REPO, SPEECH_DIR
 
 
 def _edge_asr(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -53,7 +54,8 @@ def test_a_bad_yaml_file_stops_start_up_naming_the_key(tmp_path: Path) -> None:
 def test_a_missing_model_directory_stops_start_up_with_a_clear_line(tmp_path: Path) -> None:
     result = _edge_asr("serve", "--port", "0", "--model", str(tmp_path / "no-such-model"))
     assert result.returncode == 1
-    assert "does not exist" in result.stderr and "model" in result.stderr
+    assert "does not exist" in result.stderr
+    assert "model" in result.stderr
 
 
 def _corpus(tmp_path: Path, *names: str) -> Path:
@@ -75,14 +77,18 @@ def test_bench_replays_a_corpus_and_reports_json(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
     streaming, offline = data["streaming"], data["offline"]
-    assert streaming["clips"] == 2 and streaming["no_speech_clips"] == 1
-    assert streaming["hallucinations"] == 0 and offline["hallucinations"] == 0
-    assert streaming["reference_words"] == 5 and offline["reference_words"] == 5
+    assert streaming["clips"] == 2
+    assert streaming["no_speech_clips"] == 1
+    assert streaming["hallucinations"] == 0
+    assert offline["hallucinations"] == 0
+    assert streaming["reference_words"] == 5
+    assert offline["reference_words"] == 5
     assert streaming["wer"] == streaming["word_errors"] / 5
     by_name = {clip["name"]: clip for clip in data["clips"]}
     assert by_name["silence_3s"]["hypothesis"] == ""
     assert by_name["asterisk_conf-hasjoin"]["hypothesis"]
-    assert data["resources"]["peak_rss_mb"] > 0 and data["resources"]["start_to_ready_s"] > 0
+    assert data["resources"]["peak_rss_mb"] > 0
+    assert data["resources"]["start_to_ready_s"] > 0
     assert "streaming" in result.stderr + result.stdout
 
 
@@ -100,11 +106,15 @@ def test_bench_measures_a_wyoming_server(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     streaming = data["streaming"]
     assert (data["protocol"], data["transport"]) == ("wyoming", uri)
-    assert streaming["clips"] == 2 and streaming["clip_errors"] == 0
-    assert streaming["hallucinations"] == 0 and streaming["reference_words"] == 5
+    assert streaming["clips"] == 2
+    assert streaming["clip_errors"] == 0
+    assert streaming["hallucinations"] == 0
+    assert streaming["reference_words"] == 5
     assert streaming["wer"] == streaming["word_errors"] / 5
-    assert streaming["end_to_final_p50_ms"] >= 0 and streaming["end_to_final_p90_ms"] >= 0
-    assert streaming["ttct_p50_ms"] is None and streaming["e2e_final_p50_ms"] is None
+    assert streaming["end_to_final_p50_ms"] >= 0
+    assert streaming["end_to_final_p90_ms"] >= 0
+    assert streaming["ttct_p50_ms"] is None
+    assert streaming["e2e_final_p50_ms"] is None
     by_name = {clip["name"]: clip for clip in data["clips"]}
     assert by_name["silence_3s"]["hypothesis"] == ""
     assert by_name["asterisk_conf-hasjoin"]["hypothesis"]

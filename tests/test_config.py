@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +15,20 @@ from edge_asr.config import (
     HttpSettings,
     LimitSettings,
     ModelSettings,
+    MqttSettings,
     Settings,
     StreamSettings,
+    _build_section,
+    _converter,
+    _section_keys,
     build_settings,
     env_overrides,
     load_settings,
     parse_assignments,
     read_yaml,
 )
+
+pytestmark = pytest.mark.fast
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -325,10 +333,12 @@ def test_valid_values_at_the_bounds_are_accepted() -> None:
 
 def test_numbers_given_as_strings_and_integral_floats_are_converted() -> None:
     settings = build_settings({"http": {"port": "8080"}, "limits": {"max_utterance_s": 20}, "model": {"threads": 4.0}})
-    assert settings.http.port == 8080 and type(settings.http.port) is int
+    assert settings.http.port == 8080
+    assert type(settings.http.port) is int
     assert settings.limits == LimitSettings(max_utterance_s=20.0)
     assert type(settings.limits.max_utterance_s) is float
-    assert settings.model.threads == 4 and type(settings.model.threads) is int
+    assert settings.model.threads == 4
+    assert type(settings.model.threads) is int
 
 
 # --- cross-field checks ------------------------------------------------------------------------
@@ -370,3 +380,297 @@ def test_wyoming_uri_is_checked() -> None:
     assert config_error({"wyoming": {"uri": "http://x:1"}}).startswith("wyoming.uri:")
     assert config_error({"wyoming": {"uri": "tcp://0.0.0.0"}}).startswith("wyoming.uri:")
     assert config_error({"wyoming": {"uri": "stdio://", "zeroconf": "edge-asr"}}).startswith("wyoming.zeroconf:")
+
+
+# --- MQTT: topics and the files the adapter reads -------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["topic_prefix", "discovery_prefix"])
+@pytest.mark.parametrize("value", ["", "///", "home/+/asr", "asr/#", "asr\0x"])
+def test_bad_topic_prefix_names_the_key_even_when_mqtt_is_disabled(key: str, value: str) -> None:
+    message = config_error({"mqtt": {"enabled": False, key: value}})
+    assert message.startswith(f"mqtt.{key}: {value!r} ")
+    assert "'+', '#' or NUL" in message
+
+
+def test_topic_prefixes_lose_their_outer_slashes() -> None:
+    mqtt = build_settings({"mqtt": {"topic_prefix": "/home/asr/", "discovery_prefix": "ha/"}}).mqtt
+    assert (mqtt.topic_prefix, mqtt.discovery_prefix) == ("home/asr", "ha")
+
+
+def mqtt_error(tmp_path: Path, environ: dict[str, str] | None = None, **mqtt: Any) -> str:
+    """The message of the ConfigError that an enabled MQTT section with these keys raises."""
+    with pytest.raises(ConfigError) as caught:
+        build_settings({"mqtt": {"enabled": True, **mqtt}}, environ=environ or {})
+    return str(caught.value)
+
+
+def enabled_mqtt(environ: dict[str, str] | None = None, **mqtt: Any) -> MqttSettings:
+    """The MQTT settings an enabled section with these keys gives."""
+    return build_settings({"mqtt": {"enabled": True, **mqtt}}, environ=environ or {}).mqtt
+
+
+def test_missing_password_file_names_the_key_and_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    assert mqtt_error(tmp_path, password_file=str(missing)) == (
+        f"mqtt.password_file: cannot read {missing}: No such file or directory"
+    )
+
+
+@pytest.mark.parametrize("text", ["", "\n", "   \nsecret on the second line\n"])
+def test_empty_password_file_names_the_key(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "password"
+    path.write_text(text, encoding="utf-8")
+    message = mqtt_error(tmp_path, password_file=str(path))
+    assert message.startswith(f"mqtt.password_file: {path} is empty")
+
+
+def test_password_file_that_is_not_text_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "password"
+    path.write_bytes(b"\xff\xfe\x00binary\n")
+    assert mqtt_error(tmp_path, password_file=str(path)).startswith("mqtt.password_file:")
+
+
+def test_password_is_read_from_the_first_line_of_the_file_and_wins(tmp_path: Path) -> None:
+    path = tmp_path / "password"
+    path.write_text("  s3cret-from-file \r\nsecond line\n", encoding="utf-8")
+    settings = build_settings(
+        {"mqtt": {"enabled": True, "password": "inline-pass", "password_file": str(path)}}, environ={}
+    )
+    assert settings.mqtt.password == "s3cret-from-file"
+    assert settings.mqtt.password_file == str(path)
+
+
+def test_the_password_is_not_in_the_repr(tmp_path: Path) -> None:
+    path = tmp_path / "password"
+    path.write_text("s3cret-from-file\n", encoding="utf-8")
+    from_file = build_settings({"mqtt": {"enabled": True, "password_file": str(path)}}, environ={})
+    inline = build_settings({"mqtt": {"password": "inline-pass"}})
+    assert from_file.mqtt.password == "s3cret-from-file"
+    assert inline.mqtt.password == "inline-pass"
+    for text in (repr(from_file), str(from_file), repr(inline)):
+        assert "s3cret-from-file" not in text
+        assert "inline-pass" not in text
+    assert "password_file=" in repr(from_file)  # the repr itself still shows the other MQTT keys
+
+
+def test_a_bad_password_value_is_not_echoed() -> None:
+    message = config_error({"mqtt": {"password": ["hunter2"]}})
+    assert message.startswith("mqtt.password: expected str")
+    assert "hunter2" not in message
+
+
+def test_a_disabled_adapters_files_are_not_read(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope")
+    mqtt = build_settings(
+        {"mqtt": {"password_file": missing, "tls": True, "ca_file": missing, "key_file": missing}}, environ={}
+    ).mqtt
+    assert mqtt.password == ""
+    assert mqtt.ca_file == missing
+
+
+def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate and its unencrypted key, made by `openssl req`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=test", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def cert_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A certificate and its key (made once: RSA key generation takes a moment)."""
+    return make_cert(tmp_path_factory.mktemp("tls"), "client")
+
+
+@pytest.fixture(scope="module")
+def other_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A key that belongs to no certificate of cert_pair."""
+    return make_cert(tmp_path_factory.mktemp("other"), "other")[1]
+
+
+def test_a_real_certificate_and_key_are_accepted(cert_pair: tuple[Path, Path]) -> None:
+    cert, key = cert_pair
+    mqtt = enabled_mqtt(tls=True, ca_file=str(cert), cert_file=str(cert), key_file=str(key))
+    assert (mqtt.ca_file, mqtt.cert_file, mqtt.key_file) == (str(cert), str(cert), str(key))
+
+
+def test_a_key_inside_the_certificate_file_is_accepted(tmp_path: Path, cert_pair: tuple[Path, Path]) -> None:
+    cert, key = cert_pair
+    both = tmp_path / "both.pem"
+    both.write_text(cert.read_text() + key.read_text())
+    assert enabled_mqtt(tls=True, cert_file=str(both)).cert_file == str(both)
+
+
+def test_bad_ca_file_names_the_key(tmp_path: Path) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    message = mqtt_error(tmp_path, tls=True, ca_file=str(garbage))
+    assert message.startswith(f"mqtt.ca_file: {garbage} holds no CA certificate")
+    missing = tmp_path / "nope.pem"
+    assert mqtt_error(tmp_path, tls=True, ca_file=str(missing)) == (
+        f"mqtt.ca_file: cannot read {missing}: No such file or directory"
+    )
+
+
+def test_bad_tls_files_are_only_checked_with_tls_on(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pem")
+    assert enabled_mqtt(tls=False, ca_file=missing, cert_file=missing).ca_file == missing
+
+
+def test_certificate_problems_name_the_right_key(tmp_path: Path, cert_pair: tuple[Path, Path], other_key: Path) -> None:
+    cert, key = cert_pair
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage\n")
+    missing = tmp_path / "nope.pem"
+    assert mqtt_error(tmp_path, tls=True, cert_file=str(garbage), key_file=str(key)).startswith(
+        f"mqtt.cert_file: {garbage} holds no certificate"
+    )
+    assert mqtt_error(tmp_path, tls=True, cert_file=str(missing), key_file=str(key)).startswith(
+        f"mqtt.cert_file: cannot read {missing}"
+    )
+    assert mqtt_error(tmp_path, tls=True, cert_file=str(cert), key_file=str(garbage)).startswith(
+        f"mqtt.key_file: {garbage} holds no unencrypted private key"
+    )
+    assert mqtt_error(tmp_path, tls=True, cert_file=str(cert), key_file=str(missing)).startswith(
+        f"mqtt.key_file: cannot read {missing}"
+    )
+    mismatch = mqtt_error(tmp_path, tls=True, cert_file=str(cert), key_file=str(other_key))
+    assert mismatch.startswith(f"mqtt.key_file: {other_key} holds no unencrypted private key for mqtt.cert_file")
+    assert "mismatch" in mismatch
+
+
+def test_certificate_without_a_key_is_refused(cert_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    cert, key = cert_pair
+    assert mqtt_error(tmp_path, tls=True, cert_file=str(cert)).startswith(
+        f"mqtt.cert_file: {cert} holds no unencrypted private key"
+    )
+    assert mqtt_error(tmp_path, tls=True, key_file=str(key)).startswith("mqtt.key_file: needs mqtt.cert_file")
+
+
+def test_an_encrypted_key_is_refused_without_a_prompt(tmp_path: Path, cert_pair: tuple[Path, Path]) -> None:
+    cert, key = cert_pair
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:abcd", "-out", str(encrypted)],
+        check=True,
+        capture_output=True,
+    )
+    assert mqtt_error(tmp_path, tls=True, cert_file=str(cert), key_file=str(encrypted)).startswith(
+        f"mqtt.key_file: {encrypted} holds no unencrypted private key"
+    )
+
+
+def test_relative_credential_files_are_looked_up_in_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials, workdir = tmp_path / "credentials", tmp_path / "work"
+    make_cert(credentials, "client")
+    workdir.mkdir()
+    (credentials / "mqtt-password").write_text("from-credentials\n")
+    (workdir / "mqtt-password").write_text("from-workdir\n")
+    monkeypatch.chdir(workdir)
+    keys = {"password_file": "mqtt-password", "tls": True, "cert_file": "client-cert.pem", "key_file": "client-key.pem"}
+    mqtt = enabled_mqtt({"CREDENTIALS_DIRECTORY": str(credentials)}, **keys)
+    assert mqtt.password == "from-credentials"
+    assert mqtt.password_file == str(credentials / "mqtt-password")
+    assert (mqtt.cert_file, mqtt.key_file) == (
+        str(credentials / "client-cert.pem"),
+        str(credentials / "client-key.pem"),
+    )
+    # Without systemd's credentials a relative path is relative to the working directory.
+    assert enabled_mqtt({}, password_file="mqtt-password").password == "from-workdir"
+    # An absolute path is never redirected.
+    absolute = str(workdir / "mqtt-password")
+    assert enabled_mqtt({"CREDENTIALS_DIRECTORY": str(credentials)}, password_file=absolute).password == "from-workdir"
+    # A credential that is not there is not looked for elsewhere.
+    assert mqtt_error(tmp_path, {"CREDENTIALS_DIRECTORY": str(workdir)}, tls=True, cert_file="client-cert.pem") == (
+        f"mqtt.cert_file: cannot read {workdir / 'client-cert.pem'}: No such file or directory"
+    )
+
+
+def test_load_settings_passes_its_environment_on(tmp_path: Path) -> None:
+    (tmp_path / "mqtt-password").write_text("from-credentials\n")
+    environ = {
+        "EDGE_ASR_MQTT_ENABLED": "yes",
+        "EDGE_ASR_MQTT_PASSWORD_FILE": "mqtt-password",
+        "CREDENTIALS_DIRECTORY": str(tmp_path),
+    }
+    assert load_settings(None, environ=environ).mqtt.password == "from-credentials"
+
+
+# --- field types -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A section with the field types no real setting uses yet."""
+
+    limit: int | None = field(default=None, metadata={"low": 1, "high": 10})
+    names: tuple[str, ...] = ()
+
+
+def sample(values: dict[str, Any]) -> Sample:
+    """Sample built from raw values the way a real section is."""
+    return _build_section("sample", Sample, _section_keys(Sample), values)
+
+
+def test_optional_int_takes_null_and_numbers() -> None:
+    assert sample({"limit": None}).limit is None
+    assert sample({"limit": 7}).limit == 7
+    assert sample({"limit": " 7 "}).limit == 7
+    assert sample({}).limit is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"), [("", "expected int or null"), ("x", "expected int or null"), (11, "maximum")]
+)
+def test_optional_int_rejects_non_numbers_and_keeps_its_bounds(raw: Any, words: str) -> None:
+    with pytest.raises(ConfigError, match=r"^sample\.limit: ") as caught:
+        sample({"limit": raw})
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (["a", " b ", "", "c"], ("a", "b", "c")),
+        ("a, b,,c ,", ("a", "b", "c")),  # as the environment or --set give it
+        ("http://x:1", ("http://x:1",)),
+        ("", ()),
+        ([], ()),
+        ([10, "192.168.0.0/16"], ("10", "192.168.0.0/16")),
+    ],
+)
+def test_string_tuple_takes_a_list_or_a_comma_separated_string(raw: Any, expected: tuple[str, ...]) -> None:
+    assert sample({"names": raw}).names == expected
+
+
+@pytest.mark.parametrize("raw", [None, True, 3, {"a": "b"}, ["a", ["b"]], ["a", None], [False]])
+def test_string_tuple_rejects_other_values(raw: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^sample\.names: expected a list of strings, got "):
+        sample({"names": raw})
+
+
+@pytest.mark.parametrize("kind", [dict[str, int], list[str], int | str, tuple[str, int], tuple[int, ...], bytes, Any])
+def test_an_unknown_field_type_fails_loudly(kind: Any) -> None:
+    with pytest.raises(TypeError, match="no converter"):
+        _converter(kind)
+
+
+def test_an_unknown_field_type_names_the_field() -> None:
+    @dataclass(frozen=True)
+    class Bad:
+        """A section with a field type the converter does not know."""
+
+        weights: dict[str, int] = field(default_factory=dict)
+
+    with pytest.raises(TypeError, match=r"^Bad\.weights: no converter for the field type dict\[str, int\]"):
+        _section_keys(Bad)

@@ -3,61 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
+from collections.abc import AsyncIterator
 
 import pytest
 
-from edge_asr.agreement import Word
-from edge_asr.audio import SAMPLE_RATE, FloatAudio
+from edge_asr.api import AudioFormatError, EngineBusy, EngineNotReady
 from edge_asr.config import Settings, build_settings
-from edge_asr.engine import AudioFormatError, Engine, EngineBusy, EngineNotReady
+from edge_asr.engine import Engine
 from edge_asr.events import Done, Event, Final, SessionError
-from edge_asr.model import Transcript
 
-from .conftest import read_pcm, reference
-from .wsclient import normalise
+from .fakes import ScriptedTranscriber
+from .speech import normalise, read_pcm, reference
 
 
 def _settings(**limits: int) -> Settings:
     return build_settings({"model": {"threads": 1, "workers": 1}, "limits": dict(limits)})
 
 
-class ScriptedTranscriber:
-    """Says "word" for every second of audio it is given, and records what it was asked."""
-
-    name = "scripted"
-    languages = ("en",)
-
-    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
-        self.delay_s = delay_s
-        self.fail = fail
-        self.calls: list[float] = []
-        self.concurrent = 0
-        self.max_concurrent = 0
-        self._lock = threading.Lock()
-
-    def warm_up(self) -> float:
-        return 1.0
-
-    def decode(self, audio: FloatAudio, prompt: str, language: str) -> Transcript:
-        with self._lock:
-            self.concurrent += 1
-            self.max_concurrent = max(self.max_concurrent, self.concurrent)
-        try:
-            time.sleep(self.delay_s)
-            self.calls.append(len(audio) / SAMPLE_RATE)
-            if self.fail:
-                raise RuntimeError("scripted failure")
-            seconds = int(len(audio) / SAMPLE_RATE)
-            return Transcript(tuple(Word(i + 0.1, i + 0.9, " word") for i in range(seconds)), 5.0)
-        finally:
-            with self._lock:
-                self.concurrent -= 1
-
-
-async def _drain(events: list[Event], stream: object) -> None:
-    async for event in stream:  # type: ignore[attr-defined]
+async def _drain(events: list[Event], stream: AsyncIterator[Event]) -> None:
+    async for event in stream:
         events.append(event)
 
 
@@ -84,8 +48,8 @@ async def test_odd_byte_counts_are_refused_whole() -> None:
     try:
         async with engine.session("test") as session:
             with pytest.raises(AudioFormatError):
-                await session.feed(b"\x00\x01\x02")
-            assert session._state.stream_s == 0
+                session.feed(b"\x00\x01\x02")
+            assert session.audio_s == 0
     finally:
         await engine.stop()
 
@@ -100,13 +64,14 @@ async def test_a_session_never_has_more_than_one_decode_and_finals_come_out() ->
             reader = asyncio.create_task(_drain(events, session.events()))
             pcm = read_pcm("asterisk_conf-onlyone")
             for offset in range(0, len(pcm), 3200):
-                await session.feed(pcm[offset : offset + 3200])
+                session.feed(pcm[offset : offset + 3200])
                 await asyncio.sleep(0.01)
             final = await session.finish()
             session.close()
             await reader
         assert transcriber.max_concurrent == 1
-        assert isinstance(final, Final) and "word" in final.text
+        assert isinstance(final, Final)
+        assert "word" in final.text
         assert isinstance(events[-1], Done)
     finally:
         await engine.stop()
@@ -120,14 +85,14 @@ async def test_a_failing_decode_is_reported_and_the_engine_keeps_serving() -> No
         async with engine.session("test") as session:
             events: list[Event] = []
             reader = asyncio.create_task(_drain(events, session.events()))
-            await session.feed(read_pcm("cmd_piper_joe_01"))
+            session.feed(read_pcm("cmd_piper_joe_01"))
             await session.finish()
             session.close()
             await reader
         assert any(isinstance(e, SessionError) and e.code == "decode_failed" for e in events)
         transcriber.fail = False
         async with engine.session("test") as session:
-            await session.feed(read_pcm("cmd_piper_joe_01"))
+            session.feed(read_pcm("cmd_piper_joe_01"))
             assert await session.finish() is not None
     finally:
         await engine.stop()
@@ -137,14 +102,15 @@ async def test_the_real_model_finishes_audio_fed_faster_than_real_time() -> None
     engine = Engine(_settings())
     await engine.start()
     try:
-        assert engine.health().ready and engine.health().languages == ("en",)
+        assert engine.health().ready
+        assert engine.health().languages == ("en",)
         async with engine.session("test") as session:
-            await session.feed(read_pcm("asterisk_conf-onlyone"))
+            session.feed(read_pcm("asterisk_conf-onlyone"))
             final = await session.finish()
             assert final is not None
             assert normalise(final.text) == normalise(reference("asterisk_conf-onlyone"))
         async with engine.session("test") as session:
-            await session.feed(read_pcm("silence_3s"))
+            session.feed(read_pcm("silence_3s"))
             assert await session.finish() is None
     finally:
         await engine.stop()

@@ -13,8 +13,8 @@ from selenium.webdriver.chrome.service import Service as ChromeDriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from .conftest import Service, http_get, read_pcm, reference
-from .wsclient import normalise
+from .server import Service, http_get
+from .speech import normalise, read_pcm, reference
 
 CLIP = "asterisk_conf-onlyone"
 
@@ -33,7 +33,8 @@ def _microphone_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and chromedriver, "the live page test needs Debian's chromium and chromium-driver"
+    assert chromium, "the live page test needs Debian's chromium: script/test installs it"
+    assert chromedriver, "the live page test needs Debian's chromium-driver: script/test installs it"
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in (
@@ -66,7 +67,9 @@ def _final_texts(driver: webdriver.Chrome) -> list[str]:
 
 def test_the_page_streams_the_microphone_and_shows_the_final(service: Service, browser: webdriver.Chrome) -> None:
     status, page = http_get(f"{service.base_url}/")
-    assert status == 200 and isinstance(page, str) and "Start microphone" in page
+    assert status == 200
+    assert isinstance(page, str)
+    assert "Start microphone" in page
     browser.get(f"{service.base_url}/")
     browser.find_element(By.ID, "toggle").click()
 
@@ -74,4 +77,6 @@ def test_the_page_streams_the_microphone_and_shows_the_final(service: Service, b
     WebDriverWait(browser, 60).until(lambda driver: expected in [normalise(t) for t in _final_texts(driver)])
 
     timing = browser.find_element(By.CSS_SELECTOR, "#finals p.final small").text
-    assert "asr" in timing and "e2e" in timing and "ttct" in timing
+    assert "asr" in timing
+    assert "e2e" in timing
+    assert "ttct" in timing

@@ -8,34 +8,39 @@ import pytest
 
 from edge_asr.audio import pcm16_to_float
 from edge_asr.config import ModelSettings
-from edge_asr.model import ModelError, WhisperTranscriber, bundled_model_dir, resolve_model
+from edge_asr.model import ModelError, WhisperTranscriber, bundled_model_dir, languages_of, resolve_model
 
-from .conftest import read_pcm, reference
-from .wsclient import normalise
+from .speech import normalise, read_pcm, reference, silence
 
 
+@pytest.mark.fast
 def test_tiny_en_resolves_to_the_bundled_package_directory() -> None:
     bundled = bundled_model_dir()
-    assert bundled is not None and (bundled / "model.bin").is_file()
+    assert bundled is not None
+    assert (bundled / "model.bin").is_file()
     assert resolve_model("tiny.en") == str(bundled)
 
 
+@pytest.mark.fast
 def test_a_model_directory_resolves_to_itself() -> None:
     bundled = bundled_model_dir()
     assert bundled is not None
     assert resolve_model(str(bundled)) == str(bundled)
 
 
+@pytest.mark.fast
 def test_a_directory_without_model_bin_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"model: directory .* has no model\.bin"):
         resolve_model(str(tmp_path))
 
 
+@pytest.mark.fast
 def test_a_missing_directory_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.fast
 def test_other_size_names_are_left_to_faster_whisper() -> None:
     assert resolve_model("base.en") == "base.en"
 
@@ -51,13 +56,44 @@ def test_the_bundled_model_loaded_by_directory_transcribes_speech() -> None:
     text = "".join(word.text for word in transcript.words)
     assert normalise(text) == normalise(reference("asterisk_conf-onlyone"))
     ends = [word.end for word in transcript.words]
-    assert ends == sorted(ends) and 0 < ends[-1] <= 6.0
+    assert ends == sorted(ends)
+    assert 0 < ends[-1] <= 6.0
     assert all(word.start <= word.end for word in transcript.words)
 
 
-def test_a_shortened_encoder_floor_still_transcribes() -> None:
+def test_a_shortened_encoder_floor_is_applied_and_still_transcribes() -> None:
     transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1, encoder_floor_s=10.0))
+    clip = read_pcm("asterisk_conf-onlyone")
+
+    short = transcriber.decode(pcm16_to_float(clip), "", "en")
+    longer = transcriber.decode(pcm16_to_float(silence(10.0) + clip), "", "en")
+
+    # The override of faster-whisper's encode() must run: a short window is encoded as the floor, a longer
+    # one as itself, never as Whisper's padded 30 s.
+    assert short.encoder_s == 10.0
+    assert longer.encoder_s == pytest.approx(10.0 + len(clip) / 32000, abs=0.02)
+    assert normalise("".join(word.text for word in short.words)) == normalise(reference("asterisk_conf-onlyone"))
+
+
+def test_the_whisper_floor_encodes_the_padded_30_s() -> None:
+    transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1, encoder_floor_s=30.0))
 
     transcript = transcriber.decode(pcm16_to_float(read_pcm("asterisk_conf-onlyone")), "", "en")
 
-    assert normalise("".join(word.text for word in transcript.words)) == normalise(reference("asterisk_conf-onlyone"))
+    assert transcript.encoder_s == 30.0
+
+
+@pytest.mark.fast
+def test_languages_are_known_from_the_model_files_before_it_loads(tmp_path: Path) -> None:
+    multilingual = tmp_path / "multilingual"
+    multilingual.mkdir()
+    (multilingual / "model.bin").write_bytes(b"")
+    tokens = [f"token{index}" for index in range(51865 - 6)]
+    tokens += ["<|startoftranscript|>", "<|en|>", "<|de|>", "<|haw|>", "<|translate|>", "<|nocaptions|>"]
+    (multilingual / "vocabulary.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+
+    assert languages_of("tiny.en") == ("en",)
+    assert languages_of(str(multilingual)) == ("en", "de", "haw")
+    assert languages_of("base.en") == ("en",)
+    assert languages_of("small") == (), "a multilingual size name not downloaded yet is known once it loads"
+    assert languages_of(str(tmp_path / "nowhere")) == ()

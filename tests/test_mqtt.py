@@ -4,33 +4,26 @@ adapters, availability and its last will, Home Assistant discovery, a broker res
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from wyoming.asr import Transcribe, TranscriptStop
 from wyoming.client import AsyncTcpClient
 
-from .conftest import Service, free_port, read_pcm, reference, start_service, stop_process
-from .test_wyoming import _read_until, _send_clip
-from .wsclient import finals, normalise, transcribe
+from .broker import WAIT_S, Broker, Message, make_broker, subscribed
+from .server import Service, start_service
+from .speech import normalise, read_pcm, reference
+from .wsclient import finals, transcribe
+from .wyoming_client import read_until, send_clip
 
-MOSQUITTO = Path("/usr/sbin/mosquitto")
 MOSQUITTO_PASSWD = Path("/usr/bin/mosquitto_passwd")
-WAIT_S = 30.0
 FINAL_FIELDS = {
+    "type",
     "text",
     "utterance",
     "session",
@@ -44,128 +37,19 @@ FINAL_FIELDS = {
     "ttct_ms",
     "timestamp",
 }
-PARTIAL_FIELDS = {"text", "stable", "utterance", "session", "site", "adapter", "asr_ms", "e2e_ms", "timestamp"}
-
-
-@dataclass
-class Broker:
-    """A mosquitto process on a loopback port, stoppable and restartable on the same port."""
-
-    conf: Path
-    port: int
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert MOSQUITTO.exists(), "the MQTT tests need Debian's mosquitto: script/test installs it"
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"mosquitto did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process, timeout_s=10)
-
-
-def make_broker(directory: Path, *lines: str, anonymous: bool = True) -> Broker:
-    """Write a mosquitto config for a free port and start the broker."""
-    port = free_port()
-    conf = directory / f"mosquitto-{port}.conf"
-    settings = [f"listener {port} 127.0.0.1", f"allow_anonymous {'true' if anonymous else 'false'}", *lines]
-    if os.geteuid() == 0:  # mosquitto would otherwise switch to its own user, who cannot read the test files
-        settings.append("user root")
-    if not any(line.startswith("persistence ") for line in lines):
-        settings.append("persistence false")
-    conf.write_text("\n".join(settings) + "\n")
-    broker = Broker(conf, port, directory / f"mosquitto-{port}.log")
-    broker.start()
-    return broker
-
-
-@dataclass(frozen=True)
-class Message:
-    """A message the test subscriber received."""
-
-    topic: str
-    payload: str
-    retain: bool
-
-    def json(self) -> Any:
-        return json.loads(self.payload)
-
-
-@dataclass
-class Subscriber:
-    """A paho client that records everything on its topics; it subscribes again after each reconnect."""
-
-    port: int
-    topics: tuple[str, ...] = ("edge_asr/#", "homeassistant/#")
-    client_id: str = ""
-    persistent: bool = False
-    messages: list[Message] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=not self.persistent,
-        )
-        self._client.on_connect = lambda client, *_: client.subscribe([(t, 1) for t in self.topics])
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
-        self._client.on_message = self._record
-        self._client.reconnect_delay_set(1, 1)
-        self._client.connect("127.0.0.1", self.port)
-        self._client.loop_start()
-        assert self._subscribed.wait(10), "test subscriber could not subscribe"
-
-    def _record(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(Message(message.topic, message.payload.decode(), bool(message.retain)))
-
-    def wait_for(self, found: Callable[[list[Message]], bool], timeout_s: float = WAIT_S) -> list[Message]:
-        """The messages so far, once `found` accepts them; fails after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self._lock:
-                messages = list(self.messages)
-            if found(messages):
-                return messages
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not found in {len(messages)} messages: {[m.topic for m in messages]}")
-            time.sleep(0.05)
-
-    def on(self, topic: str, timeout_s: float = WAIT_S) -> Message:
-        """The first message on `topic`, waiting for it."""
-        messages = self.wait_for(lambda got: any(m.topic == topic for m in got), timeout_s)
-        return next(m for m in messages if m.topic == topic)
-
-    def publish(self, topic: str, payload: str) -> None:
-        self._client.publish(topic, payload, qos=1).wait_for_publish(10)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-@contextmanager
-def subscribed(port: int, **options: Any) -> Iterator[Subscriber]:
-    """A test subscriber, closed at the end."""
-    subscriber = Subscriber(port, **options)
-    try:
-        yield subscriber
-    finally:
-        subscriber.close()
+PARTIAL_FIELDS = {
+    "type",
+    "text",
+    "stable",
+    "utterance",
+    "session",
+    "site",
+    "adapter",
+    "language",
+    "asr_ms",
+    "e2e_ms",
+    "timestamp",
+}
 
 
 def mqtt_component(service: Service) -> dict[str, Any]:
@@ -221,7 +105,8 @@ def test_a_websocket_final_arrives_on_its_site_topic_with_partials_before_it(ser
         event_config = subscriber.on("homeassistant/event/edge-asr_kitchen/config").json()
 
     assert set(final) == FINAL_FIELDS
-    assert final["text"] == sent["text"] and normalise(final["text"]) == normalise(reference(clip))
+    assert final["text"] == sent["text"]
+    assert normalise(final["text"]) == normalise(reference(clip))
     assert (final["site"], final["adapter"], final["language"]) == ("kitchen", "websocket", "en")
     for key in ("utterance", "start", "end", "asr_ms", "e2e_ms", "ttct_ms"):
         assert final[key] == sent[key], key
@@ -239,8 +124,8 @@ def test_a_wyoming_final_arrives_on_the_site_from_its_context(service: Service, 
     async def speak() -> None:
         async with AsyncTcpClient("127.0.0.1", service.wyoming_port) as client:
             await client.write_event(Transcribe(language="en", context={"site": "living room"}).event())
-            reader = asyncio.create_task(_read_until(client, TranscriptStop().event().type))
-            await _send_clip(client, read_pcm(clip))
+            reader = asyncio.create_task(read_until(client, TranscriptStop().event().type))
+            await send_clip(client, read_pcm(clip))
             await reader
 
     with subscribed(broker.port) as subscriber:
@@ -269,12 +154,15 @@ def test_availability_is_retained_and_discovery_describes_the_site(service: Serv
     assert event_config["event_types"] == ["final"]
     assert event_config["state_topic"] == sensor_config["json_attributes_topic"] == "edge_asr/default/final"
     assert event_config["availability_topic"] == sensor_config["availability_topic"] == "edge_asr/status"
-    assert "event_type" in event_config["value_template"] and "255" in sensor_config["value_template"]
+    assert "event_type" in event_config["value_template"]
+    assert "255" in sensor_config["value_template"]
     assert event_config["unique_id"] != sensor_config["unique_id"]
     device = event_config["device"]
     assert device == sensor_config["device"]
-    assert device["identifiers"] == ["edge_asr_edge-asr"] and device["name"] == "edge-asr"
-    assert device["model"] == "tiny.en" and device["sw_version"]
+    assert device["identifiers"] == ["edge_asr_edge-asr"]
+    assert device["name"] == "edge-asr"
+    assert device["model"] == "tiny.en"
+    assert device["sw_version"]
 
 
 def test_the_last_will_says_offline_when_the_service_is_killed(tmp_path: Path, broker: Broker) -> None:
@@ -355,5 +243,6 @@ def test_wrong_credentials_leave_the_service_serving_and_health_says_why(tmp_pat
 
     assert component["healthy"] is False
     assert component["state"] in ("refused: not authorized", "refused: bad user name or password")
-    assert "refused the connection" in refused.log() and "mqtt.username" in refused.log()
+    assert "refused the connection" in refused.log()
+    assert "mqtt.username" in refused.log()
     assert accepted_component["state"] == "connected"

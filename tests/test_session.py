@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import wave
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cache
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,33 +17,15 @@ from edge_asr.events import Event, Final, Partial
 from edge_asr.session import DecodeRequest, StreamSession
 from edge_asr.vad import FRAME_BYTES, VadGate
 
-SPEECH_DIR = Path(os.environ.get("SHARED_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech"))
-RATE = 16_000
-BYTES_PER_S = RATE * 2
+from .speech import BYTES_PER_S, RATE, read_pcm, reference, silence
+
+pytestmark = pytest.mark.fast
+
 CHUNK_BYTES = 640  # 20 ms
 CHUNK_S = CHUNK_BYTES / BYTES_PER_S
 ASR_S = 0.012  # what the fake model "takes": the fake clock moves on by this much per decode
 
 Script = list[tuple[str, float, float]]
-
-
-@cache
-def read_pcm(name: str) -> bytes:
-    """The s16le frames of a 16 kHz mono WAV from the shared speech folder."""
-    with wave.open(str(SPEECH_DIR / f"{name}.wav"), "rb") as wav:
-        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (RATE, 1, 2)
-        return wav.readframes(wav.getnframes())
-
-
-@cache
-def transcript(name: str) -> str:
-    """The reference text of a speech file."""
-    return (SPEECH_DIR / f"{name}.txt").read_text(encoding="utf-8").strip()
-
-
-def silence(seconds: float) -> bytes:
-    """Digital silence of that duration."""
-    return b"\0\0" * round(seconds * RATE)
 
 
 def voiced_span(pcm: bytes) -> tuple[float, float]:
@@ -76,12 +54,12 @@ class Audio:
         speech = read_pcm(name)
         offset = len(self.pcm) / BYTES_PER_S
         first, last = voiced_span(speech)
-        tokens = transcript(name).split()
+        tokens = reference(name).split()
         step = (last - first) / len(tokens)
         for index, token in enumerate(tokens):
             start = offset + first + index * step
             self.script.append((token, start, start + step * 0.85))
-        self.texts.append(transcript(name))
+        self.texts.append(reference(name))
         self.pcm += speech
         return self
 
@@ -374,7 +352,8 @@ def test_a_repeated_hypothesis_gives_a_partial_only_for_what_it_commits() -> Non
     assert second.start_s == first.start_s
     [committing] = driver.apply(second, words)  # same text, but now committed
     assert isinstance(committing, Partial)
-    assert committing.text == partial.text and committing.stable == partial.text
+    assert committing.text == partial.text
+    assert committing.stable == partial.text
     driver.feed_until(2.2, audio.pcm)
     again = driver.request()
     assert driver.apply(again, words) == []  # nothing new at all: nothing to tell
@@ -418,7 +397,7 @@ def test_final_after_trailing_silence_has_the_full_text() -> None:
     voiced_end = last_voiced_end(audio.pcm)
     driver.feed(silence(1.0))
     [final] = driver.finals()
-    assert final.text == transcript("cmd_piper_joe_03")
+    assert final.text == reference("cmd_piper_joe_03")
     assert final.utterance == 1
     assert final.start <= 0.3 <= voiced_end <= final.end <= audio.seconds
     assert not driver.session.active
@@ -444,7 +423,7 @@ def test_final_comes_from_push_when_the_latest_hypothesis_covered_every_voiced_f
         final_events = driver.push(audio.pcm[len(driver.fed) : len(driver.fed) + CHUNK_BYTES])
     [final] = final_events
     assert isinstance(final, Final)
-    assert final.text == transcript("cmd_piper_joe_03")
+    assert final.text == reference("cmd_piper_joe_03")
     assert len(driver.requests) == count
     assert not any(r.final for r in driver.requests)
 
@@ -462,7 +441,7 @@ def test_final_comes_from_apply_when_the_request_in_flight_covers_every_voiced_f
         assert driver.push(audio.pcm[len(driver.fed) : len(driver.fed) + CHUNK_BYTES]) == []
     events = driver.apply(request)
     assert isinstance(events[-1], Final)
-    assert events[-1].text == transcript("cmd_piper_joe_03")
+    assert events[-1].text == reference("cmd_piper_joe_03")
     assert not driver.session.wants_decode()
     assert not any(r.final for r in driver.requests)
 
@@ -482,7 +461,7 @@ def test_final_is_decoded_when_the_latest_hypothesis_missed_the_end() -> None:
     events = driver.apply(request)
     [final] = events
     assert isinstance(final, Final)
-    assert final.text == transcript("cmd_piper_joe_03")
+    assert final.text == reference("cmd_piper_joe_03")
     assert not driver.session.active
 
 
@@ -495,7 +474,7 @@ def test_end_of_audio_gives_the_final() -> None:
     assert driver.session.active
     driver.end()
     [final] = driver.finals()
-    assert final.text == transcript("cmd_piper_joe_03")
+    assert final.text == reference("cmd_piper_joe_03")
     assert final.end >= 0.3 + len(speech) / BYTES_PER_S - CHUNK_S
     assert not driver.session.active
     assert driver.session.end_of_audio(driver.now) == []
@@ -516,7 +495,7 @@ def test_end_of_audio_of_a_covered_hypothesis_needs_no_decode() -> None:
     events = driver.end()
     [final] = events
     assert isinstance(final, Final)
-    assert final.text == transcript("cmd_piper_joe_03")
+    assert final.text == reference("cmd_piper_joe_03")
     assert final.ttct_ms == 0
     assert len(driver.requests) == count
     assert not driver.session.wants_decode()
@@ -540,8 +519,8 @@ def test_speech_after_end_of_audio_is_the_next_utterance() -> None:
     driver.feed(second.pcm[len(driver.fed) :])
     finals = driver.finals()
     assert [(f.utterance, f.text) for f in finals] == [
-        (1, transcript("cmd_piper_joe_03")),
-        (2, transcript("cmd_piper_joe_01")),
+        (1, reference("cmd_piper_joe_03")),
+        (2, reference("cmd_piper_joe_01")),
     ]
 
 
@@ -630,7 +609,8 @@ def test_ttct_counts_from_the_arrival_of_the_silence_start() -> None:
     driver.feed(audio.pcm)
     driver.end()
     first, second = [emitted for emitted in driver.log if isinstance(emitted.event, Final)]
-    assert isinstance(first.event, Final) and isinstance(second.event, Final)
+    assert isinstance(first.event, Final)
+    assert isinstance(second.event, Final)
     # Ended by silence: from when the last voiced frame arrived.
     silence_start_s = last_voiced_end(silence(0.3) + read_pcm("cmd_piper_joe_03"))
     assert first.event.ttct_ms == round((first.now - driver.arrival_of(silence_start_s)) * 1000)
@@ -736,5 +716,6 @@ def test_a_failed_final_decode_keeps_what_earlier_decodes_heard() -> None:
 
     [final] = driver.session.decode_failed(final_request, driver.now)
 
-    assert isinstance(final, Final) and final.text == heard
+    assert isinstance(final, Final)
+    assert final.text == heard
     assert not driver.session.active

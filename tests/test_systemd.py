@@ -17,8 +17,9 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-from .conftest import REPO, http_get, read_pcm, reference, start_service
-from .wsclient import finals, normalise, open_stream, send_audio
+from .server import http_get, start_service
+from .speech import REPO, normalise, read_pcm, reference
+from .wsclient import finals, open_stream, send_audio
 
 UNIT = REPO / "systemd" / "edge-asr.service"
 

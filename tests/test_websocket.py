@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import Service, http_get, read_pcm, reference, start_service
-from .wsclient import finals, normalise, open_stream, read_until_done, send_audio, transcribe
+from .server import Service, http_get, start_service
+from .speech import normalise, read_pcm, reference
+from .wsclient import finals, open_stream, read_until_done, send_audio, transcribe
 
 # Clips the bundled tiny.en transcribes word for word when it hears them whole.
 CLEAR_CLIPS = ("asterisk_conf-getconfno", "asterisk_conf-onlyone", "asterisk_conf-hasjoin")
@@ -95,7 +96,9 @@ def test_config_message_sets_the_prompt_and_bad_config_is_an_error(service: Serv
         ws.send(json.dumps({"type": "config", "prompt": "Conference call.", "language": "en"}))
         ws.send(json.dumps({"type": "config", "volume": 11}))
         error = json.loads(ws.recv(timeout=10))
-        assert error["type"] == "error" and error["code"] == "bad_config" and "volume" in error["message"]
+        assert error["type"] == "error"
+        assert error["code"] == "bad_config"
+        assert "volume" in error["message"]
         send_audio(ws, read_pcm("asterisk_conf-onlyone") + bytes(9600))
         ws.send(json.dumps({"type": "end"}))
         messages = read_until_done(ws)
@@ -129,13 +132,15 @@ def test_bad_frames_get_an_error_and_lose_nothing_else(service: Service, frame: 
 
 def test_an_oversized_frame_is_refused_with_close_code_1009(service: Service) -> None:
     status, health = service.health()
-    assert status == 200 and isinstance(health, dict)
+    assert status == 200
+    assert isinstance(health, dict)
     with open_stream(service.ws_url) as (ws, ready):
         ws.send(bytes(ready["max_frame_bytes"] + 2))
         error = json.loads(ws.recv(timeout=10))
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)
-    assert error["type"] == "error" and error["code"] == "frame_too_large"
+    assert error["type"] == "error"
+    assert error["code"] == "frame_too_large"
     assert ws.close_code == 1009
 
 
@@ -152,12 +157,18 @@ def test_health_and_metrics_describe_the_service(service: Service) -> None:
     transcribe(service.ws_url, read_pcm("asterisk_conf-leaderhasleft"))
 
     status, health = service.health()
-    assert status == 200 and isinstance(health, dict)
-    assert health["model"] == "tiny.en" and health["languages"] == ["en"]
-    assert health["ready"] is True and health["decodes"] > 0
-    assert isinstance(health["threads"], int) and health["threads"] >= 1
+    assert status == 200
+    assert isinstance(health, dict)
+    assert health["model"] == "tiny.en"
+    assert health["languages"] == ["en"]
+    assert health["ready"] is True
+    assert isinstance(health["decodes"], int)
+    assert health["decodes"] > 0
+    assert isinstance(health["threads"], int)
+    assert health["threads"] >= 1
     status, metrics = http_get(f"{service.base_url}/metrics")
-    assert status == 200 and isinstance(metrics, str)
+    assert status == 200
+    assert isinstance(metrics, str)
     assert 'edge_asr_events_total{type="final"}' in metrics
     assert "edge_asr_decode_seconds_bucket" in metrics
     assert "edge_asr_ttct_seconds_count" in metrics
@@ -179,7 +190,8 @@ def test_health_is_503_while_the_model_loads_then_200(tmp_path: Path) -> None:
             if status == 503 and isinstance(body, dict):
                 reasons.append(body["status"])
             time.sleep(0.01)
-        assert seen[0] == 503 and seen[-1] == 200
+        assert seen[0] == 503
+        assert seen[-1] == 200
         assert set(seen) == {503, 200}
         assert "loading model" in reasons
     finally:
@@ -188,14 +200,18 @@ def test_health_is_503_while_the_model_loads_then_200(tmp_path: Path) -> None:
 
 def test_language_tags_map_to_the_model_and_unknown_languages_are_refused(service: Service) -> None:
     with open_stream(f"{service.ws_url}?language=en-US") as (_ws, ready):
-        assert ready["type"] == "ready" and ready["language"] == "en"
+        assert ready["type"] == "ready"
+        assert ready["language"] == "en"
     with open_stream(f"{service.ws_url}?language=de") as (ws, refusal), pytest.raises(ConnectionClosed):
         ws.recv(timeout=10)
-    assert refusal["type"] == "error" and refusal["code"] == "bad_config" and "'de'" in refusal["message"]
+    assert refusal["type"] == "error"
+    assert refusal["code"] == "unsupported_language"
+    assert "'de'" in refusal["message"]
     with open_stream(service.ws_url) as (ws, _ready):
         ws.send(json.dumps({"type": "config", "language": "fr"}))
         error = json.loads(ws.recv(timeout=10))
-    assert error["code"] == "bad_config" and "'fr'" in error["message"]
+    assert error["code"] == "unsupported_language"
+    assert "'fr'" in error["message"]
 
 
 def test_audio_after_end_is_the_next_utterance(service: Service) -> None:
@@ -225,7 +241,8 @@ def test_sessions_above_the_limit_are_refused_as_busy_and_idle_ones_are_closed(t
         with open_stream(service.ws_url) as (_first, _ready), open_stream(service.ws_url) as (second, refusal):
             with pytest.raises(ConnectionClosed):
                 second.recv(timeout=10)
-            assert refusal["type"] == "error" and refusal["code"] == "busy"
+            assert refusal["type"] == "error"
+            assert refusal["code"] == "busy"
             assert second.close_code == 1013
         # the slot comes back once the first client leaves
         deadline = time.monotonic() + 10

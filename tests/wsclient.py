@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,11 +11,6 @@ from typing import Any
 from websockets.sync.client import ClientConnection, connect
 
 CHUNK_BYTES = 640  # 20 ms of 16 kHz s16le
-
-
-def normalise(text: str) -> str:
-    """Lower case words without punctuation."""
-    return " ".join(re.sub(r"[^\w' ]+", " ", text.lower()).split())
 
 
 @contextmanager

@@ -1,0 +1,169 @@
+"""The engine as the adapters see it: what they may ask of it and of a session, and its refusals.
+
+Adapters depend on these protocols only, never on the engine's classes, so they can be tested against a
+fake engine and the engine can change behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import Protocol
+
+from .events import Event, Final, SessionError, SessionInfo
+from .metrics import Metrics
+
+
+class EngineRefusal(Exception):
+    """A request the engine will not take; `REFUSAL_CODES` gives the error code every adapter sends."""
+
+
+class EngineBusy(EngineRefusal):
+    """All `limits.max_sessions` sessions are taken."""
+
+
+class EngineNotReady(EngineRefusal):
+    """The model is not loaded and warm yet."""
+
+
+class UnsupportedLanguage(EngineRefusal):
+    """A language the loaded model does not know."""
+
+
+class AudioFormatError(EngineRefusal):
+    """Audio that is not whole s16le samples."""
+
+
+# The one table of refusal → error code, the same on the WebSocket, Wyoming and MQTT.
+REFUSAL_CODES: Mapping[type[EngineRefusal], str] = MappingProxyType(
+    {
+        EngineBusy: "busy",
+        EngineNotReady: "not_ready",
+        UnsupportedLanguage: "unsupported_language",
+        AudioFormatError: "bad_audio",
+    }
+)
+
+
+def refusal_error(refusal: EngineRefusal) -> SessionError:
+    """The error event a client gets for a refusal."""
+    return SessionError(REFUSAL_CODES[type(refusal)], str(refusal))
+
+
+Listener = Callable[[SessionInfo, Event], None]
+
+
+@dataclass(frozen=True)
+class ComponentState:
+    """The state of a part outside the engine, such as the MQTT connection, for /health."""
+
+    name: str
+    state: str
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class Health:
+    """What /health reports."""
+
+    ready: bool
+    status: str
+    model: str
+    threads: int
+    workers: int
+    languages: tuple[str, ...]
+    sessions: int
+    max_sessions: int
+    uptime_s: float
+    last_decode_s_ago: float | None
+    decode_queue: int
+    decodes: int
+    components: tuple[ComponentState, ...]
+
+
+class SpeechSession(Protocol):
+    """One client's stream: feed audio, read events in order, finish."""
+
+    @property
+    def id(self) -> int:
+        """The session's number, unique in this process."""
+
+    @property
+    def language(self) -> str:
+        """The language its speech is decoded as."""
+
+    @property
+    def site(self) -> str:
+        """Where the speaker is (a room or satellite), for listeners such as MQTT."""
+
+    @property
+    def info(self) -> SessionInfo:
+        """Who this session's events belong to."""
+
+    @property
+    def has_open_utterance(self) -> bool:
+        """Speech was heard whose final is not out yet."""
+
+    def feed(self, pcm: bytes) -> None:
+        """Add 16 kHz mono s16le audio; raises AudioFormatError for a partial sample."""
+
+    async def finish(self) -> Final | None:
+        """End of audio: wait for the open utterance's final (None when nothing was said); `Done` follows."""
+
+    def set_prompt(self, prompt: str) -> None:
+        """Text that comes before this stream's speech, passed to the decoder."""
+
+    def set_site(self, site: str) -> None:
+        """Move the session to another site."""
+
+    def set_language(self, language: str) -> None:
+        """Switch the spoken language; raises UnsupportedLanguage."""
+
+    def report_error(self, code: str, message: str) -> None:
+        """Queue an error for the client, in order with the session's other events."""
+
+    def events(self) -> AsyncIterator[Event]:
+        """Events in order, until the session closes."""
+
+    def close(self) -> None:
+        """Release the session; decodes still running for it are dropped."""
+
+    async def __aenter__(self) -> SpeechSession:
+        """The session itself."""
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close the session."""
+
+
+class SpeechEngine(Protocol):
+    """What adapters ask of the engine."""
+
+    @property
+    def metrics(self) -> Metrics:
+        """The engine's Prometheus metrics."""
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """Languages the model speaks, known also while it loads (for Wyoming `describe`)."""
+
+    def session(
+        self,
+        source: str,
+        language: str | None = None,
+        prompt: str = "",
+        split_on_silence: bool = True,
+        site: str | None = None,
+    ) -> SpeechSession:
+        """Open a session, or raise an EngineRefusal."""
+
+    def health(self) -> Health:
+        """Model, sessions, uptime and decode facts."""
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener` on the event loop with every event of every session, in order."""
+
+    def set_component(self, name: str, state: str, healthy: bool) -> None:
+        """Record the state of a part outside the engine (e.g. the MQTT connection) for /health."""

@@ -1,0 +1,41 @@
+"""`edge-asr bench CORPUS`: replay WAV + TXT pairs like live speakers and report accuracy, latency, CPU and RSS.
+
+Each clip (16 kHz mono s16le `.wav` beside its reference `.txt`; an empty `.txt` means no speech) is
+sent in 20 ms chunks, paced against an absolute schedule (chunk k leaves when its audio has been
+"spoken": at start + bytes sent including that chunk / 32000, so a slow send never accumulates drift;
+`--fast` sends without pacing), followed by `--trailing-silence` seconds of digital silence and the end
+signal, through the engine in-process, a running server (`--url ws://HOST:PORT/ws/stream`) or any Wyoming
+speech-to-text server (`--wyoming tcp://HOST:PORT`).
+
+How the numbers are measured (all times from `time.monotonic()` in this process):
+
+- WER: word errors (substitutions + deletions + insertions of jiwer's word alignment) / reference words
+  over the whole corpus, after normalising both sides with Whisper's English normaliser.
+  Words a no-speech clip produced count as insertions; such clips are also counted as hallucinations.
+- A position in a clip is "spoken" when the chunk holding it was handed to the transport.
+- Word lag: the clip's final words are assumed evenly spread between the speech start and the last
+  voiced frame that `VadGate` (with the local stream settings) finds in the clip: word i of N ends at
+  start + (i+1)/N * (end - start). Its lag is the first time any partial (or the final) had that
+  normalised word at that position, minus when that word end was spoken. It is an estimate: a lag may
+  be negative when a word is shorter than the even share.
+- First partial: speech start (as above) to the first partial (or the final, when no partial came first).
+- End -> final: sending the end signal to receiving the clip's last final; 0 when it came before the end
+  (the server's VAD already closed the utterance in the trailing silence). Clips without a final are left out.
+- ttct and e2e: the server's own `ttct_ms` and `e2e_ms` fields (n/a for Wyoming, whose events carry none).
+- CPU-seconds per audio-second: CPU time (user + system) of the measured process during the replay,
+  divided by the seconds of corpus audio (trailing silence not included). In-process that process is
+  this one (engine and bench client together); with `--url` or `--wyoming` it is `--pid`, else not measured.
+  Peak RSS is sampled every 100 ms. Idle CPU is measured over 3 s with no session after the replay.
+
+WebSocket end of a clip: after `{"type":"end"}` the bench reads until the server's `done` (sent once
+everything before the end is transcribed, after the final if there is one). A server that closes first,
+or sends no `done` within 10 s of the end, gives the clip an error, as does a message that is not JSON or
+not a well-formed server message (`bad_message`).
+
+Wyoming, as a satellite speaks it: per clip one connection with `transcribe`, `audio-start`, the chunks as
+`audio-chunk`s and `audio-stop` as the end signal; then the bench reads until `transcript-stop`, or until
+`transcript` (or `error`) from a server that sent no `transcript-start` (one that does not stream, such as
+wyoming-faster-whisper). None within 30 s of `audio-stop` gives the clip an error. The `transcript-chunk`s
+add up to the text so far and count as partials (word lag; first partial is the first transcript-chunk, or
+the transcript when none came first); `transcript` is the final, so end -> final is audio-stop -> transcript.
+"""

@@ -1,0 +1,44 @@
+"""The bench's command-line flags, kept free of the bench's own imports so `edge-asr serve` starts lean."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the bench's flags and its CORPUS argument."""
+    parser.add_argument("corpus", type=Path, metavar="CORPUS", help="directory of 16 kHz mono .wav + .txt pairs")
+    server = parser.add_mutually_exclusive_group()
+    server.add_argument("--url", help="replay through a running server, e.g. ws://127.0.0.1:8787/ws/stream")
+    server.add_argument("--wyoming", metavar="URI", help="replay through a Wyoming STT server, e.g. tcp://HOST:10300")
+    parser.add_argument(
+        "--pid", type=int, help="with --url or --wyoming: the server's process id, to measure its CPU and RSS"
+    )
+    parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="K", help="speakers at once (1)")
+    parser.add_argument("--fast", action="store_true", help="send audio as fast as possible instead of in real time")
+    parser.add_argument(
+        "--trailing-silence",
+        type=_non_negative_float,
+        default=0.5,
+        metavar="S",
+        help="seconds of digital silence after each clip, before the end signal (0.5)",
+    )
+    parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N clips (by name)")
+    parser.add_argument("--match", metavar="GLOB", help="only clips whose name matches, e.g. 'cmd_*'")
+    parser.add_argument("--offline", action="store_true", help="also decode each clip whole with the same model")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' prints it on stdout)")

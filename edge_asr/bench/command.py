@@ -1,0 +1,60 @@
+"""`edge-asr bench`: load the corpus, replay it, score it and print the report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from ..config import Settings
+from .corpus import load_corpus
+from .errors import BenchError
+from .report import Report, clip_result, format_table, report_json, summarize
+from .runner import decode_whole, replay_corpus
+from .scoring import NORMALIZER
+from .timing import speech_span
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the bench; 0 when every clip went through, 1 when a clip got an error or the bench could not run."""
+    try:
+        if args.pid is not None and not (args.url or args.wyoming):
+            raise BenchError("--pid only applies with --url or --wyoming (in-process, the bench measures itself)")
+        clips = load_corpus(args.corpus, args.match, args.limit)
+        playbacks, resources = asyncio.run(replay_corpus(args, settings, clips))
+        results = [
+            clip_result(clip, playback, speech_span(clip.read_pcm(), settings.stream))
+            for clip, playback in zip(clips, playbacks, strict=True)
+        ]
+        offline_clips, offline = decode_whole(clips, settings) if args.offline else ([], None)
+    except BenchError as err:
+        print(f"edge-asr bench: {err}", file=sys.stderr)
+        return 1
+    report = Report(
+        corpus=str(args.corpus),
+        transport=args.url or args.wyoming or "in-process",
+        protocol="websocket" if args.url else "wyoming" if args.wyoming else "in-process",
+        concurrency=args.concurrency,
+        realtime=not args.fast,
+        trailing_silence_s=args.trailing_silence,
+        normalizer=NORMALIZER,
+        streaming=summarize(results),
+        resources=resources,
+        offline=offline,
+        clips=tuple(results),
+        offline_clips=tuple(offline_clips),
+    )
+    table = format_table(report)
+    if args.json == "-":
+        print(table, file=sys.stderr)
+        print(report_json(report))
+        return 1 if report.streaming.clip_errors else 0
+    print(table)
+    if args.json:
+        try:
+            Path(args.json).write_text(report_json(report) + "\n", encoding="utf-8")
+        except OSError as err:
+            print(f"edge-asr bench: cannot write {args.json}: {err.strerror or err}", file=sys.stderr)
+            return 1
+    return 1 if report.streaming.clip_errors else 0

@@ -1,0 +1,63 @@
+"""The corpus: 16 kHz mono `.wav` files, each with its reference transcript in a `.txt` beside it."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..audio import SAMPLE_RATE, SAMPLE_WIDTH
+from .errors import BenchError
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A WAV file and its reference transcript."""
+
+    name: str
+    wav: Path
+    reference: str
+    duration_s: float
+
+    def read_pcm(self) -> bytes:
+        """The clip's s16le frames."""
+        with wave.open(str(self.wav), "rb") as wav:
+            return wav.readframes(wav.getnframes())
+
+
+def _clip(wav_path: Path) -> Clip:
+    try:
+        with wave.open(str(wav_path), "rb") as wav:
+            params = wav.getparams()
+    except (OSError, wave.Error, EOFError) as err:
+        raise BenchError(f"{wav_path}: not a readable WAV file ({err})") from None
+    if (params.framerate, params.sampwidth, params.nchannels) != (SAMPLE_RATE, SAMPLE_WIDTH, 1):
+        raise BenchError(
+            f"{wav_path}: expected 16 kHz mono 16-bit audio, got {params.framerate} Hz,"
+            f" {params.nchannels} channel(s), {8 * params.sampwidth}-bit"
+        )
+    reference = wav_path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+    return Clip(wav_path.stem, wav_path, reference, params.nframes / SAMPLE_RATE)
+
+
+def load_corpus(directory: Path, match: str | None = None, limit: int | None = None) -> list[Clip]:
+    """The .wav + .txt pairs of a directory, sorted by name, filtered by a glob on the name, at most `limit`."""
+    if not directory.is_dir():
+        raise BenchError(f"corpus {directory}: not a directory")
+    clips: list[Clip] = []
+    for wav_path in sorted(directory.glob("*.wav")):
+        if match and not (fnmatch.fnmatchcase(wav_path.stem, match) or fnmatch.fnmatchcase(wav_path.name, match)):
+            continue
+        if not wav_path.with_suffix(".txt").is_file():
+            _LOGGER.warning("Skipping %s: no %s beside it", wav_path.name, wav_path.with_suffix(".txt").name)
+            continue
+        clips.append(_clip(wav_path))
+        if limit is not None and len(clips) >= limit:
+            break
+    if not clips:
+        raise BenchError(f"corpus {directory}: no .wav + .txt pairs" + (f" matching {match!r}" if match else ""))
+    return clips

@@ -1,0 +1,144 @@
+"""Running the corpus: replayed as live speech through a transport, and decoded whole for the offline row."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import psutil
+
+from ..agreement import join_words
+from ..audio import pcm16_to_float
+from ..config import Settings
+from ..engine import Engine
+from ..events import SessionError
+from ..model import ModelError, WhisperTranscriber
+from .corpus import Clip
+from .errors import BenchError
+from .report import OfflineClip, OfflineSummary
+from .resources import Resources, cpu_seconds, measure
+from .scoring import WordScore, ratio, score_words
+from .timing import Playback, final_text
+from .transports import EngineTransport, Replay, Transport, WebSocketTransport, WyomingTransport
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _progress(label: str, done: int, total: int, clip: Clip, hypothesis: str, score: WordScore) -> None:
+    """A line on stderr per clip: its name, its WER (or whether a no-speech clip stayed silent) and its text."""
+    if score.reference_words:
+        verdict = f"WER {score.errors / score.reference_words:4.0%}"
+    else:
+        verdict = "HALLUCINATED" if hypothesis.strip() else "no speech"
+    print(
+        f"{label}[{done:>{len(str(total))}}/{total}] {clip.name}  {verdict}  {hypothesis!r}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def _replay_all(clips: Sequence[Clip], transport: Transport, concurrency: int) -> list[Playback]:
+    """Play every clip with `concurrency` speakers taking clips from one queue; results in clip order."""
+    queue: Iterator[tuple[int, Clip]] = iter(enumerate(clips))
+    playbacks: dict[int, Playback] = {}
+
+    async def speaker() -> None:
+        for index, clip in queue:
+            playback = await transport.play(clip.read_pcm())
+            playbacks[index] = playback
+            hypothesis = final_text(playback.events)
+            _progress("", len(playbacks), len(clips), clip, hypothesis, score_words(clip.reference, hypothesis))
+            for item in playback.events:
+                if isinstance(item.event, SessionError):
+                    print(f"    error {item.event.code}: {item.event.message}", file=sys.stderr, flush=True)
+
+    tasks = [asyncio.create_task(speaker()) for _ in range(min(concurrency, len(clips)))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return [playbacks[index] for index in range(len(clips))]
+
+
+async def replay_corpus(
+    args: argparse.Namespace, settings: Settings, clips: Sequence[Clip]
+) -> tuple[list[Playback], Resources]:
+    """Replay the corpus through the chosen transport, measuring the serving process."""
+    replay = Replay(realtime=not args.fast, trailing_silence_s=args.trailing_silence)
+    audio_s = sum(clip.duration_s for clip in clips)
+    if args.url or args.wyoming:
+        transport: Transport = (
+            WebSocketTransport(args.url, replay)
+            if args.url
+            else WyomingTransport(args.wyoming, settings.model.language, replay)
+        )
+        if args.pid is None:
+            return await _replay_all(clips, transport, args.concurrency), Resources(None, None, None, None)
+        try:
+            return await measure(
+                psutil.Process(args.pid), functools.partial(_replay_all, clips, transport, args.concurrency), audio_s
+            )
+        except psutil.Error as err:
+            raise BenchError(f"--pid {args.pid}: {err}") from None
+    if args.concurrency > settings.limits.max_sessions:
+        raise BenchError(
+            f"--concurrency {args.concurrency} exceeds limits.max_sessions ({settings.limits.max_sessions})"
+        )
+    started = time.monotonic()
+    engine = Engine(settings)
+    try:
+        try:
+            await engine.start()
+        except ModelError as err:
+            raise BenchError(str(err)) from None
+        ready_s = time.monotonic() - started
+        _LOGGER.info("Engine ready in %.2f s", ready_s)
+        transport = EngineTransport(engine, replay)
+        return await measure(
+            psutil.Process(), functools.partial(_replay_all, clips, transport, args.concurrency), audio_s, ready_s
+        )
+    finally:
+        await engine.stop()
+
+
+def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[OfflineClip], OfflineSummary]:
+    """Decode every clip whole with the same model, no prompt, padded to 30 s as Whisper was trained.
+
+    The baseline is the standard whole-utterance decode (what a non-streaming server does), whatever
+    `model.encoder_floor_s` the streaming run uses.
+    """
+    try:
+        transcriber = WhisperTranscriber(dataclasses.replace(settings.model, encoder_floor_s=30.0))
+    except ModelError as err:
+        raise BenchError(str(err)) from None
+    process = psutil.Process()
+    cpu = cpu_seconds(process)
+    results: list[OfflineClip] = []
+    words = 0
+    for clip in clips:
+        transcript = transcriber.decode(pcm16_to_float(clip.read_pcm()), "", settings.model.language)
+        text = join_words(transcript.words)
+        score = score_words(clip.reference, text)
+        words += score.reference_words
+        results.append(OfflineClip(clip.name, text, score.errors, transcript.asr_ms))
+        _progress("offline ", len(results), len(clips), clip, text, score)
+    cpu = cpu_seconds(process) - cpu
+    errors = sum(result.word_errors for result in results)
+    return results, OfflineSummary(
+        clips=len(results),
+        reference_words=words,
+        word_errors=errors,
+        wer=ratio(errors, words),
+        hallucinations=sum(
+            1 for clip, r in zip(clips, results, strict=True) if not clip.reference.strip() and r.hypothesis.strip()
+        ),
+        decode_ms_mean=sum(result.decode_ms for result in results) / len(results),
+        cpu_s_per_audio_s=ratio(cpu, sum(clip.duration_s for clip in clips)),
+    )

@@ -1,0 +1,142 @@
+"""Decode scheduling: a few worker threads shared by every session. The only module that touches threads.
+
+A session that wants a decode says so (`DecodeJob.decode_need`); whenever that may have changed, and
+whenever a decode ends, `kick()` starts waiting decodes on free workers at once: finals before partials,
+then the session that has waited longest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Protocol, TypeVar
+
+from .metrics import Metrics
+from .model import Transcriber, Transcript
+from .session import DecodeRequest
+
+_LOGGER = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class DecodeNeed(NamedTuple):
+    """Why and since when a session waits for a decode."""
+
+    final: bool
+    since: float
+
+    def order(self) -> tuple[bool, float]:
+        """Sort key: finals first, then the longest wait."""
+        return (not self.final, self.since)
+
+
+class DecodeJob(Protocol):
+    """What the scheduler asks of a session."""
+
+    def decode_need(self) -> DecodeNeed | None:
+        """Whether a decode would bring something new now (None: it would not)."""
+
+    def begin_decode(self) -> DecodeRequest:
+        """The window to decode now; the session counts it as in flight."""
+
+    def end_decode(self, request: DecodeRequest, transcript: Transcript | None) -> None:
+        """The decode of `request` ended; `transcript` is None when the model raised."""
+
+    def abort(self, reason: str) -> None:
+        """The session broke (a bug): tell its client and close it."""
+
+
+class DecodeScheduler:
+    """Runs decodes of many sessions on `workers` threads, never more than one per session at a time."""
+
+    def __init__(self, workers: int, jobs: Callable[[], Iterable[DecodeJob]], metrics: Metrics) -> None:
+        self.workers = workers
+        self._jobs = jobs
+        self._metrics = metrics
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._transcriber: Transcriber | None = None
+        # Running decodes and when each started, for the watchdog.
+        self._running: dict[asyncio.Task[None], float] = {}
+        self.decodes = 0
+        self.last_decode_at: float | None = None
+
+    async def run_blocking(self, function: Callable[[], _T]) -> _T:
+        """Run blocking work (loading the model) on a decode thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+    @property
+    def running(self) -> bool:
+        """Decodes are being scheduled."""
+        return self._transcriber is not None
+
+    def start(self, transcriber: Transcriber) -> None:
+        """Schedule decodes on `transcriber` from now on."""
+        self._transcriber = transcriber
+        self.kick()
+
+    def waiting(self) -> int:
+        """How many sessions wait for a decode."""
+        return sum(1 for job in self._jobs() if job.decode_need() is not None)
+
+    def stalled(self, stall_s: float) -> bool:
+        """A decode has been running for longer than `stall_s`."""
+        now = time.monotonic()
+        return any(now - started >= stall_s for started in self._running.values())
+
+    def kick(self) -> None:
+        """Start waiting decodes while a worker is free; call it whenever a session may want one."""
+        if self._transcriber is None:
+            return
+        while len(self._running) < self.workers and (job := self._next()) is not None:
+            try:
+                request = job.begin_decode()
+            except Exception:  # a bug in one session must not stop everyone's decodes
+                _LOGGER.exception("A session could not build its decode request")
+                job.abort("the session failed; see the server log")
+                continue
+            task = asyncio.create_task(self._decode(self._transcriber, job, request))
+            self._running[task] = time.monotonic()
+            task.add_done_callback(self._decode_ended)
+
+    async def stop(self) -> None:
+        """Stop scheduling, let running decodes end and stop the threads."""
+        self._transcriber = None
+        await asyncio.gather(*self._running, return_exceptions=True)
+        await asyncio.to_thread(self._executor.shutdown, True)
+
+    def _next(self) -> DecodeJob | None:
+        needs = [(need, job) for job in self._jobs() if (need := job.decode_need()) is not None]
+        self._metrics.decode_queue.set(len(needs))
+        if not needs:
+            return None
+        return min(needs, key=lambda pair: pair[0].order())[1]
+
+    def _decode_ended(self, task: asyncio.Task[None]) -> None:
+        # The worker is free: the next waiting decode starts now, not when the next audio arrives.
+        self._running.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            _LOGGER.error("Decode bookkeeping failed: %r", task.exception())
+        self.kick()
+
+    async def _decode(self, transcriber: Transcriber, job: DecodeJob, request: DecodeRequest) -> None:
+        loop = asyncio.get_running_loop()
+        transcript: Transcript | None = None
+        try:
+            transcript = await loop.run_in_executor(
+                self._executor, transcriber.decode, request.audio, request.prompt, request.language
+            )
+        except Exception:
+            _LOGGER.exception("Decode failed")
+        self.last_decode_at = time.monotonic()
+        self.decodes += 1
+        if transcript is not None:
+            kind = "final" if request.final else "partial"
+            self._metrics.decode_seconds.labels(kind).observe(transcript.asr_ms / 1000)
+        try:
+            job.end_decode(request, transcript)
+        except Exception:
+            _LOGGER.exception("A session could not take its decode")
+            job.abort("the session failed; see the server log")

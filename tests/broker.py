@@ -1,0 +1,144 @@
+"""A real mosquitto broker on a free loopback port, and a paho subscriber that records what it sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .server import free_port, stop_process
+
+MOSQUITTO = Path("/usr/sbin/mosquitto")
+WAIT_S = 30.0
+
+
+@dataclass
+class Broker:
+    """A mosquitto process on a loopback port, stoppable and restartable on the same port."""
+
+    conf: Path
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert MOSQUITTO.exists(), "the MQTT tests need Debian's mosquitto: script/test installs it"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"mosquitto did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, timeout_s=10)
+
+
+def make_broker(directory: Path, *lines: str, anonymous: bool = True) -> Broker:
+    """Write a mosquitto config for a free port and start the broker."""
+    port = free_port()
+    conf = directory / f"mosquitto-{port}.conf"
+    settings = [f"listener {port} 127.0.0.1", f"allow_anonymous {'true' if anonymous else 'false'}", *lines]
+    if os.geteuid() == 0:  # mosquitto would otherwise switch to its own user, who cannot read the test files
+        settings.append("user root")
+    if not any(line.startswith("persistence ") for line in lines):
+        settings.append("persistence false")
+    conf.write_text("\n".join(settings) + "\n")
+    broker = Broker(conf, port, directory / f"mosquitto-{port}.log")
+    broker.start()
+    return broker
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message the test subscriber received."""
+
+    topic: str
+    payload: str
+    retain: bool
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Subscriber:
+    """A paho client that records everything on its topics; it subscribes again after each reconnect."""
+
+    port: int
+    topics: tuple[str, ...] = ("edge_asr/#", "homeassistant/#")
+    client_id: str = ""
+    persistent: bool = False
+    messages: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=not self.persistent,
+        )
+        self._client.on_connect = lambda client, *_: client.subscribe([(t, 1) for t in self.topics])
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.on_message = self._record
+        self._client.reconnect_delay_set(1, 1)
+        self._client.connect("127.0.0.1", self.port)
+        self._client.loop_start()
+        assert self._subscribed.wait(10), "test subscriber could not subscribe"
+
+    def _record(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(Message(message.topic, message.payload.decode(), bool(message.retain)))
+
+    def wait_for(self, found: Callable[[list[Message]], bool], timeout_s: float = WAIT_S) -> list[Message]:
+        """The messages so far, once `found` accepts them; fails after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                messages = list(self.messages)
+            if found(messages):
+                return messages
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not found in {len(messages)} messages: {[m.topic for m in messages]}")
+            time.sleep(0.05)
+
+    def on(self, topic: str, timeout_s: float = WAIT_S) -> Message:
+        """The first message on `topic`, waiting for it."""
+        messages = self.wait_for(lambda got: any(m.topic == topic for m in got), timeout_s)
+        return next(m for m in messages if m.topic == topic)
+
+    def publish(self, topic: str, payload: str) -> None:
+        self._client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@contextmanager
+def subscribed(port: int, **options: Any) -> Iterator[Subscriber]:
+    """A test subscriber, closed at the end."""
+    subscriber = Subscriber(port, **options)
+    try:
+        yield subscriber
+    finally:
+        subscriber.close()

@@ -1,0 +1,239 @@
+"""Fakes for the part not under test: a scripted model for the engine, a scripted engine for the adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from edge_asr.agreement import Word
+from edge_asr.api import AudioFormatError, ComponentState, EngineRefusal, Health, Listener, UnsupportedLanguage
+from edge_asr.audio import SAMPLE_RATE, FloatAudio
+from edge_asr.events import Done, Event, Final, Partial, SessionError, SessionInfo
+from edge_asr.metrics import Metrics
+from edge_asr.model import Transcript
+
+
+class ScriptedTranscriber:
+    """Says "word" for every second of audio it is given, and records what it was asked."""
+
+    name = "scripted"
+    languages: tuple[str, ...] = ("en",)
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.delay_s = delay_s
+        self.fail = fail
+        self.calls: list[float] = []
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> float:
+        """Nothing to warm."""
+        return 1.0
+
+    def decode(self, audio: FloatAudio, prompt: str, language: str) -> Transcript:
+        """A word per whole second of audio, after `delay_s`; raises when `fail` is set."""
+        with self._lock:
+            self.concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            time.sleep(self.delay_s)
+            self.calls.append(len(audio) / SAMPLE_RATE)
+            if self.fail:
+                raise RuntimeError("scripted failure")
+            seconds = int(len(audio) / SAMPLE_RATE)
+            return Transcript(tuple(Word(i + 0.1, i + 0.9, " word") for i in range(seconds)), 5.0)
+        finally:
+            with self._lock:
+                self.concurrent -= 1
+
+
+class GatedTranscriber:
+    """Each decode blocks until the test opens the gate for its prompt; records the order decodes start in."""
+
+    name = "gated"
+    languages: tuple[str, ...] = ("en",)
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self._gates: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> float:
+        """Nothing to warm."""
+        return 1.0
+
+    def _gate(self, prompt: str) -> threading.Event:
+        with self._lock:
+            return self._gates.setdefault(prompt, threading.Event())
+
+    def open(self, prompt: str) -> None:
+        """Let the decode whose prompt is `prompt` (running or to come) finish."""
+        self._gate(prompt).set()
+
+    def decode(self, audio: FloatAudio, prompt: str, language: str) -> Transcript:
+        """Wait for the gate (10 s at most, so a broken test cannot hang the suite), then hear nothing."""
+        with self._lock:
+            self.started.append(prompt)
+        self._gate(prompt).wait(10)
+        return Transcript((), 1.0)
+
+
+@dataclass
+class FakeSession:
+    """A scripted session: each audio frame adds a word ("w1", "w2", ...), all but the newest stable;
+    `finish` makes them the final."""
+
+    engine: FakeEngine
+    id: int
+    source: str
+    site: str
+    language: str
+    prompt: str
+    fed: bytearray = field(default_factory=bytearray)
+    words: list[str] = field(default_factory=list)
+    closed: bool = False
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+    _queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
+
+    async def __aenter__(self) -> FakeSession:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def info(self) -> SessionInfo:
+        """Who the events belong to."""
+        return SessionInfo(self.id, self.source, self.site, self.language)
+
+    @property
+    def has_open_utterance(self) -> bool:
+        """Words were fed that no final has taken yet."""
+        return bool(self.words)
+
+    def feed(self, pcm: bytes) -> None:
+        """Take a frame and emit a partial with one more word."""
+        if len(pcm) % 2:
+            raise AudioFormatError(f"audio of {len(pcm)} bytes is not whole 16-bit samples")
+        self.fed += pcm
+        self.words.append(f"w{len(self.words) + 1}")
+        self._emit(Partial(" ".join(self.words), " ".join(self.words[:-1]), 1, 1, 1))
+
+    async def finish(self) -> Final | None:
+        """The words so far as the final, then `Done`."""
+        final = Final(" ".join(self.words), 1, 1, 1, 1, 0.0, len(self.fed) / 32000) if self.words else None
+        if final is not None:
+            self._emit(final)
+        self.words = []
+        self._emit(Done(1 if final else 0))
+        return final
+
+    def set_prompt(self, prompt: str) -> None:
+        """Record the prompt."""
+        self.prompt = prompt
+
+    def set_site(self, site: str) -> None:
+        """Record the site."""
+        self.site = site
+
+    def set_language(self, language: str) -> None:
+        """Switch language when the fake engine knows it."""
+        self.language = self.engine.check_language(language)
+
+    def report_error(self, code: str, message: str) -> None:
+        """Queue an error in order."""
+        self._emit(SessionError(code, message))
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events until closed."""
+        while (event := await self._queue.get()) is not None:
+            yield event
+
+    def close(self) -> None:
+        """Free the slot."""
+        if not self.closed:
+            self.closed = True
+            self.gone.set()
+            self._queue.put_nowait(None)
+
+    def _emit(self, event: Event) -> None:
+        if self.closed:
+            return
+        self._queue.put_nowait(event)
+        for listener in self.engine.listeners:
+            listener(self.info, event)
+
+
+@dataclass
+class FakeEngine:
+    """An engine that refuses on demand and hands out scripted sessions; the adapters' fake for their tests."""
+
+    languages: tuple[str, ...] = ("en", "de")
+    refusal: EngineRefusal | None = None
+    ready: bool = True
+    sessions: list[FakeSession] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)
+    components: dict[str, ComponentState] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def check_language(self, language: str) -> str:
+        """The two-letter code, or UnsupportedLanguage."""
+        code = language.lower()[:2]
+        if code not in self.languages:
+            raise UnsupportedLanguage(f"language {language!r} is not one the model knows")
+        return code
+
+    def session(
+        self,
+        source: str,
+        language: str | None = None,
+        prompt: str = "",
+        split_on_silence: bool = True,
+        site: str | None = None,
+    ) -> FakeSession:
+        """A new scripted session, or the configured refusal."""
+        if self.refusal is not None:
+            raise self.refusal
+        session = FakeSession(
+            self, len(self.sessions) + 1, source, site or "default", self.check_language(language or "en"), prompt
+        )
+        self.sessions.append(session)
+        return session
+
+    @property
+    def open_sessions(self) -> list[FakeSession]:
+        """Sessions not closed yet."""
+        return [session for session in self.sessions if not session.closed]
+
+    def health(self) -> Health:
+        """Ready or not, with the open session count."""
+        return Health(
+            ready=self.ready,
+            status="ready" if self.ready else "loading model",
+            model="fake",
+            threads=1,
+            workers=1,
+            languages=self.languages,
+            sessions=len(self.open_sessions),
+            max_sessions=8,
+            uptime_s=1.0,
+            last_decode_s_ago=None,
+            decode_queue=0,
+            decodes=0,
+            components=tuple(self.components.values()),
+        )
+
+    def add_listener(self, listener: Listener) -> None:
+        """Record a listener."""
+        self.listeners.append(listener)
+
+    def set_component(self, name: str, state: str, healthy: bool) -> None:
+        """Record a component state."""
+        self.components[name] = ComponentState(name, state, healthy)

@@ -1,0 +1,186 @@
+"""Decode scheduling against a gated fake model: a freed worker starts the next waiting decode at once,
+finals go first, a broken session does not stop the others. One and two workers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import pytest
+
+from edge_asr.config import build_settings
+from edge_asr.engine import Engine
+from edge_asr.metrics import Metrics
+from edge_asr.model import Transcript
+from edge_asr.scheduler import DecodeNeed, DecodeScheduler
+from edge_asr.session import DecodeRequest
+
+from .fakes import GatedTranscriber
+from .speech import read_pcm, silence
+
+pytestmark = pytest.mark.fast
+
+# Hang detector, not a speed target: a decode that should start "at once" starts within milliseconds.
+HANG_S = 5.0
+
+
+@dataclass
+class FakeJob:
+    """A session as the scheduler sees it: wants one decode, named by its prompt."""
+
+    name: str
+    final: bool = False
+    since: float = 0.0
+    wants: bool = True
+    broken: bool = False
+    results: list[Transcript | None] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+
+    def decode_need(self) -> DecodeNeed | None:
+        return DecodeNeed(self.final, self.since) if self.wants and not self.aborted else None
+
+    def begin_decode(self) -> DecodeRequest:
+        if self.broken:
+            raise RuntimeError("a bug in this session")
+        self.wants = False
+        return DecodeRequest(
+            audio=np.zeros(1600, dtype=np.float32),
+            start_s=0.0,
+            end_s=0.1,
+            prompt=self.name,
+            language="en",
+            final=self.final,
+            newest_arrival=0.0,
+            utterance_start_s=0.0,
+        )
+
+    def end_decode(self, request: DecodeRequest, transcript: Transcript | None) -> None:
+        self.results.append(transcript)
+
+    def abort(self, reason: str) -> None:
+        self.aborted.append(reason)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Let the loop run until `condition` holds; fail (not hang) after HANG_S."""
+    deadline = asyncio.get_running_loop().time() + HANG_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def _started_count(model: GatedTranscriber, count: int) -> bool:
+    return len(model.started) == count
+
+
+def _scheduler(workers: int, jobs: list[FakeJob], model: GatedTranscriber) -> DecodeScheduler:
+    scheduler = DecodeScheduler(workers, lambda: jobs, Metrics())
+    scheduler.start(model)
+    return scheduler
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_freed_worker_starts_the_waiting_decode_without_another_kick(workers: int) -> None:
+    model = GatedTranscriber()
+    busy = [FakeJob(f"busy{index}") for index in range(workers)]
+    jobs = list(busy)
+    scheduler = _scheduler(workers, jobs, model)
+    try:
+        await _until(lambda: len(model.started) == workers, "every worker to be busy")
+        late = FakeJob("late", final=True)
+        jobs.append(late)
+        scheduler.kick()  # what a session does when it starts waiting: every worker is busy, so nothing starts
+        await asyncio.sleep(0.05)
+        assert "late" not in model.started
+
+        model.open("busy0")
+
+        await _until(lambda: "late" in model.started, "the freed worker to take the waiting decode")
+        model.open("late")
+        await _until(lambda: bool(late.results), "the late decode to end")
+    finally:
+        for job in jobs:
+            model.open(job.name)
+        await scheduler.stop()
+
+
+async def test_finals_go_before_partials_and_the_longest_wait_first() -> None:
+    model = GatedTranscriber()
+    jobs = [FakeJob("running")]
+    scheduler = _scheduler(1, jobs, model)
+    try:
+        await _until(lambda: model.started == ["running"], "the first decode")
+        jobs += [
+            FakeJob("newer partial", since=2.0),
+            FakeJob("older partial", since=1.0),
+            FakeJob("final", final=True, since=3.0),
+        ]
+        for count, name in enumerate(("running", "final", "older partial"), start=2):
+            model.open(name)
+            await _until(partial(_started_count, model, count), f"decode {count}")
+        assert model.started == ["running", "final", "older partial", "newer partial"]
+    finally:
+        for job in jobs:
+            model.open(job.name)
+        await scheduler.stop()
+
+
+async def test_a_session_that_cannot_build_its_request_is_aborted_and_the_others_are_served() -> None:
+    model = GatedTranscriber()
+    broken, healthy = FakeJob("broken", final=True, broken=True), FakeJob("healthy")
+    model.open("healthy")
+    scheduler = _scheduler(1, [broken, healthy], model)
+    try:
+        await _until(lambda: bool(healthy.results), "the healthy session's decode")
+        assert broken.aborted
+        assert model.started == ["healthy"]
+    finally:
+        await scheduler.stop()
+
+
+async def test_a_decode_that_raises_reaches_its_session_as_no_transcript() -> None:
+    class Failing(GatedTranscriber):
+        def decode(self, audio: np.typing.NDArray[np.float32], prompt: str, language: str) -> Transcript:
+            raise RuntimeError("the model broke")
+
+    job = FakeJob("one")
+    scheduler = _scheduler(1, [job], Failing())
+    try:
+        await _until(lambda: bool(job.results), "the failed decode to be reported")
+        assert job.results == [None]
+    finally:
+        await scheduler.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_audio_stop_while_every_worker_is_busy_still_gets_its_final(workers: int) -> None:
+    """The satellite case: its partial decode is running (every worker busy), more speech comes, then the
+    end of audio; when that decode ends, the freed worker must take the final decode with no more audio."""
+    model = GatedTranscriber()
+    settings = build_settings({"model": {"threads": 1, "workers": workers}, "stream": {"min_window_s": 0.5}})
+    engine = Engine(settings, lambda: model)
+    await engine.start()
+    speech = silence(0.3) + read_pcm("asterisk_conf-usermenu")
+    half = 32000 * 2
+    try:
+        sessions = [engine.session("test", prompt=f"other{index}") for index in range(workers - 1)]
+        satellite = engine.session("test", prompt="satellite")
+        for session in [*sessions, satellite]:
+            session.feed(speech[:half])
+        await _until(lambda: len(model.started) == workers, "every worker to be busy")
+        satellite.feed(speech[half:])
+        finishing = asyncio.create_task(satellite.finish())
+        await asyncio.sleep(0.05)
+        assert not finishing.done()
+
+        model.open("satellite")
+
+        await _until(lambda: model.started.count("satellite") == 2, "the final decode on the freed worker")
+        await asyncio.wait_for(finishing, HANG_S)
+    finally:
+        for name in ("satellite", "other0"):
+            model.open(name)
+        await engine.stop()
