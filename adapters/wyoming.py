@@ -22,7 +22,7 @@ from edge_asr import __version__
 from edge_asr.api import AudioFormatError, EngineRefusal, SpeechEngine, SpeechSession, refusal_error
 from edge_asr.audio import SAMPLE_RATE, SAMPLE_WIDTH
 from edge_asr.config import Settings
-from edge_asr.events import Done, Final, Partial, SessionError
+from edge_asr.events import Done, Final, Partial, SessionError, words_after
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -225,15 +225,16 @@ class WyomingHandler(AsyncEventHandler):
 
     async def _respond(self, session: SpeechSession) -> None:
         """Committed text as transcript-chunks while audio flows, then transcript and transcript-stop."""
-        sent = ""
+        sent = ""  # committed text of the open utterance already sent as chunks
         finals: list[str] = []
         async for event in session.events():
-            if isinstance(event, Partial) and event.stable.startswith(sent) and len(event.stable) > len(sent):
-                await self._write(TranscriptChunk(text=event.stable[len(sent) :]).event())
+            if isinstance(event, Partial) and (new := words_after(event.stable, sent)):
+                await self._chunk(new, first=not (sent or finals))
                 sent = event.stable
             elif isinstance(event, Final):
-                if event.text.startswith(sent) and len(event.text) > len(sent):
-                    await self._write(TranscriptChunk(text=event.text[len(sent) :]).event())
+                # The final may revise committed words: then the chunks stop short, and the transcript says it.
+                if new := words_after(event.text, sent):
+                    await self._chunk(new, first=not (sent or finals))
                 finals.append(event.text)
                 sent = ""
             elif isinstance(event, SessionError):
@@ -243,6 +244,10 @@ class WyomingHandler(AsyncEventHandler):
                 await self._write(Transcript(text=text, language=session.language).event())
                 await self._write(TranscriptStop().event())
                 return
+
+    async def _chunk(self, words: str, first: bool) -> None:
+        """Send words that follow what was sent, so that the chunks add up to the text."""
+        await self._write(TranscriptChunk(text=words if first else f" {words}").event())
 
     async def _end_request(self) -> None:
         if self._responder is not None and not self._responder.done():

@@ -182,7 +182,7 @@ class EngineSession:
         """Whether a decode would bring something new now."""
         if self._closed or not self._state.wants_decode():
             return None
-        return DecodeNeed(final=self._state.ending, since=self._last_decoded_at)
+        return DecodeNeed(final=self._state.wants_final_decode(), since=self._last_decoded_at)
 
     def begin_decode(self) -> DecodeRequest:
         """The window to decode now."""
@@ -201,7 +201,7 @@ class EngineSession:
             self._publish(self._state.decode_failed(request, now))
             return
         self._failing = False
-        self._publish(self._state.apply(request, transcript.words, transcript.asr_ms, now))
+        self._publish(self._state.apply(request, transcript, now))
 
     def abort(self, reason: str) -> None:
         """Tell the client the session broke, and close it."""

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
+from .agreement import normalise
+
 _M = TypeVar("_M", bound="Message")
 # Wire floats (seconds of audio) are rounded to the millisecond.
 _FLOAT_DIGITS = 3
@@ -87,7 +89,8 @@ class Partial(Message):
 
 @dataclass(frozen=True)
 class Final(Message):
-    """The committed transcript of one utterance; `start`/`end` are seconds of the session's audio."""
+    """The transcript of one utterance, from a decode of all of it; `start`/`end` are seconds of the session's
+    audio. It is authoritative: `revised` says it changed words the partials had shown as `stable`."""
 
     kind: ClassVar[str] = "final"
     text: str
@@ -97,6 +100,7 @@ class Final(Message):
     ttct_ms: int
     start: float
     end: float
+    revised: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,24 @@ class Done(Message):
 
 
 Event = Partial | Final | SessionError | Done
+
+
+def words_after(text: str, stable: str) -> str | None:
+    """The words of `text` that follow the words of `stable` when `text` begins with them, compared without case
+    or punctuation (a final that only re-punctuates committed text still extends it); None when it does not."""
+    expected = [word for word in map(normalise, stable.split()) if word]
+    words = text.split()
+    matched = 0
+    for index, word in enumerate(words):
+        if matched == len(expected):
+            return " ".join(words[index:])
+        if normalise(word):
+            if normalise(word) != expected[matched]:
+                return None
+            matched += 1
+    return "" if matched == len(expected) else None
+
+
 _MESSAGES: dict[str, type[Message]] = {message.kind: message for message in (Ready, Partial, Final, SessionError, Done)}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .agreement import Word
+from .agreement import Word, normalise
 from .audio import SAMPLE_RATE, FloatAudio
 from .config import ModelSettings
 
@@ -41,6 +42,8 @@ _MAX_NEW_TOKENS = 220
 # no_speech_prob near 0. The first pass keeps Whisper's own 0.6/-1.0 rule: stricter loses quiet speech.
 _LATER_PASS_NO_SPEECH = 0.5
 _LATER_PASS_LOG_PROB = -0.5
+# Whisper's own test for a looping decode (its compression_ratio_threshold).
+_REPETITIVE_COMPRESSION = 2.4
 
 
 # Per decode thread: how many encoder frames this thread's current decode may use, and used.
@@ -55,12 +58,14 @@ class ModelError(RuntimeError):
 class Transcript:
     """One decode: words with times relative to the start of the decoded audio.
 
-    `encoder_s` is the encoder input the decode used, in seconds (Whisper's own is 30).
+    `encoder_s` is the encoder input the decode used, in seconds (Whisper's own is 30). `hallucinated` is
+    Whisper's own verdict on the text: a segment so repetitive that it compresses more than 2.4 times.
     """
 
     words: tuple[Word, ...]
     asr_ms: float
     encoder_s: float = 0.0
+    hallucinated: bool = False
 
 
 class Transcriber(Protocol):
@@ -72,8 +77,9 @@ class Transcriber(Protocol):
         """Run a first decode so the first real one pays no start-up cost; return its ms."""
         ...
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str) -> Transcript:
-        """Transcribe a window of 16 kHz float audio, with text that came before it as prompt."""
+    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> Transcript:
+        """Transcribe a window of 16 kHz float audio, with text that came before it as prompt; `whole` says the
+        window is a whole utterance whose transcript may become its final."""
         ...
 
 
@@ -189,12 +195,24 @@ class WhisperTranscriber:
         noise = np.random.default_rng(0).normal(0.0, 0.01, samples).astype(np.float32)
         return self.decode(noise, "", self.languages[0]).asr_ms
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str) -> Transcript:
-        """Transcribe a window; blocking, so the engine runs it on its decode thread."""
+    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> Transcript:
+        """Transcribe a window; blocking, so the engine runs it on its decode thread.
+
+        A whole utterance in which the shortened encoder context hears no word gets a second opinion at
+        Whisper's own 30 s: there Whisper's no-speech test drops a lone short word ("fifty", 0.5 s) that the
+        full context keeps, and a final must not lose it. Empty windows of noise stay empty at 30 s.
+        """
+        transcript = self._decode(audio, prompt, language, self._floor_frames)
+        if not whole or self._floor_frames >= _WHISPER_FRAMES or any(normalise(w.text) for w in transcript.words):
+            return transcript
+        second = self._decode(audio, prompt, language, _WHISPER_FRAMES)
+        return dataclasses.replace(second, asr_ms=transcript.asr_ms + second.asr_ms)
+
+    def _decode(self, audio: FloatAudio, prompt: str, language: str, floor_frames: int) -> Transcript:
         started = time.monotonic()
         duration = len(audio) / SAMPLE_RATE
         content_frames = int(duration * _FRAMES_PER_SECOND) + 1
-        _decode_state.encoder_frames = min(_WHISPER_FRAMES, max(self._floor_frames, content_frames))
+        _decode_state.encoder_frames = min(_WHISPER_FRAMES, max(floor_frames, content_frames))
         _decode_state.encoded_frames = 0
         segments, _info = self._model.transcribe(
             audio,
@@ -208,16 +226,20 @@ class WhisperTranscriber:
             without_timestamps=False,
             max_new_tokens=min(_MAX_NEW_TOKENS, max(_MIN_NEW_TOKENS, int(duration * _TOKENS_PER_SECOND))),
         )
-        words = tuple(
-            Word(start=float(word.start), end=float(word.end), text=word.word)
+        kept = [
+            segment
             for segment in segments
             if segment.seek == 0
             or segment.no_speech_prob <= _LATER_PASS_NO_SPEECH
             or segment.avg_logprob >= _LATER_PASS_LOG_PROB
-            for word in segment.words or ()
-        )
+        ]
         return Transcript(
-            words=words,
+            words=tuple(
+                Word(start=float(word.start), end=float(word.end), text=word.word)
+                for segment in kept
+                for word in segment.words or ()
+            ),
             asr_ms=(time.monotonic() - started) * 1000,
             encoder_s=_decode_state.encoded_frames / _FRAMES_PER_SECOND,
+            hallucinated=any(segment.compression_ratio > _REPETITIVE_COMPRESSION for segment in kept),
         )

@@ -126,7 +126,7 @@ class DecodeScheduler:
         transcript: Transcript | None = None
         try:
             transcript = await loop.run_in_executor(
-                self._executor, transcriber.decode, request.audio, request.prompt, request.language
+                self._executor, transcriber.decode, request.audio, request.prompt, request.language, request.final
             )
         except Exception:
             _LOGGER.exception("Decode failed")

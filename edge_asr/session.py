@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .agreement import LocalAgreement, Word, join_words
+from .agreement import LocalAgreement, Word, join_words, normalise, strip_committed
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH, FloatAudio, pcm16_to_float, seconds_to_bytes
 from .config import LimitSettings, StreamSettings
-from .events import Event, Final, Partial
+from .events import Event, Final, Partial, words_after
 from .vad import START_LOOKBACK_S, VadChange, VadGate
+
+if TYPE_CHECKING:
+    from .model import Transcript
 
 # A hypothesis that reaches this far past the last voiced frame has heard every word: webrtcvad marks
 # the soft end of a word as unvoiced a frame or three early.
 COVER_MARGIN_S = 0.12
 # A word that starts this long after the last voiced frame was not heard but made up.
 SILENT_WORD_TOLERANCE_S = 0.3
+# Partial decodes of one speaker use at most this share of a decode worker's time.
+_PARTIAL_CPU_SHARE = 0.5
+# Word times that differ by less than this are the same moment (a committed word re-read by a window).
+_SAME_TIME_S = 0.05
+# A run of this many words said twice in a row is a decoding loop, not speech.
+_LOOP_WORDS = 4
 _MAX_ARRIVALS = 4096
 
 
@@ -31,6 +41,31 @@ class DecodeRequest:
     final: bool
     newest_arrival: float
     utterance_start_s: float
+    voice_end_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A whole decode of the utterance that may become its final: words in session seconds."""
+
+    words: tuple[Word, ...]
+    window_start_s: float
+    voice_end_s: float
+    asr_ms: float
+    arrival: float
+    trusted: bool
+
+
+def repeats_itself(words: tuple[Word, ...] | list[Word]) -> bool:
+    """Whether some run of `_LOOP_WORDS` or more words comes twice in a row (a decoding loop)."""
+    texts = [text for word in words if (text := normalise(word.text))]
+    for size in range(_LOOP_WORDS, len(texts) // 2 + 1):
+        for start in range(len(texts) - 2 * size + 1):
+            if texts[start : start + size] == texts[start + size : start + 2 * size]:
+                return True
+    return False
+
+
 
 
 def build_prompt(client_prompt: str, committed_text: str, limit: int) -> str:
@@ -56,6 +91,13 @@ def _tail_words(text: str, limit: int) -> str:
 class StreamSession:
     """Decides when a stream needs a decode, and turns decodes into partials and finals.
 
+    Partials come from short, frequent decodes of the window since the last commit; words two of them
+    agree on become `stable`. The final of an utterance does not inherit their mistakes: it is a decode
+    of the whole utterance (of everything after the committed prefix, for one longer than
+    `max_window_s`), started as soon as the speaker pauses for `final_silence_ms`, so that its cost hides
+    behind the rest of the silence that ends the utterance. The final may therefore revise committed
+    words, and says so (`revised`).
+
     Times called `now`/`*_arrival`/`*_wall` are the caller's monotonic clock in seconds; times
     ending in `_s` are positions in the session's audio.
     """
@@ -74,7 +116,7 @@ class StreamSession:
         self._split_on_silence = split_on_silence
         self._prompt = prompt
         self._language = language
-        # Finals of earlier utterances: the context Whisper conditions on across short pauses.
+        # Finals of earlier utterances: the context the partial decodes condition on across short pauses.
         self._history = ""
         self._vad = VadGate(stream.vad_aggressiveness, stream.silence_ms)
         self._buffer = bytearray()
@@ -83,7 +125,11 @@ class StreamSession:
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=_MAX_ARRIVALS)
         self._utterances_emitted = 0
         self._queued_changes: list[VadChange] = []
-        self._in_flight = False
+        # At most one partial and one whole-utterance decode out at a time; they may run side by side.
+        self._partial_in_flight = False
+        self._final_in_flight = False
+        # Model time of the newest partial decode: partial decodes get no more than their share of the CPU.
+        self._partial_asr_s = 0.0
         self._reset_utterance(None)
 
     def _reset_utterance(self, start_s: float | None) -> None:
@@ -97,6 +143,9 @@ class StreamSession:
         self._end_at_s: float | None = None
         self._end_wall = 0.0
         self._voice_end_s = 0.0
+        self._candidate: _Candidate | None = None
+        # The voiced end whose whole decode failed: not retried until more speech or the end comes.
+        self._failed_voice_end_s: float | None = None
         self._last_partial = ("", "")
         self._emitted = False
 
@@ -118,7 +167,7 @@ class StreamSession:
     @property
     def in_flight(self) -> bool:
         """A decode request is out and its result not applied yet."""
-        return self._in_flight
+        return self._partial_in_flight or self._final_in_flight
 
     def set_prompt(self, prompt: str) -> None:
         """The client's text that comes before this stream's speech, passed to the decoder first."""
@@ -143,7 +192,7 @@ class StreamSession:
         if not self.active:
             # The VAD reports a start a few frames after it: keep those frames as well as the preroll.
             self._drop_before(self.stream_s - self._stream.preroll_ms / 1000 - START_LOOKBACK_S)
-        return self._final_if_covered(now)
+        return self._final_if_ready(now)
 
     def _on_vad(self, change: VadChange) -> None:
         if self.ending:
@@ -164,96 +213,179 @@ class StreamSession:
             self._end_wall = now
         # What follows the end signal is a new request: speech must start afresh.
         self._vad.reset()
-        return self._final_if_covered(now)
+        return self._final_if_ready(now)
 
     def wants_decode(self) -> bool:
         """Whether a decode would bring something new now."""
-        if not self.active or self._in_flight:
+        return self._next_kind() is not None
+
+    def wants_final_decode(self) -> bool:
+        """Whether the decode this session wants now is one of a whole utterance (for its final)."""
+        return self._next_kind() == "final"
+
+    def _voice_end(self) -> float:
+        """The end of the last voiced frame of the open utterance."""
+        return self._voice_end_s if self.ending else self._vad.last_voice_end_s
+
+    def _next_kind(self) -> str | None:
+        if not self.active:
+            return None
+        if not self._final_in_flight and self._wants_whole_decode():
+            return "final"
+        if self._partial_in_flight or self.ending:
+            return None
+        assert self._utterance_start_s is not None
+        if self.stream_s - self._utterance_start_s < self._stream.min_window_s:
+            return None
+        # Partials are for display: when the CPU is slow, they come less often rather than fall behind.
+        cycle_s = max(self._stream.cycle_ms / 1000, self._partial_asr_s / _PARTIAL_CPU_SHARE)
+        if self.stream_s - self._last_request_end_s < cycle_s:
+            return None
+        # No new speech since the last decode: another one could not change a word.
+        if self._vad.last_voice_end_s + COVER_MARGIN_S <= self._last_request_end_s:
+            return None
+        return "partial"
+
+    def _wants_whole_decode(self) -> bool:
+        voice_end = self._voice_end()
+        if self._candidate is not None and self._candidate.voice_end_s >= voice_end:
             return False
         if self.ending:
             return True
-        assert self._utterance_start_s is not None
-        if self.stream_s - self._utterance_start_s < self._stream.min_window_s:
+        if self._failed_voice_end_s == voice_end:
             return False
-        if self.stream_s - self._last_request_end_s < self._stream.cycle_ms / 1000:
-            return False
-        return self._vad.last_voice_end_s + COVER_MARGIN_S > self._last_request_end_s
+        # The speaker paused: this may be the end of the utterance, so decode all of it now.
+        return self.stream_s - voice_end >= self._stream.final_silence_ms / 1000
 
     def next_request(self) -> DecodeRequest:
-        """The window to decode now: from the last commit (less the overlap) to the newest audio."""
+        """The decode this session wants now (see `wants_decode`).
+
+        A whole decode covers the utterance from its start (or from its committed prefix, when longer
+        than `max_window_s`) to `final_silence_ms` after its last voiced frame; its prompt is the client's
+        prompt and that prefix only, so the history of earlier utterances cannot add words to a final.
+        A partial decode covers the same window up to the newest audio, with the history in its prompt.
+        """
         assert self._utterance_start_s is not None
-        final = self.ending
-        end_s = self._end_at_s if self._end_at_s is not None else self.stream_s
+        final = self._next_kind() == "final"
+        limit_s = self._end_at_s if self._end_at_s is not None else self.stream_s
+        voice_end_s = self._voice_end()
+        end_s = min(limit_s, voice_end_s + self._stream.final_silence_ms / 1000) if final else limit_s
         self._bound_window(end_s)
-        before_window = [w for w in self._agreement.committed if w.end <= self._window_start_s + 0.05]
-        self._in_flight = True
-        self._last_request_end_s = end_s
+        prefix = [w for w in self._agreement.committed if w.end <= self._window_start_s + _SAME_TIME_S]
+        context = join_words(prefix) if final else f"{self._history} {join_words(prefix)}"
+        if final:
+            self._final_in_flight = True
+        else:
+            self._partial_in_flight = True
+        self._last_request_end_s = max(self._last_request_end_s, end_s)
         return DecodeRequest(
             audio=pcm16_to_float(bytes(self._slice(self._window_start_s, end_s))),
             start_s=self._window_start_s,
             end_s=end_s,
-            prompt=build_prompt(
-                self._prompt, f"{self._history} {join_words(before_window)}", self._stream.prompt_chars
-            ),
+            prompt=build_prompt(self._prompt, context, self._stream.prompt_chars),
             language=self._language,
             final=final,
             newest_arrival=self._arrival_of(end_s),
             utterance_start_s=self._utterance_start_s,
+            voice_end_s=voice_end_s,
         )
 
-    def apply(self, request: DecodeRequest, words: tuple[Word, ...], asr_ms: float, now: float) -> list[Event]:
-        """Take the words a decode found (times relative to the window) and emit what changed."""
-        self._in_flight = False
+    def apply(self, request: DecodeRequest, transcript: Transcript, now: float) -> list[Event]:
+        """Take what a decode found (word times relative to the window) and emit what changed."""
+        if request.final:
+            self._final_in_flight = False
+        else:
+            self._partial_in_flight = False
+            self._partial_asr_s = transcript.asr_ms / 1000
         if request.utterance_start_s != self._utterance_start_s:
             return []
-        self._agreement.update(
-            [Word(w.start + request.start_s, w.end + request.start_s, w.text) for w in words],
-            horizon_s=request.end_s - self._stream.commit_margin_ms / 1000,
-        )
+        words = [Word(w.start + request.start_s, w.end + request.start_s, w.text) for w in transcript.words]
+        if request.final:
+            # Whisper invents words in silence; the VAD heard none after the voice ended.
+            heard = tuple(w for w in words if w.start <= request.voice_end_s + SILENT_WORD_TOLERANCE_S)
+            self._candidate = _Candidate(
+                words=heard,
+                window_start_s=request.start_s,
+                voice_end_s=request.voice_end_s,
+                asr_ms=transcript.asr_ms,
+                arrival=request.newest_arrival,
+                trusted=not transcript.hallucinated and not repeats_itself(heard),
+            )
+            if self.ending and self._candidate.voice_end_s >= self._voice_end():
+                return self._emit_final(now)
+            if not self._candidate.trusted:
+                return []
+            words = list(heard)
+        # A trusted whole decode is also the newest hypothesis of the partial stream.
+        return self._update_partial(request, words, transcript.asr_ms, now) + self._final_if_ready(now)
+
+    def _update_partial(self, request: DecodeRequest, words: list[Word], asr_ms: float, now: float) -> list[Event]:
+        self._agreement.update(words, horizon_s=request.end_s - self._stream.commit_margin_ms / 1000)
         self._latest_end_s = request.end_s
         self._latest_asr_ms = asr_ms
         self._latest_arrival = request.newest_arrival
-        if request.final:
-            return self._emit_final(now)
-        events: list[Event] = []
         text = join_words(self._agreement.committed + self._agreement.tentative)
         stable = join_words(self._agreement.committed)
-        if (text, stable) != self._last_partial:
-            self._last_partial = (text, stable)
-            self._emitted = True
-            events.append(
-                Partial(
-                    text=text,
-                    stable=stable,
-                    utterance=self.utterance,
-                    asr_ms=round(asr_ms),
-                    e2e_ms=round((now - request.newest_arrival) * 1000),
-                )
-            )
-        return events + self._final_if_covered(now)
-
-    def _final_if_covered(self, now: float) -> list[Event]:
-        """When the newest hypothesis already heard every voiced frame, the final needs no decode."""
-        if not self.ending or self._in_flight or self._latest_arrival is None:
+        if (text, stable) == self._last_partial:
             return []
-        assert self._end_at_s is not None
-        if self._latest_end_s < min(self._end_at_s, self._vad.last_voice_end_s + COVER_MARGIN_S):
+        self._last_partial = (text, stable)
+        self._emitted = True
+        return [
+            Partial(
+                text=text,
+                stable=stable,
+                utterance=self.utterance,
+                asr_ms=round(asr_ms),
+                e2e_ms=round((now - request.newest_arrival) * 1000),
+            )
+        ]
+
+    def _final_if_ready(self, now: float) -> list[Event]:
+        """The utterance has ended and a whole decode already heard every voiced frame: its final is out."""
+        if not self.ending or self._candidate is None or self._candidate.voice_end_s < self._voice_end():
             return []
         return self._emit_final(now)
 
     def decode_failed(self, request: DecodeRequest, now: float) -> list[Event]:
-        """A decode raised: a final goes out with what the earlier decodes heard; a partial is skipped."""
-        self._in_flight = False
+        """A decode raised. A failed whole decode is not retried for the same speech; once the utterance
+        has ended, its final goes out with what the partial decodes heard."""
+        if request.final:
+            self._final_in_flight = False
+        else:
+            self._partial_in_flight = False
         if request.utterance_start_s != self._utterance_start_s or not request.final:
             return []
+        if not self.ending:
+            self._failed_voice_end_s = request.voice_end_s
+            return []
         return self._emit_final(now)
+
+    def _final_words(self) -> tuple[list[Word], float, float]:
+        """The final's words, and the model time and newest arrival of the decode they come from.
+
+        A trusted whole decode gives every word after the committed prefix. Otherwise (it failed, or
+        Whisper's own signals say it invented or repeated text) the partials' path stands in: committed
+        words and the newest hypothesis, without words after the voice ended; and when that is empty
+        while speech was heard, the whole decode after all, rather than nothing.
+        """
+        candidate = self._candidate
+        committed = list(self._agreement.committed)
+        fallback = committed + [
+            w for w in self._agreement.tentative if w.start <= self._voice_end_s + SILENT_WORD_TOLERANCE_S
+        ]
+        latest = (self._latest_asr_ms, self._latest_arrival or 0.0)
+        if candidate is None:
+            return fallback, *latest
+        if candidate.trusted or not fallback:
+            prefix = [w for w in committed if w.end <= candidate.window_start_s + _SAME_TIME_S]
+            return prefix + strip_committed(prefix, candidate.words), candidate.asr_ms, candidate.arrival
+        return fallback, *latest
 
     def _emit_final(self, now: float) -> list[Event]:
         assert self._utterance_start_s is not None
         assert self._end_at_s is not None
-        # Whisper invents words in silence; the VAD heard none after the voice ended.
-        self._agreement.commit_tentative(until_s=self._voice_end_s + SILENT_WORD_TOLERANCE_S)
-        text = join_words(self._agreement.committed)
+        words, asr_ms, arrival = self._final_words()
+        text = join_words(words)
         events: list[Event] = []
         # A client that saw partials gets a final even when it is empty, so it can clear them.
         if text or self._emitted:
@@ -261,11 +393,12 @@ class StreamSession:
                 Final(
                     text=text,
                     utterance=self.utterance,
-                    asr_ms=round(self._latest_asr_ms),
-                    e2e_ms=round((now - (self._latest_arrival or now)) * 1000),
+                    asr_ms=round(asr_ms),
+                    e2e_ms=round((now - (arrival or now)) * 1000),
                     ttct_ms=round((now - self._end_wall) * 1000),
                     start=self._utterance_start_s,
                     end=self._end_at_s,
+                    revised=words_after(text, self._last_partial[1]) is None,
                 )
             )
             self._utterances_emitted += 1

@@ -35,7 +35,7 @@ class ScriptedTranscriber:
         """Nothing to warm."""
         return 1.0
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str) -> Transcript:
+    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> Transcript:
         """A word per whole second of audio, after `delay_s`; raises when `fail` is set."""
         with self._lock:
             self.concurrent += 1
@@ -75,7 +75,7 @@ class GatedTranscriber:
         """Let the decode whose prompt is `prompt` (running or to come) finish."""
         self._gate(prompt).set()
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str) -> Transcript:
+    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> Transcript:
         """Wait for the gate (10 s at most, so a broken test cannot hang the suite), then hear nothing."""
         with self._lock:
             self.started.append(prompt)
@@ -127,8 +127,10 @@ class FakeSession:
         self._emit(Partial(" ".join(self.words), " ".join(self.words[:-1]), 1, 1, 1))
 
     async def finish(self) -> Final | None:
-        """The words so far as the final, then `Done`."""
-        final = Final(" ".join(self.words), 1, 1, 1, 1, 0.0, len(self.fed) / 32000) if self.words else None
+        """The words so far as the final (with the engine's `revisions` applied), then `Done`."""
+        words = [self.engine.revisions.get(word, word) for word in self.words]
+        revised = words != self.words
+        final = Final(" ".join(words), 1, 1, 1, 1, 0.0, len(self.fed) / 32000, revised) if words else None
         if final is not None:
             self._emit(final)
         self.words = []
@@ -177,6 +179,8 @@ class FakeEngine:
 
     languages: tuple[str, ...] = ("en", "de")
     refusal: EngineRefusal | None = None
+    # Words the finals hear differently from the partials: {"w2": "wX"}.
+    revisions: dict[str, str] = field(default_factory=dict)
     ready: bool = True
     sessions: list[FakeSession] = field(default_factory=list)
     listeners: list[Listener] = field(default_factory=list)

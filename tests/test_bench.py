@@ -1,20 +1,43 @@
-"""Unit tests for the pure parts of edge_asr.bench: scoring, percentiles, latencies, server messages, the corpus."""
+"""Tests of edge_asr.bench without the model: scoring, error classes, latencies, server messages, the corpus,
+run medians and stability, the report, and the command against a scripted WebSocket server."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
+import re
+import threading
 import wave
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.sync.server import ServerConnection as SyncServerConnection
+from websockets.sync.server import serve as serve_in_thread
 
+from edge_asr.bench import command
+from edge_asr.bench.arguments import add_arguments
 from edge_asr.bench.corpus import Clip, load_corpus
 from edge_asr.bench.errors import BenchError
-from edge_asr.bench.report import ClipResult, summarize
+from edge_asr.bench.report import (
+    ClipResult,
+    OfflineClip,
+    OfflineSummary,
+    Report,
+    RunResult,
+    Stability,
+    format_table,
+    median_of_runs,
+    report_json,
+    stability,
+    summarize,
+)
 from edge_asr.bench.report import clip_result as score_clip
+from edge_asr.bench.resources import Resources
 from edge_asr.bench.scoring import WordScore, normalize, percentile, score_words
 from edge_asr.bench.timing import (
     Playback,
@@ -28,8 +51,8 @@ from edge_asr.bench.timing import (
 )
 from edge_asr.bench.transports import Replay, WebSocketTransport, WyomingReplies, read_message
 from edge_asr.bench.wyoming_client import WyomingReply
-from edge_asr.config import StreamSettings
-from edge_asr.events import Done, Event, Final, Partial, Ready, SessionError
+from edge_asr.config import Settings, StreamSettings
+from edge_asr.events import Done, Event, Final, Message, Partial, Ready, SessionError
 
 CHUNK = 640
 T0 = 100.0
@@ -40,9 +63,9 @@ def partial(text: str, utterance: int = 1) -> Partial:
     return Partial(text=text, stable="", utterance=utterance, asr_ms=10, e2e_ms=20)
 
 
-def final(text: str, utterance: int = 1) -> Final:
+def final(text: str, utterance: int = 1, revised: bool = False) -> Final:
     """A final with dummy timings."""
-    return Final(text=text, utterance=utterance, asr_ms=10, e2e_ms=20, ttct_ms=30, start=0.0, end=1.0)
+    return Final(text=text, utterance=utterance, asr_ms=10, e2e_ms=20, ttct_ms=30, start=0.0, end=1.0, revised=revised)
 
 
 def paced(seconds: float) -> tuple[tuple[float, float], ...]:
@@ -73,16 +96,16 @@ def test_spelled_and_written_forms_score_alike(reference: str, hypothesis: str) 
 @pytest.mark.parametrize(
     ("reference", "hypothesis", "expected"),
     [
-        ("turn on the lights", "Turn on the lights.", WordScore(4, 0, 0, 0)),
-        ("turn on the lights", "turn off the lights", WordScore(4, 1, 0, 0)),
-        ("turn on the lights", "turn the lights", WordScore(4, 0, 1, 0)),
-        ("turn on the lights", "turn on the lights now", WordScore(4, 0, 0, 1)),
-        ("turn on the lights", "on the lights please", WordScore(4, 0, 1, 1)),
-        ("set the thermostat to seventy two degrees", "Set the thermostat to 72 degrees.", WordScore(6, 0, 0, 0)),
-        ("turn on the lights", "", WordScore(4, 0, 4, 0)),
-        ("", "thank you", WordScore(0, 0, 0, 2)),
-        ("Um.", "thank you for watching", WordScore(0, 0, 0, 4)),
-        ("", "", WordScore(0, 0, 0, 0)),
+        ("turn on the lights", "Turn on the lights.", WordScore(4, 0, 0, 0, 0, 0)),
+        ("turn on the lights", "turn off the lights", WordScore(4, 1, 0, 0, 0, 0)),
+        ("turn on the lights", "turn the lights", WordScore(4, 0, 1, 0, 0, 1)),
+        ("turn on the lights", "turn on the lights now", WordScore(4, 0, 0, 1, 1, 0)),
+        ("turn on the lights", "on the lights please", WordScore(4, 0, 1, 1, 1, 1)),
+        ("set the thermostat to seventy two degrees", "Set the thermostat to 72 degrees.", WordScore(6, 0, 0, 0, 0, 0)),
+        ("turn on the lights", "", WordScore(4, 0, 4, 0, 0, 2)),
+        ("", "thank you", WordScore(0, 0, 0, 2, 2, 0)),
+        ("Um.", "thank you for watching", WordScore(0, 0, 0, 4, 4, 0)),
+        ("", "", WordScore(0, 0, 0, 0, 0, 0)),
     ],
 )
 def test_score_words_counts_substitutions_deletions_and_insertions(
@@ -93,8 +116,54 @@ def test_score_words_counts_substitutions_deletions_and_insertions(
 
 @pytest.mark.fast
 def test_word_errors_add_up_the_three_kinds() -> None:
-    assert WordScore(reference_words=9, substitutions=1, deletions=2, insertions=3).errors == 6
+    assert (
+        WordScore(9, substitutions=1, deletions=2, insertions=3, inserted_after_speech=3, lost_first_two=2).errors == 6
+    )
     assert score_words("lock the front door", "unlock the door please now").errors == 4
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("reference", "hypothesis", "after_speech", "insertions"),
+    [
+        ("turn on the lights", "turn on the lights thank you", 2, 2),
+        ("turn on the lights", "turn on please the lights", 0, 1),
+        ("turn on the lights", "please turn on the lights", 0, 1),
+        ("turn on the lights", "so turn on the lights okay", 1, 2),
+        # Words after a substituted word are after the speech when no reference word follows.
+        ("turn on the lights", "turn off the lights now", 1, 1),
+        ("", "thank you for watching", 4, 4),
+        ("", "", 0, 0),
+    ],
+)
+def test_only_insertions_after_the_last_reference_word_count_as_inserted_after_speech(
+    reference: str, hypothesis: str, after_speech: int, insertions: int
+) -> None:
+    score = score_words(reference, hypothesis)
+    assert (score.inserted_after_speech, score.insertions) == (after_speech, insertions)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("reference", "hypothesis", "lost", "deletions"),
+    [
+        ("turn on the kitchen lights", "on the kitchen lights", 1, 1),
+        ("turn on the kitchen lights", "the kitchen lights", 2, 2),
+        ("turn on the kitchen lights", "turn the kitchen lights", 1, 1),
+        ("turn on the kitchen lights", "turn on the lights", 0, 1),
+        ("turn on the kitchen lights", "turn on", 0, 3),
+        ("turn on the kitchen lights", "", 2, 5),
+        # A substituted first word is a substitution, not a loss.
+        ("turn on the kitchen lights", "burn on the kitchen lights", 0, 0),
+        ("lights", "", 1, 1),
+        ("", "hello", 0, 0),
+    ],
+)
+def test_only_deletions_among_the_first_two_reference_words_count_as_lost_first_two(
+    reference: str, hypothesis: str, lost: int, deletions: int
+) -> None:
+    score = score_words(reference, hypothesis)
+    assert (score.lost_first_two, score.deletions) == (lost, deletions)
 
 
 @pytest.mark.fast
@@ -296,8 +365,17 @@ def test_speech_span_of_silence_is_none() -> None:
     assert speech_span(bytes(32000), StreamSettings()) is None
 
 
-def clip_result(name: str, reference: str, hypothesis: str, errors: int, lags: tuple[float, ...] = ()) -> ClipResult:
-    """A scored clip with a few latencies."""
+def clip_result(
+    name: str,
+    reference: str,
+    hypothesis: str,
+    errors: int,
+    lags: tuple[float, ...] = (),
+    revised: int | None = 0,
+    clip_errors: tuple[str, ...] = (),
+) -> ClipResult:
+    """A scored clip with a few latencies; its error classes are those of the hypothesis."""
+    score = score_words(reference, hypothesis)
     return ClipResult(
         name=name,
         reference=reference,
@@ -311,7 +389,11 @@ def clip_result(name: str, reference: str, hypothesis: str, errors: int, lags: t
         ttct_ms=(300,) if hypothesis else (),
         e2e_partial_ms=(),
         e2e_final_ms=(),
-        errors=(),
+        errors=clip_errors,
+        inserted_after_speech=score.inserted_after_speech,
+        lost_first_two=score.lost_first_two,
+        no_final=bool(score.reference_words) and not hypothesis,
+        revised_finals=revised,
     )
 
 
@@ -331,6 +413,278 @@ def test_summarize_counts_insertions_on_no_speech_clips_and_hallucinations() -> 
     assert summary.end_to_final_p50_ms == 0.0
     assert summary.first_partial_p50_ms is None
     assert summary.audio_s == pytest.approx(8.0)
+
+
+SPEECH_CLIP = Clip("c", Path("c.wav"), "turn on the lights", 2.5)
+
+
+@pytest.mark.fast
+def test_a_clip_result_counts_its_error_classes_and_revised_finals() -> None:
+    replay = playback(
+        [
+            (T0 + 1.0, partial("Turn on the")),
+            (T0 + 1.6, final("On the lights,", revised=True)),
+            (T0 + 2.4, final("thank you.", utterance=2)),
+            (T0 + 2.5, final("Bye.", utterance=3, revised=True)),
+        ]
+    )
+
+    result = score_clip(SPEECH_CLIP, replay, None)
+
+    assert (result.lost_first_two, result.inserted_after_speech, result.no_final) == (1, 3, False)
+    assert result.revised_finals == 2
+    assert result.word_errors == 4
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("reference", "events", "no_final"),
+    [
+        ("turn on the lights", [(T0 + 1.0, partial("Turn on"))], True),
+        ("turn on the lights", [(T0 + 1.0, partial("Turn on")), (T0 + 2.6, final(" "))], True),
+        ("turn on the lights", [(T0 + 2.6, final("Turn."))], False),
+        ("", [(T0 + 1.0, partial("Hmm"))], False),
+        ("", [], False),
+    ],
+)
+def test_no_final_is_a_clip_with_speech_that_got_no_final_with_text(
+    reference: str, events: list[tuple[float, Event]], no_final: bool
+) -> None:
+    result = score_clip(Clip("c", Path("c.wav"), reference, 2.5), playback(events), None)
+    assert result.no_final is no_final
+    assert result.revised_finals == 0
+
+
+@pytest.mark.fast
+def test_a_clip_without_any_final_lost_its_first_two_words() -> None:
+    result = score_clip(SPEECH_CLIP, playback([(T0 + 1.0, partial("Turn on"))]), None)
+    assert (result.hypothesis, result.lost_first_two, result.word_errors) == ("", 2, 4)
+
+
+@pytest.mark.fast
+def test_finals_of_a_protocol_without_the_revised_flag_are_not_counted() -> None:
+    events = (Received(T0 + 2.9, final("Turn on the lights.")),)
+    untimed = Playback(events, paced(2.5), T0 + 2.5, timed=False)
+
+    result = score_clip(SPEECH_CLIP, untimed, None)
+
+    assert result.revised_finals is None
+    assert summarize([result]).revised_finals is None
+
+
+@pytest.mark.fast
+def test_summarize_adds_up_the_error_classes_and_revised_finals() -> None:
+    clips = [
+        clip_result("a", "turn on the lights", "on the lights thank you", 3, revised=1),
+        clip_result("b", "open the door", "", 3),
+        clip_result("c", "", "thank you", 2, revised=2),
+        clip_result("d", "close the door", "close the door", 0),
+    ]
+
+    summary = summarize(clips)
+
+    assert (summary.inserted_after_speech, summary.lost_first_two) == (4, 3)
+    assert (summary.no_final, summary.revised_finals) == (1, 3)
+
+
+def run_result(
+    hypotheses: Sequence[str], errors: int, peak_rss_mb: float, ready_s: float | None, revised: int = 0
+) -> RunResult:
+    """A run over three clips (7 reference words) with these final texts and `errors` word errors in all."""
+    references = ("turn on the lights", "open the door", "")
+    clips = tuple(
+        clip_result(name, reference, hypothesis, errors if name == "a" else 0, revised=revised if name == "a" else 0)
+        for name, reference, hypothesis in zip("abc", references, hypotheses, strict=True)
+    )
+    return RunResult(summarize(clips), Resources(0.5, peak_rss_mb, ready_s, None), clips)
+
+
+@pytest.mark.fast
+def test_the_median_takes_each_column_over_the_runs_that_measured_it() -> None:
+    runs = [
+        run_result(["turn on the lights", "open the door", ""], 0, 300.0, 4.0, revised=2),
+        run_result(["turn on the light", "", ""], 1, 100.0, None, revised=0),
+        run_result(["lights", "", "thank you"], 5, 200.0, 2.0, revised=1),
+    ]
+
+    median = median_of_runs(runs)
+
+    # The median of 0, 1/7 and 5/7, not the pooled 6/21.
+    assert median.wer == pytest.approx(1 / 7)
+    assert median.word_errors == 1
+    assert (median.no_final, median.hallucinations, median.revised_finals) == (1, 0, 1)
+    assert (median.peak_rss_mb, median.start_to_ready_s, median.cpu_s_per_audio_s) == (200.0, 3.0, 0.5)
+    assert median.idle_cpu_percent is None
+    # Lost first words per run: 0, 2 ("open the" of b) and 4 (a's "turn on" too).
+    assert median.lost_first_two == 2
+    assert median_of_runs(runs[:2]).lost_first_two == pytest.approx(1.0)
+    assert median_of_runs(runs[:2]).no_final == pytest.approx(0.5)
+
+
+@pytest.mark.fast
+def test_stability_counts_the_clips_whose_normalised_final_text_is_the_same_in_every_run() -> None:
+    runs = [
+        run_result(["Turn on the lights.", "open the door", ""], 0, 1.0, None),
+        run_result(["turn on the lights", "open the door", ""], 0, 1.0, None),
+        run_result(["turn on the lights!", "open the floor", ""], 1, 1.0, None),
+    ]
+
+    differing = stability(runs)
+    assert differing.share == pytest.approx(2 / 3)
+    assert differing.differing_clips == ("b",)
+    assert stability(runs[:2]) == Stability(1.0, ())
+    assert stability(runs[2:]) == Stability(None, ())
+
+
+def report(runs: Sequence[RunResult], offline: OfflineSummary | None = None, protocol: str = "in-process") -> Report:
+    """A report of these runs."""
+    return Report(
+        corpus="corpus",
+        transport=protocol,
+        protocol=protocol,
+        concurrency=1,
+        realtime=True,
+        trailing_silence_s=0.5,
+        normalizer="whisper",
+        runs=tuple(runs),
+        median=median_of_runs(runs),
+        stability=stability(runs),
+        offline=offline,
+        offline_clips=(),
+    )
+
+
+def table_rows(table: str) -> dict[str, dict[str, str]]:
+    """The table's rows by mode, each cell by its header (cells are at least two spaces apart)."""
+    lines = table.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith("mode  "))
+    header, *rows = [
+        re.split(r"\s{2,}", line) for line in itertools.takewhile(lambda line: "  " in line, lines[start:])
+    ]
+    return {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+
+
+OFFLINE = OfflineSummary(
+    clips=3,
+    reference_words=7,
+    word_errors=2,
+    wer=2 / 7,
+    hallucinations=0,
+    decode_ms_mean=350.0,
+    cpu_s_per_audio_s=0.8,
+    inserted_after_speech=1,
+    lost_first_two=1,
+    no_text=0,
+)
+
+
+@pytest.mark.fast
+def test_the_table_has_a_row_per_run_their_median_and_the_share_of_stable_finals() -> None:
+    runs = [
+        run_result(["turn on the lights thank you", "open the door", ""], 2, 300.0, 4.0, revised=1),
+        run_result(["on the lights", "", ""], 1, 100.0, 3.0, revised=2),
+    ]
+
+    table = format_table(report(runs, OFFLINE))
+
+    rows = table_rows(table)
+    assert list(rows) == ["streaming 1", "streaming 2", "median", "offline"]
+    first, second, median, offline = rows.values()
+    assert [first[column] for column in ("WER", "ins after", "lost 1st 2", "no final", "revised")] == [
+        "28.6%",
+        "2",
+        "0",
+        "0",
+        "1",
+    ]
+    assert [second[column] for column in ("WER", "ins after", "lost 1st 2", "no final", "revised")] == [
+        "14.3%",
+        "0",
+        "3",
+        "1",
+        "2",
+    ]
+    assert [median[column] for column in ("WER", "ins after", "lost 1st 2", "no final", "revised")] == [
+        "21.4%",
+        "1",
+        "1.5",
+        "0.5",
+        "1.5",
+    ]
+    assert (median["peak RSS"], median["ready"]) == ("200 MB", "3.50 s")
+    assert [offline[column] for column in ("WER", "ins after", "lost 1st 2", "no final", "revised")] == [
+        "28.6%",
+        "1",
+        "1",
+        "0",
+        "-",
+    ]
+    assert table.splitlines()[-1] == "same final text in 33% of clips across 2 runs; differs: a, b"
+    assert "0 clip(s) with errors over 2 runs" in table.splitlines()[0]
+
+
+@pytest.mark.fast
+def test_a_single_run_has_one_streaming_row_and_no_stability_line() -> None:
+    run = run_result(["turn on the lights", "open the door", ""], 0, 300.0, 4.0)
+
+    table = format_table(report([run], protocol="wyoming"))
+
+    rows = table_rows(table)
+    assert list(rows) == ["streaming"]
+    assert rows["streaming"]["no final"] == "0"
+    assert "same final text" not in table
+    untimed = dataclasses.replace(run, streaming=dataclasses.replace(run.streaming, revised_finals=None))
+    assert table_rows(format_table(report([untimed], protocol="wyoming")))["streaming"]["revised"] == "n/a"
+
+
+@pytest.mark.fast
+def test_the_json_report_has_every_run_and_the_first_at_the_top_level() -> None:
+    runs = [
+        run_result(["turn on the lights", "open the door", ""], 0, 300.0, 4.0),
+        run_result(["on the lights", "", ""], 1, 100.0, 3.0, revised=2),
+    ]
+
+    data = json.loads(report_json(report(runs, OFFLINE)))
+
+    assert [run["streaming"]["word_errors"] for run in data["runs"]] == [0, 1]
+    assert data["streaming"] == data["runs"][0]["streaming"]
+    assert data["resources"] == data["runs"][0]["resources"]
+    assert [clip["name"] for clip in data["clips"]] == ["a", "b", "c"]
+    assert data["runs"][1]["clips"][1]["no_final"] is True
+    assert data["runs"][1]["streaming"]["revised_finals"] == 2
+    assert data["median"]["peak_rss_mb"] == 200.0
+    assert data["stability"] == {"share": 0.3333, "differing_clips": ["a", "b"]}
+    assert data["offline"]["inserted_after_speech"] == 1
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    """The bench's command line on its own."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("argv", "offline", "runs"),
+    [
+        ([], True, 1),
+        (["--no-offline"], False, 1),
+        (["--offline"], True, 1),
+        (["--runs", "3", "--no-offline"], False, 3),
+        (["--no-offline", "--offline", "--runs=2"], True, 2),
+    ],
+)
+def test_the_whole_clip_decode_is_on_unless_no_offline(argv: list[str], offline: bool, runs: int) -> None:
+    args = bench_parser().parse_args(["corpus", *argv])
+    assert (args.offline, args.runs) == (offline, runs)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("runs", ["0", "-1", "two"])
+def test_runs_must_be_a_positive_count(runs: str) -> None:
+    with pytest.raises(SystemExit):
+        bench_parser().parse_args(["corpus", "--runs", runs])
 
 
 @pytest.mark.fast
@@ -421,3 +775,97 @@ def test_load_corpus_refuses_bad_input(tmp_path: Path) -> None:
     write_clip(tmp_path, "loud", "hello", rate=8000)
     with pytest.raises(BenchError, match="expected 16 kHz mono"):
         load_corpus(tmp_path)
+
+
+@contextlib.contextmanager
+def scripted_server(scripts: Sequence[Sequence[Message]]) -> Iterator[str]:
+    """A WebSocket server on a thread; connection k gets `ready`, then after `end` the messages of scripts[k]
+    and `done`. Yields its URL."""
+    pending = iter(scripts)
+
+    def handler(ws: SyncServerConnection) -> None:
+        replies = next(pending)
+        ws.send(READY)
+        for message in ws:
+            if message == END:
+                for reply in replies:
+                    ws.send(reply.to_json())
+                ws.send(Done(1).to_json())
+                return
+
+    with serve_in_thread(handler, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        try:
+            yield f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[Clip]]:
+    """Stands in for the whole-clip decode (no model in fast tests); records the clips of each call."""
+    calls: list[Sequence[Clip]] = []
+
+    def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[OfflineClip], OfflineSummary]:
+        calls.append(clips)
+        return [OfflineClip(clip.name, clip.reference, 0, 350.0, 0, 0) for clip in clips], OFFLINE
+
+    monkeypatch.setattr(command, "decode_whole", decode_whole)
+    return calls
+
+
+def bench(corpus: Path, url: str, *flags: str) -> int:
+    """`edge-asr bench CORPUS --url URL --fast FLAGS` with default settings."""
+    args = bench_parser().parse_args([str(corpus), "--url", url, "--fast", "--trailing-silence", "0", *flags])
+    return command.run(args, Settings())
+
+
+@pytest.mark.fast
+def test_bench_replays_the_corpus_once_per_run_and_decodes_it_whole_once(
+    tmp_path: Path, decodes: list[Sequence[Clip]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_clip(tmp_path, "a", "turn on the lights")
+    write_clip(tmp_path, "b", "")
+    scripts = [[final("Turn on the lights.", revised=True)], [], [final("Turn on the lights now.")], []]
+    json_path = tmp_path / "report.json"
+
+    with scripted_server(scripts) as url:
+        status = bench(tmp_path, url, "--runs", "2", "--json", str(json_path))
+
+    assert status == 0
+    assert [[clip.name for clip in clips] for clips in decodes] == [["a", "b"]]
+    data = json.loads(json_path.read_text())
+    assert [run["clips"][0]["hypothesis"] for run in data["runs"]] == ["Turn on the lights.", "Turn on the lights now."]
+    assert [run["streaming"]["revised_finals"] for run in data["runs"]] == [1, 0]
+    assert [run["streaming"]["inserted_after_speech"] for run in data["runs"]] == [0, 1]
+    assert data["median"]["wer"] == 0.125
+    assert data["stability"] == {"share": 0.5, "differing_clips": ["a"]}
+    assert data["streaming"] == data["runs"][0]["streaming"]
+    assert (data["offline"]["word_errors"], data["offline"]["decode_ms_mean"]) == (2, 350.0)
+    assert [clip["name"] for clip in data["offline_clips"]] == ["a", "b"]
+    out = capsys.readouterr().out
+    assert list(table_rows(out)) == ["streaming 1", "streaming 2", "median", "offline"]
+    assert out.splitlines()[-1] == "same final text in 50% of clips across 2 runs; differs: a"
+
+
+@pytest.mark.fast
+def test_bench_fails_when_a_clip_of_a_later_run_got_an_error(
+    tmp_path: Path, decodes: list[Sequence[Clip]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_clip(tmp_path, "a", "turn on the lights")
+    scripts: list[list[Message]] = [[final("Turn on the lights.")], [SessionError("busy", "too many sessions")]]
+
+    with scripted_server(scripts) as url:
+        status = bench(tmp_path, url, "--runs", "2", "--no-offline", "--json", "-")
+
+    assert status == 1
+    assert decodes == []
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert [run["streaming"]["clip_errors"] for run in data["runs"]] == [0, 1]
+    assert [run["streaming"]["no_final"] for run in data["runs"]] == [0, 1]
+    assert data["offline"] is None
+    assert "1 clip(s) with errors over 2 runs" in captured.err
+    assert "offline" not in table_rows(captured.err)

@@ -72,7 +72,7 @@ def test_bench_replays_a_corpus_and_reports_json(tmp_path: Path) -> None:
     corpus = _corpus(tmp_path, "asterisk_conf-hasjoin", "silence_3s")
     report = tmp_path / "report.json"
 
-    result = _edge_asr("bench", str(corpus), "--fast", "--offline", "--json", str(report), "--threads", "1")
+    result = _edge_asr("bench", str(corpus), "--fast", "--json", str(report), "--threads", "1")
 
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
@@ -98,7 +98,7 @@ def test_bench_measures_a_wyoming_server(tmp_path: Path) -> None:
     uri = f"tcp://127.0.0.1:{free_port()}"
     service = start_service(tmp_path, f"wyoming.uri={uri}")
     try:
-        result = _edge_asr("bench", str(corpus), "--wyoming", uri, "--json", str(report), "--fast")
+        result = _edge_asr("bench", str(corpus), "--wyoming", uri, "--json", str(report), "--fast", "--no-offline")
     finally:
         service.stop()
 

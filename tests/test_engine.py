@@ -54,9 +54,9 @@ async def test_odd_byte_counts_are_refused_whole() -> None:
         await engine.stop()
 
 
-async def test_a_session_never_has_more_than_one_decode_and_finals_come_out() -> None:
+async def test_a_session_never_has_more_than_a_partial_and_a_whole_decode_at_once_and_finals_come_out() -> None:
     transcriber = ScriptedTranscriber(delay_s=0.05)
-    engine = Engine(build_settings({"model": {"threads": 1, "workers": 2}}), lambda: transcriber)
+    engine = Engine(build_settings({"model": {"threads": 1, "workers": 3}}), lambda: transcriber)
     await engine.start()
     try:
         async with engine.session("test") as session:
@@ -69,7 +69,7 @@ async def test_a_session_never_has_more_than_one_decode_and_finals_come_out() ->
             final = await session.finish()
             session.close()
             await reader
-        assert transcriber.max_concurrent == 1
+        assert transcriber.max_concurrent <= 2
         assert isinstance(final, Final)
         assert "word" in final.text
         assert isinstance(events[-1], Done)

@@ -74,6 +74,18 @@ async def test_a_stream_gets_ready_partials_its_final_and_done(engine: FakeEngin
     await asyncio.wait_for(session.gone.wait(), WAIT_S)
 
 
+async def test_a_final_that_revises_stable_words_says_so(engine: FakeEngine, base_url: str) -> None:
+    engine.revisions = {"w1": "wX"}
+    async with connect(f"ws://{base_url}/ws/stream") as ws:
+        await _receive(ws)
+        for _ in range(2):
+            await ws.send(bytes(640))
+        await ws.send(json.dumps({"type": "end"}))
+        messages = await _until_done(ws)
+
+    assert messages[-2] == Final("wX w2", 1, 1, 1, 1, 0.0, 0.04, revised=True)
+
+
 @pytest.mark.parametrize(
     ("refusal", "code", "close_code"),
     [

@@ -9,6 +9,7 @@ import pytest
 from edge_asr.audio import pcm16_to_float
 from edge_asr.config import ModelSettings
 from edge_asr.model import ModelError, WhisperTranscriber, bundled_model_dir, languages_of, resolve_model
+from edge_asr.vad import VadGate
 
 from .speech import normalise, read_pcm, reference, silence
 
@@ -97,3 +98,19 @@ def test_languages_are_known_from_the_model_files_before_it_loads(tmp_path: Path
     assert languages_of("base.en") == ("en",)
     assert languages_of("small") == (), "a multilingual size name not downloaded yet is known once it loads"
     assert languages_of(str(tmp_path / "nowhere")) == ()
+
+
+def test_a_whole_utterance_with_no_word_at_the_short_context_gets_a_second_opinion_at_30_s() -> None:
+    transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1, encoder_floor_s=15.0))
+    gate = VadGate(2, 350)
+    pcm = read_pcm("asterisk_digits_50") + silence(0.5)
+    start = next(change.at_s for change in gate.push(pcm) if change.speaking)
+    first, last = max(0.0, start - 0.3), gate.last_voice_end_s + 0.12  # the final's window, as a session cuts it
+    window = pcm16_to_float(pcm[round(first * 16000) * 2 : round(last * 16000) * 2])
+
+    final = transcriber.decode(window, "", "en", whole=True)
+    noise = transcriber.decode(pcm16_to_float(read_pcm("noise_hiss_3s")), "", "en", whole=True)
+
+    assert normalise("".join(word.text for word in final.words)) == "50"
+    assert final.encoder_s == 30.0, "the word came from Whisper's own context"
+    assert noise.words == ()

@@ -35,6 +35,7 @@ FINAL_FIELDS = {
     "asr_ms",
     "e2e_ms",
     "ttct_ms",
+    "revised",
     "timestamp",
 }
 PARTIAL_FIELDS = {

@@ -143,7 +143,9 @@ async def test_a_session_that_cannot_build_its_request_is_aborted_and_the_others
 
 async def test_a_decode_that_raises_reaches_its_session_as_no_transcript() -> None:
     class Failing(GatedTranscriber):
-        def decode(self, audio: np.typing.NDArray[np.float32], prompt: str, language: str) -> Transcript:
+        def decode(
+            self, audio: np.typing.NDArray[np.float32], prompt: str, language: str, whole: bool = False
+        ) -> Transcript:
             raise RuntimeError("the model broke")
 
     job = FakeJob("one")

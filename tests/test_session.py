@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -14,6 +14,7 @@ from edge_asr.agreement import Word
 from edge_asr.audio import pcm16_to_float
 from edge_asr.config import LimitSettings, StreamSettings
 from edge_asr.events import Event, Final, Partial
+from edge_asr.model import Transcript
 from edge_asr.session import DecodeRequest, StreamSession
 from edge_asr.vad import FRAME_BYTES, VadGate
 
@@ -149,11 +150,17 @@ class Driver:
         check_window(request, self.fed)
         return request
 
-    def apply(self, request: DecodeRequest, words: tuple[Word, ...] | None = None) -> list[Event]:
-        self.now += ASR_S
+    def apply(
+        self,
+        request: DecodeRequest,
+        words: tuple[Word, ...] | None = None,
+        hallucinated: bool = False,
+        asr_s: float = ASR_S,
+    ) -> list[Event]:
+        self.now += asr_s
         if words is None:
             words = scripted_words(self.script, request, cut_words=self.cut_words)
-        events = self.session.apply(request, words, ASR_S * 1000, self.now)
+        events = self.session.apply(request, Transcript(words, asr_s * 1000, hallucinated=hallucinated), self.now)
         self.record("apply", events)
         return events
 
@@ -405,16 +412,20 @@ def test_final_after_trailing_silence_has_the_full_text() -> None:
     assert len(driver.finals()) == 1
 
 
-def test_final_comes_from_push_when_the_latest_hypothesis_covered_every_voiced_frame() -> None:
+def test_a_pause_starts_a_whole_decode_that_becomes_the_final_when_the_vad_ends_the_utterance() -> None:
     audio = one_command()
     voiced_end = last_voiced_end(audio.pcm)
     driver = make_driver(audio.script)
     driver.feed_until(voiced_end - 0.3, audio.pcm)
+    utterance_start = driver.requests[0].start_s
     driver.auto_decode = False
-    driver.feed_until(voiced_end + 0.15, audio.pcm)
-    assert driver.session.wants_decode()
+    pause_s = StreamSettings().final_silence_ms / 1000
+    driver.feed_until(voiced_end + pause_s, audio.pcm)
+    assert driver.session.wants_final_decode()
     request = driver.request()
-    assert request.end_s >= voiced_end + 0.12
+    assert request.final
+    assert request.start_s == utterance_start, "the whole utterance, not the window since the last commit"
+    assert request.end_s == pytest.approx(voiced_end + pause_s)
     driver.apply(request)
     count = len(driver.requests)
     final_events: list[Event] = []
@@ -425,10 +436,9 @@ def test_final_comes_from_push_when_the_latest_hypothesis_covered_every_voiced_f
     assert isinstance(final, Final)
     assert final.text == reference("cmd_piper_joe_03")
     assert len(driver.requests) == count
-    assert not any(r.final for r in driver.requests)
 
 
-def test_final_comes_from_apply_when_the_request_in_flight_covers_every_voiced_frame() -> None:
+def test_the_whole_decode_in_flight_becomes_the_final_when_the_vad_ends_the_utterance_meanwhile() -> None:
     audio = one_command()
     voiced_end = last_voiced_end(audio.pcm)
     driver = make_driver(audio.script)
@@ -436,14 +446,14 @@ def test_final_comes_from_apply_when_the_request_in_flight_covers_every_voiced_f
     driver.auto_decode = False
     driver.feed_until(voiced_end + 0.15, audio.pcm)
     request = driver.request()
-    assert not request.final
+    assert request.final
     while not driver.session.ending:  # the VAD ends the utterance while the decode runs
         assert driver.push(audio.pcm[len(driver.fed) : len(driver.fed) + CHUNK_BYTES]) == []
+    assert not driver.session.wants_decode(), "the decode in flight already covers every voiced frame"
     events = driver.apply(request)
     assert isinstance(events[-1], Final)
     assert events[-1].text == reference("cmd_piper_joe_03")
     assert not driver.session.wants_decode()
-    assert not any(r.final for r in driver.requests)
 
 
 def test_final_is_decoded_when_the_latest_hypothesis_missed_the_end() -> None:
@@ -719,3 +729,189 @@ def test_a_failed_final_decode_keeps_what_earlier_decodes_heard() -> None:
     assert isinstance(final, Final)
     assert final.text == heard
     assert not driver.session.active
+
+
+# --- the final: a whole decode of the utterance --------------------------------------------------
+
+
+def serve_with(driver: Driver, partial_words: Callable[[DecodeRequest], tuple[Word, ...]]) -> None:
+    """Answer every wanted decode: partial decodes with `partial_words`, whole decodes with the script."""
+    while driver.session.wants_decode():
+        request = driver.request()
+        driver.apply(request, None if request.final else partial_words(request))
+
+
+def feed_serving(driver: Driver, pcm: bytes, partial_words: Callable[[DecodeRequest], tuple[Word, ...]]) -> None:
+    driver.auto_decode = False
+    for offset in range(0, len(pcm), CHUNK_BYTES):
+        driver.push(pcm[offset : offset + CHUNK_BYTES])
+        serve_with(driver, partial_words)
+
+
+def test_the_final_corrects_words_the_short_partial_windows_misheard_and_says_it_revised() -> None:
+    audio = one_command()
+    driver = make_driver(audio.script, cut_words=False)
+
+    def mishear(request: DecodeRequest) -> tuple[Word, ...]:
+        words = scripted_words(audio.script, request, cut_words=False)
+        return tuple(Word(w.start, w.end, " thermos") if "thermostat" in w.text else w for w in words)
+
+    feed_serving(driver, audio.pcm, mishear)
+
+    stables = [partial.stable for partial in driver.partials()]
+    assert any("thermos " in stable for stable in stables), "the misheard word was committed"
+    assert all(later.startswith(earlier) for earlier, later in pairwise(stables)), "stable never changes"
+    [final] = driver.finals()
+    assert final.text == reference("cmd_piper_joe_03")
+    assert final.revised
+    assert all(r.start_s == driver.requests[0].start_s for r in driver.requests if r.final)
+
+
+def test_a_final_that_keeps_the_committed_words_is_not_revised() -> None:
+    audio = one_command()
+    driver = make_driver(audio.script, cut_words=False)
+    driver.feed(audio.pcm)
+
+    [final] = driver.finals()
+    assert final.text == reference("cmd_piper_joe_03")
+    assert not final.revised
+
+
+@pytest.mark.parametrize("flaw", ["hallucinated", "loop"])
+def test_a_whole_decode_whisper_marks_as_invented_or_looping_falls_back_to_the_partials(flaw: str) -> None:
+    audio = one_command()
+    driver = make_driver(audio.script, cut_words=False, auto_decode=False)
+    for offset in range(0, len(audio.pcm), CHUNK_BYTES):
+        driver.push(audio.pcm[offset : offset + CHUNK_BYTES])
+        while driver.session.wants_decode():
+            request = driver.request()
+            if not request.final:
+                driver.apply(request)
+                continue
+            words = scripted_words(audio.script, request, cut_words=False)
+            if flaw == "loop":
+                loop = tuple(Word(w.start, w.end, w.text) for w in words[:4])
+                driver.apply(request, words[:4] + loop + words[4:])
+            else:
+                invented = Word(words[-1].end, words[-1].end + 0.05, " subscribe")
+                driver.apply(request, (*words, invented), hallucinated=True)
+
+    [final] = driver.finals()
+    assert final.text == reference("cmd_piper_joe_03")
+
+
+def test_an_untrusted_whole_decode_is_still_the_final_when_nothing_else_was_heard() -> None:
+    audio = Audio().pause(0.3).say("asterisk_digits_4").pause(1.0)
+    driver = make_driver(audio.script, stream=StreamSettings(min_window_s=2.0), auto_decode=False)
+    for offset in range(0, len(audio.pcm), CHUNK_BYTES):
+        driver.push(audio.pcm[offset : offset + CHUNK_BYTES])
+        while driver.session.wants_decode():
+            request = driver.request()
+            assert request.final, "too short for a partial decode"
+            driver.apply(request, hallucinated=True)
+
+    [final] = driver.finals()
+    assert final.text == reference("asterisk_digits_4")
+
+
+def test_a_one_word_utterance_shorter_than_the_first_window_gets_its_final() -> None:
+    audio = Audio().pause(0.3).say("asterisk_digits_4").pause(1.0)
+    driver = make_driver(audio.script, stream=StreamSettings(min_window_s=2.0))
+    driver.feed(audio.pcm)
+
+    assert [final.text for final in driver.finals()] == [reference("asterisk_digits_4")]
+    assert [request.final for request in driver.requests] == [True]
+
+
+def test_words_the_whole_decode_puts_after_the_voice_ended_are_not_in_the_final() -> None:
+    audio = one_command()
+    voiced_end = last_voiced_end(audio.pcm)
+    driver = make_driver(audio.script, cut_words=False, auto_decode=False)
+    driver.feed_until(voiced_end + 0.15, audio.pcm)
+    while driver.session.wants_decode():
+        request = driver.request()
+        words = scripted_words(audio.script, request, cut_words=False)
+        late = voiced_end + 0.35 - request.start_s
+        driver.apply(request, (*words, Word(late, late + 0.1, " goodbye")) if request.final else words)
+    driver.feed(audio.pcm[len(driver.fed) :])
+
+    [final] = driver.finals()
+    assert final.text == reference("cmd_piper_joe_03")
+
+
+def test_speech_that_resumes_after_a_pause_gets_a_new_whole_decode_of_all_of_it() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.25).say("cmd_piper_joe_01").pause(1.0)
+    driver = make_driver(audio.script, cut_words=False)
+    driver.feed(audio.pcm)
+
+    [final] = driver.finals()
+    assert final.text == " ".join(audio.texts)
+    whole = [request for request in driver.requests if request.final]
+    assert len(whole) == 2, "one at the pause, one at the end"
+    assert whole[0].start_s == whole[1].start_s
+    assert whole[0].end_s < whole[1].end_s
+
+
+def test_a_failed_whole_decode_is_not_retried_for_the_same_speech_and_the_end_falls_back() -> None:
+    audio = one_command()
+    voiced_end = last_voiced_end(audio.pcm)
+    driver = make_driver(audio.script, cut_words=False)
+    driver.feed_until(voiced_end + 0.1, audio.pcm)
+    driver.auto_decode = False
+    driver.feed_until(voiced_end + 0.15, audio.pcm)
+    request = driver.request()
+    assert request.final
+    assert driver.session.decode_failed(request, driver.now) == []
+    driver.feed_until(voiced_end + 0.3, audio.pcm)
+    assert not driver.session.wants_decode(), "no retry loop on a failing model"
+    heard = driver.partials()[-1].text
+    driver.end()
+    request = driver.request()
+    assert request.final
+
+    [final] = driver.session.decode_failed(request, driver.now)
+
+    assert isinstance(final, Final)
+    assert final.text == heard
+
+
+def test_the_whole_decode_prompt_holds_no_history_but_the_partials_do() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.0).say("cmd_piper_joe_01").pause(1.0)
+    driver = make_driver(audio.script, cut_words=False, prompt="Kitchen.")
+    driver.feed(audio.pcm)
+
+    first_final = driver.finals()[0].text
+    second = [r for r in driver.requests if r.utterance_start_s == driver.finals()[1].start]
+    assert [r.prompt for r in second if r.final] == ["Kitchen."]
+    assert all(first_final in r.prompt for r in second if not r.final)
+
+
+def test_partial_decodes_come_less_often_when_the_cpu_is_slow() -> None:
+    audio = Audio().pause(0.3).say("asterisk_conf-usermenu").pause(1.0)
+    driver = make_driver(audio.script, auto_decode=False)
+    for offset in range(0, len(audio.pcm), CHUNK_BYTES):
+        driver.push(audio.pcm[offset : offset + CHUNK_BYTES])
+        while driver.session.wants_decode():
+            driver.apply(driver.request(), asr_s=0.6)
+
+    partial_ends = [r.end_s for r in driver.requests if not r.final]
+    assert len(partial_ends) > 3
+    assert all(later - earlier >= 1.2 - 1e-9 for earlier, later in pairwise(partial_ends))
+    assert driver.finals()[-1].text == reference("asterisk_conf-usermenu")
+
+
+@pytest.mark.parametrize("chunk_bytes", [320, 3200, 9600])
+def test_the_final_window_depends_on_the_audio_not_on_chunking_or_decode_speed(chunk_bytes: int) -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.25).say("cmd_piper_joe_01").pause(1.0)
+    reference_driver = make_driver(audio.script)
+    reference_driver.feed(audio.pcm)
+    expected = [(r.start_s, r.end_s) for r in reference_driver.requests if r.final]
+
+    driver = make_driver(audio.script, auto_decode=False)
+    for offset in range(0, len(audio.pcm), chunk_bytes):
+        driver.push(audio.pcm[offset : offset + chunk_bytes])
+        while driver.session.wants_decode():
+            driver.apply(driver.request(), asr_s=0.3)
+
+    assert [(r.start_s, r.end_s) for r in driver.requests if r.final] == expected
+    assert [f.text for f in driver.finals()] == [f.text for f in reference_driver.finals()]

@@ -58,7 +58,7 @@ def test_describe_answers_with_the_model_and_its_real_languages(wyoming_service:
     assert model.languages == ["en"]
 
 
-def test_a_request_streams_committed_chunks_before_audio_stop_then_thetranscript_text(wyoming_service: Service) -> None:
+def test_a_request_streams_committed_chunks_before_audio_stop_then_the_transcript(wyoming_service: Service) -> None:
     clip = "asterisk_conf-usermenu"
     received, stop_at = asyncio.run(transcribe(wyoming_service.wyoming_port, read_pcm(clip)))
 

@@ -86,6 +86,21 @@ async def test_a_request_streams_committed_text_then_the_whole_transcript(engine
     assert session.closed
 
 
+async def test_a_final_that_revises_sent_chunks_still_gives_the_corrected_transcript(
+    engine: FakeEngine, port: int
+) -> None:
+    engine.revisions = {"w2": "wX"}
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await _request(client, [bytes(640)] * 3)
+        events = [await _read(client)]
+        while not TranscriptStop.is_type(events[-1].type):
+            events.append(await _read(client))
+
+    chunks = [TranscriptChunk.from_event(e).text for e in events if TranscriptChunk.is_type(e.type)]
+    assert "".join(chunks) == "w1 w2", "the chunks stop where the final stopped extending them"
+    assert Transcript.from_event(events[-2]).text == "w1 wX w3"
+
+
 @pytest.mark.parametrize(
     ("refusal", "code"),
     [

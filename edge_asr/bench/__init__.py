@@ -5,13 +5,25 @@ sent in 20 ms chunks, paced against an absolute schedule (chunk k leaves when it
 "spoken": at start + bytes sent including that chunk / 32000, so a slow send never accumulates drift;
 `--fast` sends without pacing), followed by `--trailing-silence` seconds of digital silence and the end
 signal, through the engine in-process, a running server (`--url ws://HOST:PORT/ws/stream`) or any Wyoming
-speech-to-text server (`--wyoming tcp://HOST:PORT`).
+speech-to-text server (`--wyoming tcp://HOST:PORT`). `--runs N` replays the whole corpus N times, one run after
+the other, each with a fresh engine (in-process) or fresh connections.
+
+The offline row (on by default, `--no-offline` skips it; `--offline` is still accepted): each clip decoded
+whole, once, by the same model with the local settings (also with `--url`/`--wyoming`), no prompt, padded
+to 30 s: what a non-streaming server would give, to tell streaming losses from model errors.
 
 How the numbers are measured (all times from `time.monotonic()` in this process):
 
 - WER: word errors (substitutions + deletions + insertions of jiwer's word alignment) / reference words
   over the whole corpus, after normalising both sides with Whisper's English normaliser.
   Words a no-speech clip produced count as insertions; such clips are also counted as hallucinations.
+- Error classes, per clip and summed, from the same alignment: `ins after` (inserted_after_speech) counts
+  hypothesis words inserted after the last reference word the alignment matched or substituted (every word
+  of a no-speech clip); `lost 1st 2` (lost_first_two) counts reference words among the first two that the
+  alignment deleted (0 to 2 per clip, 2 when nothing was recognised); `no final` counts clips whose reference
+  has words but that got no final with text (offline: no text from the whole-clip decode).
+- `revised`: finals whose `revised` flag says they changed words the partials had shown as stable
+  (n/a for Wyoming, whose events carry no such flag).
 - A position in a clip is "spoken" when the chunk holding it was handed to the transport.
 - Word lag: the clip's final words are assumed evenly spread between the speech start and the last
   voiced frame that `VadGate` (with the local stream settings) finds in the clip: word i of N ends at
@@ -26,6 +38,13 @@ How the numbers are measured (all times from `time.monotonic()` in this process)
   divided by the seconds of corpus audio (trailing silence not included). In-process that process is
   this one (engine and bench client together); with `--url` or `--wyoming` it is `--pid`, else not measured.
   Peak RSS is sampled every 100 ms. Idle CPU is measured over 3 s with no session after the replay.
+  Start -> ready (in-process) is the engine's start, model load included. All of these are per run.
+- Several runs: a row per run, then a `median` row with the median of each numeric column across the runs
+  that measured it (WER is the median of the per-run WERs), and the share of clips whose final text,
+  normalised as scored, is the same in every run. The JSON report has `runs` (each run's `streaming`,
+  `resources` and `clips`), `median` and `stability` (`share`, `differing_clips`); its top-level
+  `streaming`, `resources` and `clips` are the first run's. The exit code is 1 when any clip of any run got
+  an error.
 
 WebSocket end of a clip: after `{"type":"end"}` the bench reads until the server's `done` (sent once
 everything before the end is transcribed, after the final if there is one). A server that closes first,

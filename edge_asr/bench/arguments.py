@@ -40,5 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N clips (by name)")
     parser.add_argument("--match", metavar="GLOB", help="only clips whose name matches, e.g. 'cmd_*'")
-    parser.add_argument("--offline", action="store_true", help="also decode each clip whole with the same model")
+    parser.add_argument(
+        "--offline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also decode each clip whole with the same local model, once (default; --no-offline skips it)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="replay the corpus N times: a row per run, their median and how often a clip's final text held (1)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' prints it on stdout)")

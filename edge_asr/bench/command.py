@@ -1,4 +1,4 @@
-"""`edge-asr bench`: load the corpus, replay it, score it and print the report."""
+"""`edge-asr bench`: load the corpus, replay it once per run, score it and print the report."""
 
 from __future__ import annotations
 
@@ -10,23 +10,38 @@ from pathlib import Path
 from ..config import Settings
 from .corpus import load_corpus
 from .errors import BenchError
-from .report import Report, clip_result, format_table, report_json, summarize
+from .report import (
+    Report,
+    RunResult,
+    clip_result,
+    format_table,
+    median_of_runs,
+    report_json,
+    stability,
+    summarize,
+)
 from .runner import decode_whole, replay_corpus
 from .scoring import NORMALIZER
 from .timing import speech_span
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the bench; 0 when every clip went through, 1 when a clip got an error or the bench could not run."""
+    """Run the bench; 0 when every clip of every run went through, 1 when one got an error or the bench could
+    not run."""
     try:
         if args.pid is not None and not (args.url or args.wyoming):
             raise BenchError("--pid only applies with --url or --wyoming (in-process, the bench measures itself)")
         clips = load_corpus(args.corpus, args.match, args.limit)
-        playbacks, resources = asyncio.run(replay_corpus(args, settings, clips))
-        results = [
-            clip_result(clip, playback, speech_span(clip.read_pcm(), settings.stream))
-            for clip, playback in zip(clips, playbacks, strict=True)
-        ]
+        spans = [speech_span(clip.read_pcm(), settings.stream) for clip in clips]
+        runs: list[RunResult] = []
+        for number in range(1, args.runs + 1):
+            label = f"run {number} " if args.runs > 1 else ""
+            playbacks, resources = asyncio.run(replay_corpus(args, settings, clips, label))
+            results = tuple(
+                clip_result(clip, playback, span) for clip, playback, span in zip(clips, playbacks, spans, strict=True)
+            )
+            runs.append(RunResult(summarize(results), resources, results))
+        # The whole-clip decode has no prompt and no temperature fallback, so one pass serves every run.
         offline_clips, offline = decode_whole(clips, settings) if args.offline else ([], None)
     except BenchError as err:
         print(f"edge-asr bench: {err}", file=sys.stderr)
@@ -39,17 +54,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         realtime=not args.fast,
         trailing_silence_s=args.trailing_silence,
         normalizer=NORMALIZER,
-        streaming=summarize(results),
-        resources=resources,
+        runs=tuple(runs),
+        median=median_of_runs(runs),
+        stability=stability(runs),
         offline=offline,
-        clips=tuple(results),
         offline_clips=tuple(offline_clips),
     )
     table = format_table(report)
     if args.json == "-":
         print(table, file=sys.stderr)
         print(report_json(report))
-        return 1 if report.streaming.clip_errors else 0
+        return 1 if report.clip_errors else 0
     print(table)
     if args.json:
         try:
@@ -57,4 +72,4 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except OSError as err:
             print(f"edge-asr bench: cannot write {args.json}: {err.strerror or err}", file=sys.stderr)
             return 1
-    return 1 if report.streaming.clip_errors else 0
+    return 1 if report.clip_errors else 0

@@ -43,7 +43,7 @@ def _progress(label: str, done: int, total: int, clip: Clip, hypothesis: str, sc
     )
 
 
-async def _replay_all(clips: Sequence[Clip], transport: Transport, concurrency: int) -> list[Playback]:
+async def _replay_all(clips: Sequence[Clip], transport: Transport, concurrency: int, label: str) -> list[Playback]:
     """Play every clip with `concurrency` speakers taking clips from one queue; results in clip order."""
     queue: Iterator[tuple[int, Clip]] = iter(enumerate(clips))
     playbacks: dict[int, Playback] = {}
@@ -53,7 +53,7 @@ async def _replay_all(clips: Sequence[Clip], transport: Transport, concurrency: 
             playback = await transport.play(clip.read_pcm())
             playbacks[index] = playback
             hypothesis = final_text(playback.events)
-            _progress("", len(playbacks), len(clips), clip, hypothesis, score_words(clip.reference, hypothesis))
+            _progress(label, len(playbacks), len(clips), clip, hypothesis, score_words(clip.reference, hypothesis))
             for item in playback.events:
                 if isinstance(item.event, SessionError):
                     print(f"    error {item.event.code}: {item.event.message}", file=sys.stderr, flush=True)
@@ -68,10 +68,12 @@ async def _replay_all(clips: Sequence[Clip], transport: Transport, concurrency: 
 
 
 async def replay_corpus(
-    args: argparse.Namespace, settings: Settings, clips: Sequence[Clip]
+    args: argparse.Namespace, settings: Settings, clips: Sequence[Clip], label: str = ""
 ) -> tuple[list[Playback], Resources]:
-    """Replay the corpus through the chosen transport, measuring the serving process."""
+    """Replay the corpus once through the chosen transport (in-process: a new engine), measuring the serving
+    process; `label` prefixes the progress lines."""
     replay = Replay(realtime=not args.fast, trailing_silence_s=args.trailing_silence)
+    replay_all = functools.partial(_replay_all, clips, concurrency=args.concurrency, label=label)
     audio_s = sum(clip.duration_s for clip in clips)
     if args.url or args.wyoming:
         transport: Transport = (
@@ -80,11 +82,9 @@ async def replay_corpus(
             else WyomingTransport(args.wyoming, settings.model.language, replay)
         )
         if args.pid is None:
-            return await _replay_all(clips, transport, args.concurrency), Resources(None, None, None, None)
+            return await replay_all(transport), Resources(None, None, None, None)
         try:
-            return await measure(
-                psutil.Process(args.pid), functools.partial(_replay_all, clips, transport, args.concurrency), audio_s
-            )
+            return await measure(psutil.Process(args.pid), functools.partial(replay_all, transport), audio_s)
         except psutil.Error as err:
             raise BenchError(f"--pid {args.pid}: {err}") from None
     if args.concurrency > settings.limits.max_sessions:
@@ -101,9 +101,7 @@ async def replay_corpus(
         ready_s = time.monotonic() - started
         _LOGGER.info("Engine ready in %.2f s", ready_s)
         transport = EngineTransport(engine, replay)
-        return await measure(
-            psutil.Process(), functools.partial(_replay_all, clips, transport, args.concurrency), audio_s, ready_s
-        )
+        return await measure(psutil.Process(), functools.partial(replay_all, transport), audio_s, ready_s)
     finally:
         await engine.stop()
 
@@ -121,13 +119,19 @@ def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[Offlin
     process = psutil.Process()
     cpu = cpu_seconds(process)
     results: list[OfflineClip] = []
-    words = 0
+    words = no_text = 0
     for clip in clips:
         transcript = transcriber.decode(pcm16_to_float(clip.read_pcm()), "", settings.model.language)
         text = join_words(transcript.words)
         score = score_words(clip.reference, text)
         words += score.reference_words
-        results.append(OfflineClip(clip.name, text, score.errors, transcript.asr_ms))
+        results.append(
+            OfflineClip(
+                clip.name, text, score.errors, transcript.asr_ms, score.inserted_after_speech, score.lost_first_two
+            )
+        )
+        if score.reference_words and not text.strip():
+            no_text += 1
         _progress("offline ", len(results), len(clips), clip, text, score)
     cpu = cpu_seconds(process) - cpu
     errors = sum(result.word_errors for result in results)
@@ -141,4 +145,7 @@ def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[Offlin
         ),
         decode_ms_mean=sum(result.decode_ms for result in results) / len(results),
         cpu_s_per_audio_s=ratio(cpu, sum(clip.duration_s for clip in clips)),
+        inserted_after_speech=sum(result.inserted_after_speech for result in results),
+        lost_first_two=sum(result.lost_first_two for result in results),
+        no_text=no_text,
     )

@@ -25,14 +25,25 @@ def normalize(text: str) -> str:
     return " ".join(_whisper_normalizer()(text).split())
 
 
+# The first words of a command ("turn on", "set the") carry its intent; losing one loses the command.
+FIRST_WORDS = 2
+
+
 @dataclass(frozen=True)
 class WordScore:
-    """One transcript's word errors against its reference, both normalised."""
+    """One transcript's word errors against its reference, both normalised, and two classes of them.
+
+    `inserted_after_speech`: hypothesis words inserted after the last reference word the alignment matched
+    or substituted (every word, when the reference is empty). `lost_first_two`: reference words among the
+    first two that the hypothesis deleted (0 to 2).
+    """
 
     reference_words: int
     substitutions: int
     deletions: int
     insertions: int
+    inserted_after_speech: int
+    lost_first_two: int
 
     @property
     def errors(self) -> int:
@@ -45,9 +56,36 @@ def score_words(reference: str, hypothesis: str) -> WordScore:
     reference_text, hypothesis_text = normalize(reference), normalize(hypothesis)
     if not reference_text:
         # jiwer before 4.0 refuses an empty reference; against nothing, every word said is an insertion.
-        return WordScore(0, 0, 0, len(hypothesis_text.split()))
+        said = len(hypothesis_text.split())
+        return WordScore(0, 0, 0, said, inserted_after_speech=said, lost_first_two=0)
     aligned = jiwer.process_words(reference_text, hypothesis_text)
-    return WordScore(len(reference_text.split()), aligned.substitutions, aligned.deletions, aligned.insertions)
+    chunks = aligned.alignments[0]
+    return WordScore(
+        len(reference_text.split()),
+        aligned.substitutions,
+        aligned.deletions,
+        aligned.insertions,
+        inserted_after_speech=_trailing_insertions(chunks),
+        lost_first_two=_first_words_deleted(chunks),
+    )
+
+
+def _trailing_insertions(chunks: Sequence[jiwer.AlignmentChunk]) -> int:
+    """Hypothesis words inserted after the last matched or substituted reference word."""
+    trailing = 0
+    for chunk in chunks:
+        if chunk.type in ("equal", "substitute"):
+            trailing = 0
+        elif chunk.type == "insert":
+            trailing += chunk.hyp_end_idx - chunk.hyp_start_idx
+    return trailing
+
+
+def _first_words_deleted(chunks: Sequence[jiwer.AlignmentChunk]) -> int:
+    """Reference words among the first FIRST_WORDS that a `delete` chunk covers."""
+    return sum(
+        max(0, min(chunk.ref_end_idx, FIRST_WORDS) - chunk.ref_start_idx) for chunk in chunks if chunk.type == "delete"
+    )
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

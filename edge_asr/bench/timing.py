@@ -24,8 +24,8 @@ class Received:
 class Playback:
     """One clip's replay: events received, when each chunk left, when the end signal left.
 
-    `timed` is False when the events carry no server timings (Wyoming's have none; their asr/e2e/ttct are 0
-    placeholders the report leaves out).
+    `timed` is False when the events carry no server timings and no `revised` flag (Wyoming's have none; their
+    asr/e2e/ttct are 0 placeholders and `revised` is False, which the report leaves out).
     """
 
     events: tuple[Received, ...]
