@@ -27,6 +27,10 @@ class EngineNotReady(EngineRefusal):
     """The model is not loaded and warm yet."""
 
 
+class EngineShuttingDown(EngineRefusal):
+    """The service is stopping and takes no new sessions (another node should)."""
+
+
 class UnsupportedLanguage(EngineRefusal):
     """A language the loaded model does not know."""
 
@@ -40,6 +44,7 @@ REFUSAL_CODES: Mapping[type[EngineRefusal], str] = MappingProxyType(
     {
         EngineBusy: "busy",
         EngineNotReady: "not_ready",
+        EngineShuttingDown: "shutting_down",
         UnsupportedLanguage: "unsupported_language",
         AudioFormatError: "bad_audio",
     }

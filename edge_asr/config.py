@@ -81,12 +81,24 @@ class StreamSettings:
 
 @dataclass(frozen=True)
 class LimitSettings:
-    """Hard limits, each enforced: sessions, message size, utterance length."""
+    """Hard limits, each enforced: sessions, message size, utterance length, waits and buffers."""
 
     max_sessions: int = _setting(8, low=1, high=1_000)
     max_frame_bytes: int = _setting(256 * 1024, low=320, high=16 * 1024 * 1024)
     max_utterance_s: float = _setting(30.0, low=1.0, high=600.0)
     idle_timeout_s: float = _setting(120.0, low=1.0, high=86_400.0)
+    send_timeout_s: float = _setting(10.0, low=0.5, high=600.0)
+    max_buffer_s: float = _setting(60.0, low=5.0, high=3_600.0)
+    max_queued_events: int = _setting(256, low=8, high=100_000)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The service's life: how it drains on SIGTERM and when it gives up on a failing model."""
+
+    drain_accept_s: float = _setting(2.0, low=0.0, high=60.0)
+    drain_timeout_s: float = _setting(10.0, low=0.0, high=600.0)
+    max_decode_failures: int = _setting(5, low=1, high=10_000)
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     wyoming: WyomingSettings = field(default_factory=WyomingSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
     log_level: str = "INFO"
 
 
@@ -151,6 +164,7 @@ _SECTIONS: dict[str, type] = {
     "http": HttpSettings,
     "wyoming": WyomingSettings,
     "mqtt": MqttSettings,
+    "service": ServiceSettings,
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("true", "yes", "on", "1")
