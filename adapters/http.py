@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,15 @@ from edge_asr.api import (
     EngineBusy,
     EngineNotReady,
     EngineRefusal,
+    EngineShuttingDown,
     SpeechEngine,
     SpeechSession,
     UnsupportedLanguage,
     refusal_error,
 )
 from edge_asr.audio import SAMPLE_RATE
-from edge_asr.config import LimitSettings, Settings
-from edge_asr.events import Ready, SessionError
+from edge_asr.config import ConfigError, LimitSettings, Settings
+from edge_asr.events import Ready, SessionError, quoted
 from edge_asr.metrics import CONTENT_TYPE
 
 _LOGGER = logging.getLogger(__name__)
@@ -36,10 +38,13 @@ STATIC_DIR = Path(__file__).with_name("static")
 # RFC 6455 close codes.
 CLOSE_NORMAL = 1000
 CLOSE_TOO_BIG = 1009
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
 MAX_TEXT_BYTES = 64 * 1024
 # How long a vanished client's open utterance may take to be finalised for the listeners.
 ORPHAN_FINISH_S = 10.0
+GRACEFUL_SHUTDOWN_S = 3
+SEND_BUFFER_BYTES = 64 * 1024
 
 
 def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
@@ -81,10 +86,9 @@ def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
                 site=query.get("site") or None,
             )
         except EngineRefusal as err:
-            await _send_now(websocket, refusal_error(err))
-            # Busy and loading pass: RFC 6455's "try again later" tells the client to come back.
-            transient = isinstance(err, (EngineBusy, EngineNotReady))
-            await websocket.close(CLOSE_TRY_AGAIN if transient else CLOSE_NORMAL)
+            await _send_now(websocket, refusal_error(err), settings.limits.send_timeout_s)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(websocket.close(_refusal_close_code(err)), settings.limits.send_timeout_s)
             return
         async with session:
             await WebSocketStream(websocket, session, settings.limits).run()
@@ -92,10 +96,19 @@ def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
     return app
 
 
-async def _send_now(websocket: WebSocket, error: SessionError) -> None:
+async def _send_now(websocket: WebSocket, error: SessionError, timeout_s: float) -> None:
     """Send an error outside any session's event order (before a session exists or after it ends)."""
     with contextlib.suppress(Exception):
-        await websocket.send_text(error.to_json())
+        await asyncio.wait_for(websocket.send_text(error.to_json()), timeout_s)
+
+
+def _refusal_close_code(refusal: EngineRefusal) -> int:
+    """RFC 6455's codes: a node that is stopping or busy tells the client to come back (or go elsewhere)."""
+    if isinstance(refusal, EngineShuttingDown):
+        return CLOSE_SERVICE_RESTART
+    if isinstance(refusal, (EngineBusy, EngineNotReady)):
+        return CLOSE_TRY_AGAIN
+    return CLOSE_NORMAL
 
 
 class WebSocketStream:
@@ -108,17 +121,21 @@ class WebSocketStream:
         self._finishing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        """Send `ready`, then pump frames in and events out until either side closes."""
+        """Send `ready`, then pump frames in and events out until the client leaves, stops reading, or breaks
+        a limit."""
         ready = Ready(self._session.id, SAMPLE_RATE, self._session.language, self._limits.max_frame_bytes)
-        await self._ws.send_text(ready.to_json())
+        if not await self._send(ready.to_json()):
+            return
+        reader = asyncio.create_task(self._read_frames())
         writer = asyncio.create_task(self._write_events())
         try:
-            await self._read_frames()
-        except WebSocketDisconnect:
-            _LOGGER.debug("Session %d: client went away", self._session.id)
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+                await reader
             if self._session.has_open_utterance:
-                # The client is gone, but listeners (MQTT) still get the final of what it said.
+                # The client is gone (or stopped reading), but listeners (MQTT) still get the final of what it said.
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._session.finish(), ORPHAN_FINISH_S)
             if self._finishing is not None:
@@ -129,6 +146,8 @@ class WebSocketStream:
     async def _read_frames(self) -> None:
         while True:
             try:
+                # A client that sends faster than its speech can be decoded is not read until there is room.
+                await asyncio.wait_for(self._session.room(), self._limits.idle_timeout_s)
                 message = await asyncio.wait_for(self._ws.receive(), self._limits.idle_timeout_s)
             except asyncio.TimeoutError:
                 await self._close_with(
@@ -136,7 +155,8 @@ class WebSocketStream:
                 )
                 return
             if message["type"] == "websocket.disconnect":
-                raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
+                _LOGGER.debug("Session %d: client went away", self._session.id)
+                return
             data: bytes | None = message.get("bytes")
             text: str | None = message.get("text")
             size = len(data) if data is not None else len((text or "").encode())
@@ -170,7 +190,9 @@ class WebSocketStream:
         elif kind == "config":
             self._on_config(message)
         else:
-            self._session.report_error("unknown_message", f"unknown message type {kind!r}; expected config or end")
+            self._session.report_error(
+                "unknown_message", f"unknown message type {quoted(kind)}; expected config or end"
+            )
 
     def _finish_in_background(self) -> None:
         """Finalise without blocking the reader: audio after `end` keeps flowing in."""
@@ -186,7 +208,7 @@ class WebSocketStream:
     def _on_config(self, message: dict[str, Any]) -> None:
         unknown = sorted(set(message) - {"type", "language", "prompt", "site"})
         if unknown:
-            self._session.report_error("bad_config", f"unknown config keys: {', '.join(unknown)}")
+            self._session.report_error("bad_config", f"unknown config keys: {quoted(', '.join(unknown))}")
             return
         prompt, language = message.get("prompt", ""), message.get("language", self._session.language)
         site = message.get("site", self._session.site)
@@ -208,18 +230,54 @@ class WebSocketStream:
 
     async def _close_with(self, error: SessionError, code: int) -> None:
         self._session.close()
-        await _send_now(self._ws, error)
+        await _send_now(self._ws, error, self._limits.send_timeout_s)
         with contextlib.suppress(Exception):
-            await self._ws.close(code)
+            await asyncio.wait_for(self._ws.close(code), self._limits.send_timeout_s)
 
     async def _write_events(self) -> None:
+        """Send the session's events until it closes; stop at a client that does not take them."""
         async for event in self._session.events():
             if self._ws.application_state != WebSocketState.CONNECTED:
                 continue
-            try:
-                await self._ws.send_text(event.to_json())
-            except Exception:  # the client is gone; keep draining so the session can close
-                _LOGGER.debug("Session %d: dropped an event for a closed socket", self._session.id)
+            if not await self._send(event.to_json()):
+                return
+
+    async def _send(self, text: str) -> bool:
+        """Send one message within `limits.send_timeout_s`; False when the client is gone or does not read."""
+        try:
+            await asyncio.wait_for(self._ws.send_text(text), self._limits.send_timeout_s)
+        except asyncio.TimeoutError:
+            _LOGGER.info(
+                "Session %d: the client took nothing for %g s; closing it",
+                self._session.id,
+                self._limits.send_timeout_s,
+            )
+            return False
+        except Exception:  # the client is gone
+            _LOGGER.debug("Session %d: dropped an event for a closed socket", self._session.id)
+            return False
+        return True
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn (which, binding itself, would exit the process on failure)."""
+    try:
+        family, kind, protocol, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, protocol)
+    except OSError as err:
+        raise ConfigError(f"http.host: cannot listen on {host!r}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it: a client that does not read stalls the writer (and meets
+        # limits.send_timeout_s) after this much, instead of after the megabytes the kernel would buffer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"http.port: cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
 
 
 class HttpAdapter:
@@ -238,6 +296,11 @@ class HttpAdapter:
             # Larger than our own limit, so that we see an oversized frame and answer it ourselves.
             ws_max_size=2 * settings.limits.max_frame_bytes + MAX_TEXT_BYTES,
             lifespan="off",
+            # The drain has let every utterance end; connections still open are closed within this.
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            # A client that answers no ping (it reads nothing) is closed after as long as a send may take.
+            ws_ping_interval=settings.limits.send_timeout_s,
+            ws_ping_timeout=settings.limits.send_timeout_s,
         )
         self._server = uvicorn.Server(config)
 
@@ -247,16 +310,11 @@ class HttpAdapter:
         return int(self._server.servers[0].sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Bind and listen."""
+        """Bind and listen; a port that cannot be bound is a ConfigError naming `http.port`."""
         config = self._server.config
         config.load()
         self._server.lifespan = config.lifespan_class(config)
-        try:
-            await self._server.startup()
-        except SystemExit:  # uvicorn exits the process when it cannot bind; we report it instead
-            self._server.started = False
-        if not self._server.started:
-            raise OSError(f"http: cannot listen on {self._settings.http.host}:{self._settings.http.port}")
+        await self._server.startup(sockets=[_listening_socket(self._settings.http.host, self._settings.http.port)])
         _LOGGER.info("WebSocket on ws://%s:%d/ws/stream", self._settings.http.host, self.port)
 
     async def stop(self) -> None:

@@ -6,85 +6,181 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+from collections.abc import Awaitable
 from functools import partial
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
-from wyoming.audio import AudioChunk, AudioChunkConverter, AudioStart, AudioStop
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
-from wyoming.event import Event, async_get_stdin, async_get_stdout, async_read_event, async_write_event
+from wyoming.event import Event, async_get_stdin, async_get_stdout, async_write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler, AsyncServer, AsyncStdioServer
 
 from edge_asr import __version__
 from edge_asr.api import AudioFormatError, EngineRefusal, SpeechEngine, SpeechSession, refusal_error
-from edge_asr.audio import SAMPLE_RATE, SAMPLE_WIDTH
-from edge_asr.config import Settings
-from edge_asr.events import Done, Final, Partial, SessionError, words_after
+from edge_asr.audio import PcmConverter
+from edge_asr.config import ConfigError, Settings
+from edge_asr.events import Done, Final, Partial, SessionError, quoted, words_after
 
 _LOGGER = logging.getLogger(__name__)
 
 # A client that announced data or a payload must send it promptly; a stalled one is cut off.
 PAYLOAD_TIMEOUT_S = 1.0
 MAX_DATA_BYTES = 64 * 1024
+# No Wyoming event nests this deep; deeper JSON is refused before anything could walk it recursively.
+MAX_JSON_DEPTH = 32
+# How long a vanished client's open utterance may take to be finalised for the listeners.
+ORPHAN_FINISH_S = 10.0
+SEND_BUFFER_BYTES = 64 * 1024
+# Converted audio may be this many times `limits.max_frame_bytes` (8-bit 1 kHz becomes 32 times its size).
+MAX_EXPANSION = 32
+# The audio formats taken: rates in Hz, sample widths in bytes, channel counts.
+MIN_RATE, MAX_RATE = 1_000, 192_000
+WIDTHS = (1, 2, 4)
+MAX_CHANNELS = 32
 # edge-asr has no home page of its own yet; Home Assistant shows the name.
 _ATTRIBUTION = Attribution(name="edge-asr", url="")
 _WHISPER = Attribution(name="OpenAI", url="https://github.com/openai/whisper")
 
 
 class ProtocolError(Exception):
-    """Bytes that are not a Wyoming event; `code` goes to the client in an error event."""
+    """Input the adapter refuses; `code` goes to the client in an error event."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-class GuardedReader:
-    """The two reads `wyoming.event.async_read_event` makes, with the checks a server needs.
+class EventReader:
+    """Wyoming's wire format, read and checked: a header line of JSON (`type`, an optional `data` object,
+    optional `data_length` and `payload_length`), then `data_length` bytes of a JSON object merged into
+    `data`, then `payload_length` bytes of payload.
 
-    Header lines must be JSON objects with a `type` and announce data and payload within the limits;
-    announced bytes must arrive within PAYLOAD_TIMEOUT_S.
+    `read` raises ProtocolError for bytes after which the stream cannot be trusted to be in step again:
+    the connection must close. The event's fields are the handler's to check.
     """
 
     def __init__(self, reader: asyncio.StreamReader, max_payload_bytes: int) -> None:
         self._reader = reader
         self._max_payload_bytes = max_payload_bytes
 
-    async def readline(self) -> bytes:
-        """A header line, checked."""
+    async def read(self) -> Event | None:
+        """The next event, or None at the end of the stream."""
         try:
             line = await self._reader.readline()
         except ValueError:  # longer than the stream's line limit
             raise ProtocolError("bad_header", "event header line too long") from None
         if not line:
-            return line
-        try:
-            header: Any = json.loads(line)
-        except ValueError:
-            raise ProtocolError("bad_json", "event header is not JSON") from None
-        if not isinstance(header, dict) or not isinstance(header.get("type"), str):
-            raise ProtocolError("bad_header", "event header must be a JSON object with a string 'type'")
-        for key, limit in (("data_length", MAX_DATA_BYTES), ("payload_length", self._max_payload_bytes)):
-            length = header.get(key)
-            if length is None:
-                continue
-            if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-                raise ProtocolError("bad_header", f"{key} must be a non-negative integer")
-            if length > limit:
-                raise ProtocolError("too_large", f"{key} {length} exceeds the limit of {limit} bytes")
-        if header.get("data") is not None and not isinstance(header["data"], dict):
-            raise ProtocolError("bad_header", "data must be a JSON object")
-        return line
+            return None
+        header = _json_object(line, "event header", not_json="bad_json", not_object="bad_header")
+        event_type = header.get("type")
+        if not isinstance(event_type, str):
+            raise ProtocolError("bad_header", "event header must have a string 'type'")
+        data = header.get("data", {})
+        if not isinstance(data, dict):
+            raise ProtocolError("bad_header", "event header 'data' must be a JSON object")
+        data_length = _length(header, "data_length", MAX_DATA_BYTES)
+        payload_length = _length(header, "payload_length", self._max_payload_bytes)
+        if data_length:
+            block = await self._exactly(data_length)
+            data = {**data, **_json_object(block, "data block", not_json="bad_data", not_object="bad_data")}
+        payload = await self._exactly(payload_length) if payload_length else None
+        return Event(type=event_type, data=data, payload=payload)
 
-    async def readexactly(self, count: int) -> bytes:
-        """Announced data or payload bytes, or ProtocolError when they stop coming."""
+    async def _exactly(self, count: int) -> bytes:
+        """Announced bytes, or ProtocolError when they stop coming."""
         try:
             return await asyncio.wait_for(self._reader.readexactly(count), PAYLOAD_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ProtocolError("read_timeout", f"announced {count} bytes did not arrive in time") from None
+
+
+def _json_object(raw: bytes, what: str, not_json: str, not_object: str) -> dict[str, Any]:
+    """`raw` parsed as a JSON object of at most MAX_JSON_DEPTH levels, else ProtocolError with one of the codes."""
+    too_deep = ProtocolError(not_object, f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value: Any = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError:  # not JSON, not UTF-8, or an integer too long to convert
+        raise ProtocolError(not_json, f"{what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(not_object, f"{what} must be a JSON object")
+    if _nests_deeper(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
+
+
+def _nests_deeper(value: object, limit: int) -> bool:
+    """Whether parsed JSON has more than `limit` levels of objects and arrays (walked without recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth == limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
+
+
+def _length(header: dict[str, Any], key: str, limit: int) -> int:
+    """A header's announced byte count (0 when absent), checked against `limit`."""
+    length = header.get(key)
+    if length is None:
+        return 0
+    if not _is_int(length) or length < 0:
+        raise ProtocolError("bad_header", f"{key} must be a non-negative integer")
+    if length > limit:
+        raise ProtocolError("too_large", f"{key} {length} exceeds the limit of {limit} bytes")
+    return length
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    """A JSON integer (JSON's true and false are bools in Python, and bools are ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_text(data: dict[str, Any], key: str) -> str | None:
+    """`data[key]`: a string, or None when absent or null; ProtocolError `bad_event` for anything else."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError("bad_event", f"{key} must be a string")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: it could never be written back
+        raise ProtocolError("bad_event", f"{key} is not valid Unicode text") from None
+    return value
+
+
+def _audio_format(data: dict[str, Any]) -> tuple[int, int, int]:
+    """`rate`, `width` and `channels` of an audio-start or audio-chunk; ProtocolError `bad_event` if unusable."""
+    rate, width, channels = data.get("rate"), data.get("width"), data.get("channels")
+    if not (_is_int(rate) and MIN_RATE <= rate <= MAX_RATE):
+        raise ProtocolError("bad_event", f"rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz")
+    if not (_is_int(width) and width in WIDTHS):
+        raise ProtocolError("bad_event", f"width must be one of {', '.join(map(str, WIDTHS))} bytes")
+    if not (_is_int(channels) and 1 <= channels <= MAX_CHANNELS):
+        raise ProtocolError("bad_event", f"channels must be an integer from 1 to {MAX_CHANNELS}")
+    return rate, width, channels
+
+
+async def _last_resort(step: Awaitable[None]) -> None:
+    """Await one step of a connection's life; whatever it raises ends that step only and is logged at DEBUG
+    by class, never with the input behind it (no input can leave a traceback in the log)."""
+    try:
+        await step
+    except (ConnectionError, asyncio.IncompleteReadError):
+        _LOGGER.debug("Wyoming client went away")
+    except Exception as err:
+        _LOGGER.debug("Wyoming connection: unexpected %s", type(err).__name__)
 
 
 def model_info(settings: Settings, languages: tuple[str, ...]) -> Info:
@@ -125,98 +221,129 @@ class WyomingHandler(AsyncEventHandler):
     ) -> None:
         super().__init__(reader, writer)
         self._engine = engine
+        self._limits = settings.limits
         self._settings = settings
-        self._guarded = GuardedReader(reader, settings.limits.max_frame_bytes)
+        self._events = EventReader(reader, settings.limits.max_frame_bytes)
+        connection = writer.get_extra_info("socket")
+        if connection is not None:
+            # A client that does not read stalls our writes (and meets limits.send_timeout_s) after this much,
+            # instead of after the megabytes the kernel would buffer for it.
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._language: str | None = None
         self._site: str | None = None
         self._session: SpeechSession | None = None
         self._responder: asyncio.Task[None] | None = None
-        self._converter = AudioChunkConverter(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1)
+        self._converter = PcmConverter()
+        # The open request was refused: its audio is ignored and its audio-stop answered with an empty transcript.
         self._refused = False
 
     async def run(self) -> None:
-        """Read events until the client leaves or breaks the protocol."""
+        """Serve events until the client leaves, breaks the framing or stops reading; then finish what it
+        left open for the listeners and free its session. Never raises."""
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(
-                        async_read_event(self._guarded),  # type: ignore[arg-type]
-                        self._settings.limits.idle_timeout_s,
-                    )
-                except ProtocolError as err:
-                    await self._error(err.code, str(err))
-                    return
-                except asyncio.TimeoutError:
-                    await self._error("idle_timeout", f"no event for {self._settings.limits.idle_timeout_s:g} s")
-                    return
-                if event is None:
-                    return
-                await self.handle_event(event)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            _LOGGER.debug("Wyoming client went away")
+            await _last_resort(self._serve())
         finally:
-            await self._end_request()
-            self.writer.close()
+            await _last_resort(self._hang_up())
+            await _last_resort(self._abandon_request())
+
+    async def _serve(self) -> None:
+        while not self.writer.transport.is_closing():  # closing: cut off (or the server stops)
+            try:
+                if self._session is not None:
+                    # A client that sends faster than its speech can be decoded is not read until there is room.
+                    await asyncio.wait_for(self._session.room(), self._limits.idle_timeout_s)
+                event = await asyncio.wait_for(self._events.read(), self._limits.idle_timeout_s)
+            except ProtocolError as err:
+                await self._error(err.code, str(err))
+                return
+            except asyncio.TimeoutError:
+                await self._error("idle_timeout", f"no event for {self._limits.idle_timeout_s:g} s")
+                return
+            if event is None:
+                return
+            await self.handle_event(event)
 
     async def handle_event(self, event: Event) -> bool:
-        """Answer one event; protocol faults become error events and the connection goes on."""
+        """Answer one event; a malformed or misplaced one gets an error event and the connection goes on."""
         try:
-            if Describe.is_type(event.type):
-                await self._write(model_info(self._settings, self._engine.languages).event())
-            elif Ping.is_type(event.type):
-                await self._write(Pong(text=Ping.from_event(event).text).event())
-            elif Transcribe.is_type(event.type):
-                transcribe = Transcribe.from_event(event)
-                self._language = transcribe.language
-                site = (transcribe.context or {}).get("site")
-                self._site = site if isinstance(site, str) and site else None
-            elif AudioStart.is_type(event.type):
-                await self._start_request(AudioStart.from_event(event))
-            elif AudioChunk.is_type(event.type):
-                await self._audio(AudioChunk.from_event(event))
-            elif AudioStop.is_type(event.type):
-                await self._stop_request()
-            else:
-                await self._error("unknown_event", f"unexpected event type {event.type!r}")
-        except (KeyError, TypeError, ValueError) as err:
-            await self._error("bad_event", f"malformed {event.type} event: {err!r}")
+            await self._dispatch(event)
+        except ProtocolError as err:
+            await self._error(err.code, str(err))
         return True
 
-    async def _start_request(self, start: AudioStart) -> None:
+    async def _dispatch(self, event: Event) -> None:
+        if Describe.is_type(event.type):
+            await self._write(model_info(self._settings, self._engine.languages).event())
+        elif Ping.is_type(event.type):
+            await self._write(Pong(text=_optional_text(event.data, "text")).event())
+        elif Transcribe.is_type(event.type):
+            self._transcribe(event.data)
+        elif AudioStart.is_type(event.type):
+            await self._start_request(event.data)
+        elif AudioChunk.is_type(event.type):
+            await self._audio(event.data, event.payload or b"")
+        elif AudioStop.is_type(event.type):
+            await self._stop_request()
+        else:
+            raise ProtocolError("unknown_event", f"unexpected event type {quoted(event.type)}")
+
+    def _transcribe(self, data: dict[str, Any]) -> None:
+        """The language and site of the requests that follow."""
+        language = _optional_text(data, "language")
+        context = data.get("context")
+        if context is None:
+            context = {}
+        elif not isinstance(context, dict):
+            raise ProtocolError("bad_event", "context must be a JSON object")
+        site = _optional_text(context, "site")
+        self._language = language or None
+        self._site = site or None
+
+    async def _start_request(self, data: dict[str, Any]) -> None:
         await self._end_request()
-        self._refused = False
-        _check_format(start.rate, start.width, start.channels)
+        self._converter = PcmConverter()
+        # Until a session takes the request, it is refused: its audio-stop still gets a transcript.
+        self._refused = True
+        _audio_format(data)  # each chunk announces its own format; a bad one here refuses the request
         try:
             session = self._engine.session(
                 source="wyoming", language=self._language, split_on_silence=False, site=self._site
             )
         except EngineRefusal as err:
-            self._refused = True
             await self._refusal(err)
             return
+        self._refused = False
         self._session = session
         await self._write(TranscriptStart(language=session.language).event())
         self._responder = asyncio.create_task(self._respond(session))
 
-    async def _audio(self, chunk: AudioChunk) -> None:
+    async def _audio(self, data: dict[str, Any], pcm: bytes) -> None:
+        """Convert a chunk (in the format it announces) to 16 kHz mono and feed it; a bad chunk is dropped."""
         if self._session is None:
-            if not self._refused:
-                await self._error("no_audio_start", "audio-chunk before audio-start")
-            return
-        _check_format(chunk.rate, chunk.width, chunk.channels)
-        if len(chunk.audio) % (chunk.width * chunk.channels):
-            await self._error("bad_audio", "audio-chunk is not whole samples; dropped")
-            return
+            if self._refused:
+                return
+            raise ProtocolError("no_audio_start", "audio-chunk before audio-start")
+        rate, width, channels = _audio_format(data)
+        limit = self._limits.max_frame_bytes * MAX_EXPANSION
+        if PcmConverter.converted_size(len(pcm), rate, width, channels) > limit:
+            raise ProtocolError("too_large", f"audio-chunk converts to more than {limit} bytes; dropped")
         try:
-            self._session.feed(self._converter.convert(chunk).audio)
+            pcm16 = self._converter.convert(pcm, rate, width, channels)
+        except ValueError as err:  # not whole frames
+            raise ProtocolError("bad_audio", f"audio-chunk dropped: {err}") from None
+        try:
+            self._session.feed(pcm16)
         except AudioFormatError as err:
             await self._refusal(err)
 
     async def _stop_request(self) -> None:
         if self._session is None:
             if not self._refused:
-                await self._error("no_audio_start", "audio-stop before audio-start")
+                raise ProtocolError("no_audio_start", "audio-stop before audio-start")
             self._refused = False
+            # Home Assistant ignores the error and waits for a transcript: it gets an empty one at once.
+            await self._write(Transcript(text="", language=self._language).event())
+            await self._write(TranscriptStop().event())
             return
         await self._session.finish()
         if self._responder is not None:
@@ -249,16 +376,24 @@ class WyomingHandler(AsyncEventHandler):
         """Send words that follow what was sent, so that the chunks add up to the text."""
         await self._write(TranscriptChunk(text=words if first else f" {words}").event())
 
+    async def _abandon_request(self) -> None:
+        """The connection ended mid-request: the listeners (MQTT) still get the final of what was said,
+        within ORPHAN_FINISH_S; then the session is freed."""
+        if self._session is not None and self._session.has_open_utterance:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._session.finish(), ORPHAN_FINISH_S)
+        await self._end_request()
+
     async def _end_request(self) -> None:
-        if self._responder is not None and not self._responder.done():
-            self._responder.cancel()
+        """Free the request's session, then stop its responder (awaited, so that nothing it raised goes unseen)."""
+        session, self._session = self._session, None
+        responder, self._responder = self._responder, None
+        if session is not None:
+            session.close()
+        if responder is not None:
+            responder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._responder
-        self._responder = None
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-        self._converter = AudioChunkConverter(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1)
+                await responder
 
     async def _refusal(self, refusal: EngineRefusal) -> None:
         error = refusal_error(refusal)
@@ -269,17 +404,39 @@ class WyomingHandler(AsyncEventHandler):
         await self._write(Error(text=message, code=code).event())
 
     async def _write(self, event: Event) -> None:
-        with contextlib.suppress(ConnectionError):
-            await async_write_event(event, self.writer)
+        """Send an event within `limits.send_timeout_s`, or cut the client off; a gone client is no error."""
+        if self.writer.transport.is_closing():
+            return
+        try:
+            await asyncio.wait_for(async_write_event(event, self.writer), self._limits.send_timeout_s)
+        except asyncio.TimeoutError:
+            self._cut_off()
+        except OSError:
+            _LOGGER.debug("Wyoming client went away before an event reached it")
 
+    async def _hang_up(self) -> None:
+        """Close once what is buffered reached the operating system, within `limits.send_timeout_s`."""
+        transport = self.writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            # Without a high-water mark, drain waits for an empty buffer.
+            transport.set_write_buffer_limits(high=0)
+            try:
+                await asyncio.wait_for(self.writer.drain(), self._limits.send_timeout_s)
+            except asyncio.TimeoutError:
+                self._cut_off()
+                return
+            except OSError:
+                _LOGGER.debug("Wyoming client went away before its last events reached it")
+        self.writer.close()
 
-def _check_format(rate: int, width: int, channels: int) -> None:
-    if not (isinstance(rate, int) and 1000 <= rate <= 192_000):
-        raise ValueError(f"rate {rate!r} is not a sample rate")
-    if width not in (1, 2, 4):
-        raise ValueError(f"width {width!r} is not 1, 2 or 4 bytes")
-    if not (isinstance(channels, int) and 1 <= channels <= 8):
-        raise ValueError(f"channels {channels!r} is not 1 to 8")
+    def _cut_off(self) -> None:
+        """Drop a client that does not read: its buffered events, its connection, and (as it ends) its session."""
+        _LOGGER.debug("Wyoming client took no events for %g s: cut off", self._limits.send_timeout_s)
+        self.writer.transport.abort()
+        # Sockets see their end through the transport; this also ends a stdio reader.
+        self.reader.feed_eof()
 
 
 class WyomingAdapter:
@@ -302,7 +459,12 @@ class WyomingAdapter:
             writer = await async_get_stdout()
             self._stdio = asyncio.create_task(factory(reader, writer).run())
         else:
-            await self._server.start(factory)
+            try:
+                await self._server.start(factory)
+            except OSError as err:
+                raise ConfigError(
+                    f"wyoming.uri: cannot listen on {self._settings.wyoming.uri}: {err.strerror or err}"
+                ) from None
         _LOGGER.info("Wyoming on %s", self._settings.wyoming.uri)
         if self._settings.wyoming.zeroconf:
             await self._announce(self._settings.wyoming.zeroconf)

@@ -24,6 +24,8 @@ from .config import (
 )
 
 _LOGGER = logging.getLogger(__name__)
+# The exit status of a start-up that configuration must fix (systemd's RestartPreventExitStatus=).
+EXIT_CONFIG = 2
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # glibc's mallopt parameter number for M_ARENA_MAX, and the cap (measured: 306 → 292 MB peak RSS
 # with four Wyoming satellites on two decode threads).
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ConfigError as err:
         print(f"edge-asr: invalid configuration: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     journald = bool(os.environ.get("JOURNAL_STREAM"))
     logging.basicConfig(
         level=settings.log_level,
@@ -134,16 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.command import run as run_bench
 
         return run_bench(args, settings)
+    # Imported only now: the thread pools above must be pinned before numpy and CTranslate2 load.
+    from .model import ModelError
     from .service import serve
 
     try:
         return asyncio.run(serve(settings))
-    except ConfigError as err:  # found while starting, e.g. a model.language the model does not speak
-        print(f"edge-asr: invalid configuration: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, ModelError) as err:
+        # Found while starting (a model that cannot load, a port in use, a model.language the model does not
+        # speak): fixing it takes a person, so exit 2, which the unit does not restart.
+        print(f"edge-asr: cannot start: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
-    except Exception as err:  # start-up failures (model, port) end in one clear line
+    except Exception as err:  # anything else at start-up ends in one clear line
         _LOGGER.error("edge-asr cannot start: %s", err)
         return 1
 

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Protocol
@@ -22,19 +23,22 @@ from .api import (
     ComponentState,
     EngineBusy,
     EngineNotReady,
+    EngineShuttingDown,
     Health,
     Listener,
     UnsupportedLanguage,
 )
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH
-from .config import ConfigError, Settings
-from .events import Done, Event, Final, SessionError, SessionInfo
+from .config import ConfigError, LimitSettings, Settings
+from .events import Done, Event, Final, Partial, SessionError, SessionInfo
 from .metrics import Metrics
 from .model import Transcriber, Transcript, WhisperTranscriber, languages_of
 from .scheduler import DecodeNeed, DecodeScheduler
 from .session import DecodeRequest, StreamSession
 
 _LOGGER = logging.getLogger(__name__)
+# Shutdown waits for writers to take the last events; they do within a loop iteration or two.
+_DELIVERY_POLL_S = 0.01
 
 
 class SessionHost(Protocol):
@@ -49,11 +53,51 @@ class SessionHost(Protocol):
     def audio_received(self, seconds: float) -> None:
         """Count audio taken in."""
 
+    def event_dropped(self) -> None:
+        """Count a partial or error dropped for a client that did not keep up."""
+
+    def session_changed(self) -> None:
+        """The session's state moved on (audio, a decode, a final)."""
+
     def session_closed(self, session_id: int) -> None:
         """Forget a closed session and free its slot."""
 
     def check_language(self, language: str) -> str:
         """The model's code for a language tag; raises UnsupportedLanguage."""
+
+
+class _EventQueue:
+    """A session's events on their way to its client, in order. A client that does not keep up loses its
+    oldest partials once `limit` events wait (each partial supersedes the one before), then its oldest
+    errors (a flood of bad frames gets as many errors back); finals and `Done` are never dropped."""
+
+    def __init__(self, limit: int, on_drop: Callable[[], None]) -> None:
+        self._limit = limit
+        self._on_drop = on_drop
+        self._items: deque[Event | None] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: Event | None) -> None:
+        """Queue an event (None: the end of the stream)."""
+        if len(self._items) >= self._limit:
+            stale: Event | None = next((queued for queued in self._items if isinstance(queued, Partial)), None)
+            if stale is None:
+                stale = next((queued for queued in self._items if isinstance(queued, SessionError)), None)
+            if stale is not None:
+                self._items.remove(stale)
+                self._on_drop()
+        self._items.append(item)
+        self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def get(self) -> Event | None:
+        """The next event, waiting for one."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
 
 
 class EngineSession:
@@ -64,6 +108,7 @@ class EngineSession:
         host: SessionHost,
         stream: StreamSession,
         info: SessionInfo,
+        limits: LimitSettings,
     ) -> None:
         self._host = host
         self._state = stream
@@ -73,7 +118,8 @@ class EngineSession:
         self._language = info.language
         self._closed = False
         self._last_decoded_at = time.monotonic()
-        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._events = _EventQueue(limits.max_queued_events, host.event_dropped)
+        self._limits = limits
         self._changed = asyncio.Event()
         self._finals = 0
         self._last_final: Final | None = None
@@ -113,6 +159,11 @@ class EngineSession:
         return self._state.active
 
     @property
+    def undelivered(self) -> int:
+        """Events not yet taken by the client's writer."""
+        return len(self._events)
+
+    @property
     def audio_s(self) -> float:
         """Seconds of audio fed so far."""
         return self._state.stream_s
@@ -126,6 +177,13 @@ class EngineSession:
         self._host.audio_received(len(pcm) / BYTES_PER_SECOND)
         self._publish(self._state.push(pcm, time.monotonic()))
         self._host.decode_wanted()
+
+    async def room(self) -> None:
+        """Wait until the session holds less than `limits.max_buffer_s` of audio: a client that sends faster
+        than its speech can be decoded is slowed down instead of filling memory."""
+        while self._state.buffered_s >= self._limits.max_buffer_s and not self._closed:
+            self._changed.clear()
+            await self._changed.wait()
 
     async def finish(self) -> Final | None:
         """End of audio: wait for the open utterance's final and return it (None when nothing was said).
@@ -173,7 +231,7 @@ class EngineSession:
             return
         self._closed = True
         self._host.session_closed(self._id)
-        self._events.put_nowait(None)
+        self._events.put(None)
         self._changed.set()
 
     # What the scheduler asks (DecodeJob).
@@ -216,9 +274,10 @@ class EngineSession:
             if isinstance(event, Final):
                 self._finals += 1
                 self._last_final = event
-            self._events.put_nowait(event)
+            self._events.put(event)
             self._host.publish(info, event)
         self._changed.set()
+        self._host.session_changed()
 
 
 class Engine:
@@ -239,6 +298,10 @@ class Engine:
         self._listeners: list[Listener] = []
         self._components: dict[str, ComponentState] = {}
         self._languages_before_load: tuple[str, ...] | None = None
+        self._draining = False
+        self._refusing = False
+        # Set whenever an utterance ends or a session closes, for shutdown to wait on.
+        self._settled = asyncio.Event()
 
     @property
     def metrics(self) -> Metrics:
@@ -259,9 +322,50 @@ class Engine:
             self._languages_before_load = languages_of(self.settings.model.name)
         return self._languages_before_load
 
+    @property
+    def model_failing(self) -> bool:
+        """`service.max_decode_failures` decodes in a row have failed."""
+        return self._scheduler.failures_in_a_row >= self.settings.service.max_decode_failures
+
     def decoding_alive(self, stall_s: float) -> bool:
-        """Decodes are scheduled and none has been running for longer than `stall_s`."""
-        return self.ready and not self._scheduler.stalled(stall_s)
+        """Decodes are scheduled, none has been running for longer than `stall_s`, and the model is not failing."""
+        return self.ready and not self._scheduler.stalled(stall_s) and not self.model_failing
+
+    def drain(self) -> None:
+        """Report not-ready from now on, so balancers send new sessions elsewhere; sessions are still taken."""
+        self._draining = True
+
+    def refuse_sessions(self) -> None:
+        """Take no new session: `session()` raises EngineShuttingDown."""
+        self._refusing = True
+
+    @property
+    def open_utterances(self) -> int:
+        """Sessions with speech whose final is not out yet."""
+        return sum(1 for session in self._sessions.values() if session.has_open_utterance)
+
+    async def settle(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for every open utterance to end by itself; whether they all did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.open_utterances:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._settled.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), remaining)
+        return True
+
+    async def delivered(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` until every session's writer has taken its events (before connections close)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(session.undelivered for session in self._sessions.values()):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_DELIVERY_POLL_S)
+        return True
 
     async def finish_all(self, timeout_s: float) -> None:
         """Finalise every open utterance (for shutdown), waiting at most `timeout_s`."""
@@ -322,7 +426,10 @@ class Engine:
         split_on_silence: bool = True,
         site: str | None = None,
     ) -> EngineSession:
-        """Open a session, or raise EngineBusy / EngineNotReady / UnsupportedLanguage."""
+        """Open a session, or raise EngineShuttingDown / EngineNotReady / EngineBusy / UnsupportedLanguage."""
+        if self._refusing:
+            self._metrics.rejected_total.labels("shutting_down").inc()
+            raise EngineShuttingDown("the service is shutting down; try another node")
         if not self.ready:
             self._metrics.rejected_total.labels("not_ready").inc()
             raise EngineNotReady(self._status)
@@ -338,7 +445,7 @@ class Engine:
             language=code,
         )
         info = SessionInfo(next(self._ids), source, site or self.settings.mqtt.default_site, code)
-        session = EngineSession(self, stream, info)
+        session = EngineSession(self, stream, info, self.settings.limits)
         self._sessions[info.id] = session
         self._metrics.sessions_total.labels(source).inc()
         self._metrics.sessions_active.set(len(self._sessions))
@@ -349,8 +456,8 @@ class Engine:
         now = time.monotonic()
         last = self._scheduler.last_decode_at
         return Health(
-            ready=self.ready,
-            status=self._status,
+            ready=self.ready and not self._draining and not self.model_failing,
+            status=self._health_status(),
             model=self.settings.model.name,
             threads=self.settings.model.effective_threads,
             workers=self._scheduler.workers,
@@ -363,6 +470,14 @@ class Engine:
             decodes=self._scheduler.decodes,
             components=tuple(self._components.values()),
         )
+
+    def _health_status(self) -> str:
+        if self._draining and self._status == "ready":
+            return "draining"
+        if self.model_failing and self._status == "ready":
+            failures = self._scheduler.failures_in_a_row
+            return f"model failing: {failures} decodes in a row failed ({self._scheduler.last_failure})"
+        return self._status
 
     # What a session asks of the engine (SessionHost).
 
@@ -383,7 +498,16 @@ class Engine:
         """Count audio taken in."""
         self._metrics.audio_seconds_total.inc(seconds)
 
+    def event_dropped(self) -> None:
+        """Count a partial or error dropped for a client that did not keep up."""
+        self._metrics.events_dropped_total.inc()
+
+    def session_changed(self) -> None:
+        """A session moved on: shutdown may be waiting for its utterance to end."""
+        self._settled.set()
+
     def session_closed(self, session_id: int) -> None:
         """Forget a closed session."""
         self._sessions.pop(session_id, None)
+        self._settled.set()
         self._metrics.sessions_active.set(len(self._sessions))

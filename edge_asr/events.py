@@ -112,6 +112,16 @@ class SessionError(Message):
     message: str
 
 
+# Client text quoted in an error message is cut to this many characters: a client cannot make its errors big.
+MAX_QUOTE_CHARS = 64
+
+
+def quoted(value: object) -> str:
+    """A client's value for an error message: repr'd (so always printable) and cut short."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTE_CHARS else f"{text[:MAX_QUOTE_CHARS]}..."
+
+
 @dataclass(frozen=True)
 class Done(Message):
     """Everything before the client's end of audio is transcribed; its final, if any, came first.

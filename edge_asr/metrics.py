@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -42,6 +44,14 @@ class Metrics:
             "edge_asr_sessions_rejected_total", "Sessions refused", ["reason"], registry=self.registry
         )
         self.audio_seconds_total = Counter("edge_asr_audio_seconds_total", "Audio received", registry=self.registry)
+        self.decode_failures_total = Counter(
+            "edge_asr_decode_failures_total", "Decodes the model failed", registry=self.registry
+        )
+        self.events_dropped_total = Counter(
+            "edge_asr_events_dropped_total",
+            "Partials and errors dropped for a client that did not keep up (finals are never dropped)",
+            registry=self.registry,
+        )
         self.mqtt_finals_dropped_total = Counter(
             "edge_asr_mqtt_finals_dropped_total",
             "Finals dropped because the MQTT queue was full while the broker was unreachable",
@@ -51,6 +61,10 @@ class Metrics:
         self.decode_queue = Gauge(
             "edge_asr_decode_queue_depth", "Sessions waiting for a decode", registry=self.registry
         )
+        self.event_loop_tasks = Gauge(
+            "edge_asr_event_loop_tasks", "Tasks on the service's event loop (a leak shows here)", registry=self.registry
+        )
+        self.event_loop_tasks.set_function(_running_tasks)
 
     def observe_event(self, event: Event) -> None:
         """Count an event and record its timings."""
@@ -67,3 +81,11 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+def _running_tasks() -> float:
+    """Tasks on the running event loop (0 when read outside one)."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return 0.0

@@ -98,7 +98,7 @@ def resolve_model(name: str) -> str:
     candidate = Path(name).expanduser()
     if candidate.is_dir():
         if not (candidate / "model.bin").is_file():
-            raise ModelError(f"model: directory {candidate} has no model.bin (not a CTranslate2 model)")
+            raise ModelError(f"model.name: directory {candidate} has no model.bin (not a CTranslate2 model)")
         return str(candidate)
     if name == BUNDLED_MODEL_NAME:
         bundled = bundled_model_dir()
@@ -106,7 +106,7 @@ def resolve_model(name: str) -> str:
             return str(bundled)
         _LOGGER.warning("The bundled tiny.en is not installed; asking faster-whisper to download it")
     if "/" in name and not candidate.exists() and name.startswith(("/", ".", "~")):
-        raise ModelError(f"model: directory {name} does not exist")
+        raise ModelError(f"model.name: directory {name} does not exist")
     return name
 
 
@@ -165,7 +165,7 @@ def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:
             download_root=settings.download_dir or None,
         )
     except Exception as err:  # faster-whisper raises many kinds; all mean "no model"
-        raise ModelError(f"model: cannot load {settings.name!r} ({location}): {err}") from err
+        raise ModelError(f"model.name: cannot load {settings.name!r} ({location}): {err}") from err
 
 
 class WhisperTranscriber:

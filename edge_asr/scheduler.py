@@ -20,6 +20,8 @@ from .session import DecodeRequest
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# A failing model fails every decode: after the first traceback, one summary line per interval.
+_FAILURE_LOG_INTERVAL_S = 60.0
 
 
 class DecodeNeed(NamedTuple):
@@ -62,6 +64,10 @@ class DecodeScheduler:
         self._running: dict[asyncio.Task[None], float] = {}
         self.decodes = 0
         self.last_decode_at: float | None = None
+        # Decodes that raised since the last one that did not, and the newest error.
+        self.failures_in_a_row = 0
+        self.last_failure = ""
+        self._failure_logged_at = 0.0
 
     async def run_blocking(self, function: Callable[[], _T]) -> _T:
         """Run blocking work (loading the model) on a decode thread."""
@@ -114,6 +120,20 @@ class DecodeScheduler:
             return None
         return min(needs, key=lambda pair: pair[0].order())[1]
 
+    def _failed(self, err: Exception) -> None:
+        """Count a failed decode; log the first of a run in full, then a summary at most once a minute."""
+        self.failures_in_a_row += 1
+        self.last_failure = f"{type(err).__name__}: {err}"
+        self._metrics.decode_failures_total.inc()
+        now = time.monotonic()
+        if self.failures_in_a_row == 1:
+            _LOGGER.error("Decode failed", exc_info=err)
+        elif now - self._failure_logged_at >= _FAILURE_LOG_INTERVAL_S:
+            _LOGGER.error("%d decodes failed in a row, the newest: %s", self.failures_in_a_row, self.last_failure)
+        else:
+            return
+        self._failure_logged_at = now
+
     def _decode_ended(self, task: asyncio.Task[None]) -> None:
         # The worker is free: the next waiting decode starts now, not when the next audio arrives.
         self._running.pop(task, None)
@@ -128,11 +148,12 @@ class DecodeScheduler:
             transcript = await loop.run_in_executor(
                 self._executor, transcriber.decode, request.audio, request.prompt, request.language, request.final
             )
-        except Exception:
-            _LOGGER.exception("Decode failed")
+        except Exception as err:
+            self._failed(err)
         self.last_decode_at = time.monotonic()
         self.decodes += 1
         if transcript is not None:
+            self.failures_in_a_row = 0
             kind = "final" if request.final else "partial"
             self._metrics.decode_seconds.labels(kind).observe(transcript.asr_ms / 1000)
         try:

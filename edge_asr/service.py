@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from adapters import Adapter
 from adapters.http import HttpAdapter
@@ -15,23 +16,28 @@ from adapters.wyoming import WyomingAdapter
 
 from .config import Settings
 from .engine import Engine
+from .model import Transcriber
 from .systemd import Notifier
 
 _LOGGER = logging.getLogger(__name__)
 
-# How long open utterances may take to reach their finals when the service is told to stop.
+# What is still open after the drain is finalised within this.
 FINISH_ON_STOP_S = 5.0
 # A decode running longer than this means decoding is stuck: the watchdog stops being fed.
 DECODE_STALL_S = 30.0
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, transcriber_factory: Callable[[], Transcriber] | None = None) -> int:
     """Listen first (so /health says 503 and Wyoming answers describe while loading), warm the model,
-    tell systemd READY, and run until SIGTERM/SIGINT; a second signal exits at once."""
+    tell systemd READY, and run until SIGTERM/SIGINT, then drain; a second signal exits at once.
+
+    `transcriber_factory` replaces the Whisper model (tests of the service's life use a fake one).
+    """
     started = time.monotonic()
     notifier = Notifier()
-    engine = Engine(settings)
+    engine = Engine(settings, transcriber_factory)
     adapters: list[Adapter] = []
+    # MQTT starts first and, stopping in reverse order, stops last: it delivers every other adapter's finals.
     if settings.mqtt.enabled:
         adapters.append(MqttAdapter(engine, settings))
     if settings.http.enabled:
@@ -66,19 +72,42 @@ async def serve(settings: Settings) -> int:
         if notifier.watchdog_interval_s
         else None
     )
-    await stop.wait()
-    _LOGGER.info("Stopping")
-    notifier.notify("STOPPING=1")
-    if watchdog is not None:
-        watchdog.cancel()
-    await engine.finish_all(FINISH_ON_STOP_S)
-    await _stop(running, engine)
+    try:
+        await stop.wait()
+        notifier.notify("STOPPING=1\nSTATUS=Draining")
+        await _drain(engine, settings)
+        await _stop(running, engine)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
     return 0
 
 
+async def _drain(engine: Engine, settings: Settings) -> None:
+    """Let people finish their sentence: not-ready at once, new sessions still taken for `drain_accept_s` (a
+    balancer's checks notice meanwhile), then refused; open utterances end by themselves within
+    `drain_timeout_s`; what is still open then is finalised, so its final is delivered before the exit."""
+    service = settings.service
+    engine.drain()
+    _LOGGER.info("Draining: taking new sessions for %g s more", service.drain_accept_s)
+    await asyncio.sleep(service.drain_accept_s)
+    engine.refuse_sessions()
+    if not await engine.settle(service.drain_timeout_s):
+        _LOGGER.warning(
+            "%d utterance(s) still open after %g s: finalising them", engine.open_utterances, service.drain_timeout_s
+        )
+        await engine.finish_all(FINISH_ON_STOP_S)
+    # The last finals are on their way: let the writers take them before the connections close.
+    await engine.delivered(settings.limits.send_timeout_s)
+    _LOGGER.info("Stopping")
+
+
 async def _stop(adapters: list[Adapter], engine: Engine) -> None:
-    """Stop the adapters, then the engine; a failing stop is logged and the others still run."""
-    for adapter in adapters:
+    """Stop the adapters in the reverse order of their start, then the engine; a failing stop is logged
+    and the others still run."""
+    for adapter in reversed(adapters):
         try:
             await adapter.stop()
         except Exception:
@@ -90,10 +119,10 @@ async def _stop(adapters: list[Adapter], engine: Engine) -> None:
 
 
 async def _feed_watchdog(engine: Engine, notifier: Notifier, interval_s: float) -> None:
-    """WATCHDOG=1 every half period while decoding is alive; systemd restarts a stuck service."""
+    """WATCHDOG=1 every half period while decoding is alive; systemd restarts a stuck or failing service."""
     while True:
         if engine.decoding_alive(DECODE_STALL_S):
             notifier.notify("WATCHDOG=1")
         else:
-            _LOGGER.error("Decoding looks stuck: not feeding the systemd watchdog")
+            _LOGGER.error("Decoding is stuck or failing: not feeding the systemd watchdog")
         await asyncio.sleep(interval_s)

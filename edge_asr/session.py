@@ -66,8 +66,6 @@ def repeats_itself(words: tuple[Word, ...] | list[Word]) -> bool:
     return False
 
 
-
-
 def build_prompt(client_prompt: str, committed_text: str, limit: int) -> str:
     """The client's prompt, then as much of the newest committed text as fits in `limit` characters.
 
@@ -163,6 +161,11 @@ class StreamSession:
     def ending(self) -> bool:
         """The current utterance has ended and waits for its final."""
         return self._end_at_s is not None
+
+    @property
+    def buffered_s(self) -> float:
+        """Seconds of audio the session holds."""
+        return len(self._buffer) / BYTES_PER_SECOND
 
     @property
     def in_flight(self) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .server import free_port, stop_process
+from .server import Service, free_port, start_service, stop_process
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 WAIT_S = 30.0
@@ -142,3 +142,8 @@ def subscribed(port: int, **options: Any) -> Iterator[Subscriber]:
         yield subscriber
     finally:
         subscriber.close()
+
+
+def mqtt_service(tmp_path: Path, broker: Broker, *settings: str) -> Service:
+    """The real service publishing to `broker`."""
+    return start_service(tmp_path, "mqtt.enabled=true", f"mqtt.port={broker.port}", "mqtt.host=127.0.0.1", *settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -97,6 +98,7 @@ class FakeSession:
     fed: bytearray = field(default_factory=bytearray)
     words: list[str] = field(default_factory=list)
     closed: bool = False
+    finished: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     _queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
 
@@ -124,10 +126,19 @@ class FakeSession:
             raise AudioFormatError(f"audio of {len(pcm)} bytes is not whole 16-bit samples")
         self.fed += pcm
         self.words.append(f"w{len(self.words) + 1}")
+        if self.engine.partial_padding:  # a big partial per frame, not compressible: for clients that do not read
+            self._emit(
+                Partial(secrets.token_urlsafe(self.engine.partial_padding)[: self.engine.partial_padding], "", 1, 1, 1)
+            )
+            return
         self._emit(Partial(" ".join(self.words), " ".join(self.words[:-1]), 1, 1, 1))
+
+    async def room(self) -> None:
+        """Always room: the fake holds no audio that waits for decoding."""
 
     async def finish(self) -> Final | None:
         """The words so far as the final (with the engine's `revisions` applied), then `Done`."""
+        self.finished = True
         words = [self.engine.revisions.get(word, word) for word in self.words]
         revised = words != self.words
         final = Final(" ".join(words), 1, 1, 1, 1, 0.0, len(self.fed) / 32000, revised) if words else None
@@ -181,6 +192,8 @@ class FakeEngine:
     refusal: EngineRefusal | None = None
     # Words the finals hear differently from the partials: {"w2": "wX"}.
     revisions: dict[str, str] = field(default_factory=dict)
+    # When set, every partial carries this many characters instead of the words.
+    partial_padding: int = 0
     ready: bool = True
     sessions: list[FakeSession] = field(default_factory=list)
     listeners: list[Listener] = field(default_factory=list)

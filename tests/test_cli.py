@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,11 +52,36 @@ def test_a_bad_yaml_file_stops_start_up_naming_the_key(tmp_path: Path) -> None:
     assert "stream.silence_ms: -5 is below the minimum" in result.stderr
 
 
-def test_a_missing_model_directory_stops_start_up_with_a_clear_line(tmp_path: Path) -> None:
-    result = _edge_asr("serve", "--port", "0", "--model", str(tmp_path / "no-such-model"))
-    assert result.returncode == 1
+def _listen_anywhere() -> tuple[str, ...]:
+    return ("--port", "0", "--set", f"wyoming.uri=tcp://127.0.0.1:{free_port()}")
+
+
+def test_a_missing_model_directory_exits_2_naming_the_key(tmp_path: Path) -> None:
+    result = _edge_asr("serve", *_listen_anywhere(), "--model", str(tmp_path / "no-such-model"))
+    assert result.returncode == 2, "exit 2: the unit's RestartPreventExitStatus, no restart loop"
+    assert "model.name: directory" in result.stderr
     assert "does not exist" in result.stderr
-    assert "model" in result.stderr
+
+
+def test_a_corrupt_model_exits_2_naming_the_key(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.bin").write_bytes(b"not a model" * 100)
+    (corrupt / "config.json").write_text("{}")
+    result = _edge_asr("serve", *_listen_anywhere(), "--model", str(corrupt))
+    assert result.returncode == 2
+    assert "model.name: cannot load" in result.stderr
+
+
+def test_a_port_in_use_exits_2_naming_the_key() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _edge_asr("serve", "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 2
+    assert f"http.port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "in use" in result.stderr
 
 
 def _corpus(tmp_path: Path, *names: str) -> Path:

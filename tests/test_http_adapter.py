@@ -4,7 +4,9 @@ bad frames, health and metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -182,3 +184,26 @@ async def test_health_follows_the_engine_and_metrics_are_prometheus_text(engine:
     assert ready.json()["languages"] == ["en", "de"]
     assert metrics.status_code == 200
     assert "edge_asr_sessions_active" in metrics.text
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_its_session_freed(engine: FakeEngine) -> None:
+    settings = build_settings({"http": {"host": "127.0.0.1", "port": 0}, "limits": {"send_timeout_s": 1.0}})
+    engine.partial_padding = 64 * 1024
+    adapter = HttpAdapter(engine, settings)
+    await adapter.start()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", adapter.port))
+    try:
+        async with connect(f"ws://127.0.0.1:{adapter.port}/ws/stream", sock=sock, max_queue=1, close_timeout=0.5) as ws:
+            await _receive(ws)
+            [session] = engine.sessions
+            # Every frame makes the fake engine send 64 kB back (12 MB in all); the client reads none of it.
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(200):
+                    await ws.send(bytes(640))
+            await asyncio.wait_for(session.gone.wait(), WAIT_S)
+    finally:
+        await adapter.stop()
+
+    assert session.closed

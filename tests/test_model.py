@@ -31,7 +31,7 @@ def test_a_model_directory_resolves_to_itself() -> None:
 
 @pytest.mark.fast
 def test_a_directory_without_model_bin_is_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"model: directory .* has no model\.bin"):
+    with pytest.raises(ModelError, match=r"model\.name: directory .* has no model\.bin"):
         resolve_model(str(tmp_path))
 
 

@@ -15,8 +15,8 @@ import pytest
 from wyoming.asr import Transcribe, TranscriptStop
 from wyoming.client import AsyncTcpClient
 
-from .broker import WAIT_S, Broker, Message, make_broker, subscribed
-from .server import Service, start_service
+from .broker import WAIT_S, Broker, Message, make_broker, mqtt_service, subscribed
+from .server import Service
 from .speech import normalise, read_pcm, reference
 from .wsclient import finals, transcribe
 from .wyoming_client import read_until, send_clip
@@ -71,11 +71,6 @@ def wait_component(service: Service, accept: Callable[[dict[str, Any]], bool]) -
             return component
         assert time.monotonic() < deadline, f"mqtt component stayed {component}"
         time.sleep(0.1)
-
-
-def mqtt_service(tmp_path: Path, broker: Broker, *settings: str) -> Service:
-    """The real service publishing to `broker`."""
-    return start_service(tmp_path, "mqtt.enabled=true", f"mqtt.port={broker.port}", "mqtt.host=127.0.0.1", *settings)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -12,7 +13,7 @@ from wyoming.asr import Transcribe, Transcript, TranscriptStop
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event, read_event
+from wyoming.event import Event, async_read_event, read_event
 
 CHUNK_S = 0.1
 
@@ -75,14 +76,17 @@ def raw_exchange(port: int, data: bytes, wait_s: float = 5.0, linger_s: float = 
     closing, or `wait_s`; return them and whether the server closed the connection."""
     events: list[Event] = []
     with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
-        sock.sendall(data)
+        with contextlib.suppress(ConnectionError):  # the server may close before it read everything
+            sock.sendall(data)
         stream = sock.makefile("rb")
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             sock.settimeout(max(0.05, deadline - time.monotonic()))
             try:
                 event = read_event(stream)
-            except (TimeoutError, OSError):
+            except ConnectionError:  # closed with bytes of ours unread: a reset after the events it sent
+                return events, True
+            except OSError:  # the read timed out
                 return events, False
             if event is None:
                 return events, True
@@ -105,3 +109,36 @@ def error_codes(port: int, data: bytes, wait_s: float = 5.0) -> tuple[list[str],
     """The error codes the server answers raw bytes with, and whether it closed the connection."""
     events, closed = raw_exchange(port, data, wait_s)
     return [str(Error.from_event(e).code) for e in events if Error.is_type(e.type)], closed
+
+
+async def async_exchange(
+    port: int, data: bytes, until: str = "info", timeout_s: float = 5.0
+) -> tuple[list[Event], bool]:
+    """Write raw bytes on a new connection (from inside an event loop) and read events back until one of type
+    `until` or the server closing the connection; return them and whether it closed. AssertionError when
+    neither happens within `timeout_s`."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    events: list[Event] = []
+
+    async def collect() -> bool:
+        while True:
+            try:
+                event = await async_read_event(reader)
+            except ConnectionError:  # closed with bytes of ours unread: a reset after the events it sent
+                return True
+            if event is None:
+                return True
+            events.append(event)
+            if event.type == until:
+                return False
+
+    try:
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):  # the server may close before it read everything
+            await writer.drain()
+        closed = await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"neither {until!r} nor a close within {timeout_s} s; got {events}") from None
+    finally:
+        writer.close()
+    return events, closed

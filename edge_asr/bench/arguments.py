@@ -20,6 +20,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's flags and its CORPUS argument."""
     parser.add_argument("corpus", type=Path, metavar="CORPUS", help="directory of 16 kHz mono .wav + .txt pairs")
@@ -54,3 +61,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay the corpus N times: a row per run, their median and how often a clip's final text held (1)",
     )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' prints it on stdout)")
+    soak = parser.add_argument_group(
+        "soak",
+        "--soak starts mosquitto and `edge-asr serve` itself (with --config, --model, --threads, --set) and runs"
+        " Wyoming satellites, WebSocket speakers, clients that vanish mid-utterance, read late or never read, with"
+        " the broker restarted at 1/3 and 2/3 of the run. Exit code 1 when a target is missed: RSS growth after"
+        " the warm-up (the first sixth, at least 30 s) over the limit, a session or event-loop task left over, a"
+        " final lost on a client that stayed connected or on the broker, a never-reading client not cut off, a"
+        " non-zero exit on SIGTERM. --url, --wyoming, --pid, --fast, --runs and --concurrency do not apply.",
+    )
+    soak.add_argument(
+        "--soak",
+        type=_positive_float,
+        metavar="MINUTES",
+        help="run the client mix against a service of its own for this long (1 for CI, 30 for a release)",
+    )
+    soak.add_argument(
+        "--max-rss-growth-mb",
+        type=_non_negative_float,
+        metavar="MB",
+        help="with --soak: RSS growth allowed after the warm-up (default 20 for runs under 10 minutes, 5 up to 30"
+        " minutes, 5 per 30 minutes for longer runs)",
+    )

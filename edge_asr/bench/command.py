@@ -22,13 +22,18 @@ from .report import (
 )
 from .runner import decode_whole, replay_corpus
 from .scoring import NORMALIZER
+from .soak import run_soak
 from .timing import speech_span
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the bench; 0 when every clip of every run went through, 1 when one got an error or the bench could
-    not run."""
+    """Run the bench (or, with --soak, the soak); 0 when every clip of every run went through, 1 when one got an
+    error or the bench could not run."""
+    if args.soak is not None:
+        return run_soak(args, settings)
     try:
+        if args.max_rss_growth_mb is not None:
+            raise BenchError("--max-rss-growth-mb only applies with --soak")
         if args.pid is not None and not (args.url or args.wyoming):
             raise BenchError("--pid only applies with --url or --wyoming (in-process, the bench measures itself)")
         clips = load_corpus(args.corpus, args.match, args.limit)
