@@ -114,7 +114,7 @@ class SpeechSession(Protocol):
         """Add 16 kHz mono s16le audio; raises AudioFormatError for a partial sample."""
 
     async def room(self) -> None:
-        """Wait until the session can take more audio (it holds less than `limits.max_buffer_s`)."""
+        """Wait until the session can take more audio (less than `limits.max_buffer_s` waits for a decode)."""
 
     async def finish(self) -> Final | None:
         """End of audio: wait for the open utterance's final (None when nothing was said); `Done` follows."""

@@ -179,9 +179,9 @@ class EngineSession:
         self._host.decode_wanted()
 
     async def room(self) -> None:
-        """Wait until the session holds less than `limits.max_buffer_s` of audio: a client that sends faster
-        than its speech can be decoded is slowed down instead of filling memory."""
-        while self._state.buffered_s >= self._limits.max_buffer_s and not self._closed:
+        """Wait until less than `limits.max_buffer_s` of audio waits for a decode: a client that sends faster than
+        its speech can be decoded is slowed down instead of filling memory."""
+        while self._state.undecoded_s >= self._limits.max_buffer_s and not self._closed:
             self._changed.clear()
             await self._changed.wait()
 

@@ -163,9 +163,12 @@ class StreamSession:
         return self._end_at_s is not None
 
     @property
-    def buffered_s(self) -> float:
-        """Seconds of audio the session holds."""
-        return len(self._buffer) / BYTES_PER_SECOND
+    def undecoded_s(self) -> float:
+        """Seconds of the open utterance's audio (and of what came after its end) that no decode has reached:
+        how far the decoding lags behind the client."""
+        if not self.active:
+            return 0.0
+        return self.stream_s - self._last_request_end_s
 
     @property
     def in_flight(self) -> bool:

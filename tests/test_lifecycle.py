@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,10 +31,10 @@ from edge_asr.service import serve
 from .broker import Broker, Message, make_broker, mqtt_service, subscribed
 from .fakes import ScriptedTranscriber
 from .notify import NotifyListener
-from .server import Service, free_port
+from .server import Service, free_port, start_service
 from .speech import normalise, read_pcm, reference, silence
 from .wsclient import finals, open_stream, send_audio
-from .wyoming_client import read_until, send_clip, transcript_text
+from .wyoming_client import read_until, send_clip, transcribe, transcript_text
 
 CLIP = "asterisk_confbridge-pin"  # 5 s without a pause: mid-sentence at the signal
 ACCEPT_S = 0.8
@@ -233,3 +234,49 @@ async def _wait_status(http: httpx.AsyncClient, status: int, timeout_s: float = 
             return body
         assert asyncio.get_running_loop().time() < deadline, f"/health stayed {response.status_code}"
         await asyncio.sleep(0.05)
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+def test_a_client_flooding_audio_at_50x_real_time_is_slowed_and_a_satellite_is_still_served(tmp_path: Path) -> None:
+    """Reduced here (10 s, 5 s of buffer); `edge-asr bench --soak` runs the long version."""
+    service = start_service(tmp_path, "limits.max_buffer_s=5")
+    flood_s, speed = 10.0, 50
+    speech = read_pcm("asterisk_conf-usermenu")
+    baseline_mb = _rss_mb(service.process.pid)
+    peak_mb = baseline_mb
+    sent_s = 0.0
+    stop = threading.Event()
+
+    def flood() -> None:
+        nonlocal sent_s
+        chunk = 6400  # 0.2 s of audio every 4 ms: 50 times real time
+        with contextlib.suppress(ConnectionClosed), open_stream(service.ws_url) as (ws, _ready):
+            started = time.monotonic()
+            offset = 0
+            while not stop.is_set() and time.monotonic() - started < flood_s:
+                ws.send(speech[offset % len(speech) : offset % len(speech) + chunk])
+                offset += chunk
+                sent_s = offset / 32000
+                time.sleep(max(0.0, started + sent_s / speed - time.monotonic()))
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        time.sleep(2.0)
+        received, _stop_at = asyncio.run(transcribe(service.wyoming_port, read_pcm("asterisk_conf-onlyone")))
+        while flooder.is_alive():
+            peak_mb = max(peak_mb, _rss_mb(service.process.pid))
+            flooder.join(0.2)
+    finally:
+        stop.set()
+        flooder.join()
+
+    assert normalise(transcript_text(received)) == normalise(reference("asterisk_conf-onlyone"))
+    assert sent_s < 0.9 * flood_s * speed, "the flood was slowed down: its socket was not read"
+    assert peak_mb - baseline_mb < 100, f"RSS {baseline_mb:.0f} -> {peak_mb:.0f} MB"
+    assert service.sessions_drop_to(0)
+    assert service.stop() == 0
