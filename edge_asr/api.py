@@ -35,6 +35,10 @@ class UnsupportedLanguage(EngineRefusal):
     """A language the loaded model does not know."""
 
 
+class InvalidSite(EngineRefusal):
+    """A site that is not 1 to 64 letters, digits, '_' or '-', or not one of `mqtt.sites`."""
+
+
 class AudioFormatError(EngineRefusal):
     """Audio that is not whole s16le samples."""
 
@@ -46,6 +50,7 @@ REFUSAL_CODES: Mapping[type[EngineRefusal], str] = MappingProxyType(
         EngineNotReady: "not_ready",
         EngineShuttingDown: "shutting_down",
         UnsupportedLanguage: "unsupported_language",
+        InvalidSite: "bad_config",
         AudioFormatError: "bad_audio",
     }
 )
@@ -123,7 +128,7 @@ class SpeechSession(Protocol):
         """Text that comes before this stream's speech, passed to the decoder."""
 
     def set_site(self, site: str) -> None:
-        """Move the session to another site."""
+        """Move the session to another site; raises InvalidSite."""
 
     def set_language(self, language: str) -> None:
         """Switch the spoken language; raises UnsupportedLanguage."""
@@ -164,8 +169,9 @@ class SpeechEngine(Protocol):
         prompt: str = "",
         split_on_silence: bool = True,
         site: str | None = None,
+        peer: str | None = None,
     ) -> SpeechSession:
-        """Open a session, or raise an EngineRefusal."""
+        """Open a session for a client at address `peer`, or raise an EngineRefusal."""
 
     def health(self) -> Health:
         """Model, sessions, uptime and decode facts."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import ssl
 import types
 import typing
@@ -17,6 +19,21 @@ from urllib.parse import urlsplit
 import yaml
 
 ENV_PREFIX = "EDGE_ASR_"
+# Who may connect by default: this host, the private ranges of a home network (RFC 1918, link-local,
+# IPv6 unique local) and the range overlay VPNs use; not the internet, should a port be forwarded by mistake.
+HOME_NETWORKS = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "fe80::/10",
+    "fc00::/7",
+    "100.64.0.0/10",
+)
+# A site becomes an MQTT topic level and a Home Assistant entity id.
+SITE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_CONFIG_PATH = Path("config/edge-asr.yaml")
 INSTALLED_CONFIG_PATH = Path("/etc/edge-asr/config.yaml")
 # systemd's LoadCredential= puts a service's credentials here; relative credential-file paths are looked up in it.
@@ -88,6 +105,9 @@ class LimitSettings:
     max_utterance_s: float = _setting(30.0, low=1.0, high=600.0)
     idle_timeout_s: float = _setting(120.0, low=1.0, high=86_400.0)
     send_timeout_s: float = _setting(10.0, low=0.5, high=600.0)
+    # A connection must complete its handshake (WebSocket) or send its first event (Wyoming) this soon.
+    handshake_timeout_s: float = _setting(10.0, low=0.5, high=600.0)
+    max_sessions_per_address: int = _setting(4, low=1, high=1_000)
     max_buffer_s: float = _setting(60.0, low=5.0, high=3_600.0)
     max_queued_events: int = _setting(256, low=8, high=100_000)
 
@@ -103,20 +123,31 @@ class ServiceSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """The WebSocket/HTTP adapter."""
+    """The WebSocket/HTTP adapter and who may use it."""
 
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = _setting(8787, low=0, high=65_535)
+    # Web pages (origins) besides the service's own that may open the WebSocket from a browser.
+    allowed_origins: tuple[str, ...] = ()
+    allowed_networks: tuple[str, ...] = HOME_NETWORKS
+    # A shared secret for the WebSocket and /metrics; kept out of repr() and logs.
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    max_connections: int = _setting(64, low=1, high=100_000)
 
 
 @dataclass(frozen=True)
 class WyomingSettings:
-    """The Wyoming adapter for Home Assistant and its voice satellites."""
+    """The Wyoming adapter for Home Assistant and its voice satellites, and who may use it."""
 
     enabled: bool = True
     uri: str = "tcp://0.0.0.0:10300"
     zeroconf: str = ""
+    allowed_networks: tuple[str, ...] = HOME_NETWORKS
+    max_connections: int = _setting(64, low=1, high=100_000)
 
 
 @dataclass(frozen=True)
@@ -141,6 +172,9 @@ class MqttSettings:
     discovery_prefix: str = "homeassistant"
     default_site: str = "default"
     queue_size: int = _setting(1000, low=1, high=1_000_000)
+    # The sites clients may name (empty: any valid site), and how many get Home Assistant entities.
+    sites: tuple[str, ...] = ()
+    max_sites: int = _setting(32, low=1, high=10_000)
 
 
 @dataclass(frozen=True)
@@ -377,7 +411,63 @@ def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None
     if settings.stream.overlap_ms >= settings.stream.min_window_s * 1000:
         raise ConfigError("stream.overlap_ms: must be shorter than stream.min_window_s")
     _check_wyoming_uri(settings.wyoming)
-    return dataclasses.replace(settings, mqtt=_checked_mqtt(settings.mqtt, environ))
+    _check_networks("http.allowed_networks", settings.http.allowed_networks)
+    _check_networks("wyoming.allowed_networks", settings.wyoming.allowed_networks)
+    _check_origins(settings.http.allowed_origins)
+    _check_sites(settings.mqtt)
+    return dataclasses.replace(
+        settings, mqtt=_checked_mqtt(settings.mqtt, environ), http=_checked_http(settings.http, environ)
+    )
+
+
+def _check_networks(key: str, networks: tuple[str, ...]) -> None:
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {network!r} is not a network (CIDR, e.g. 192.168.1.0/24)") from None
+
+
+def _check_origins(origins: tuple[str, ...]) -> None:
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"http.allowed_origins: {origin!r} is not an origin (e.g. http://homeassistant.local:8123)"
+            )
+
+
+def _check_sites(mqtt: MqttSettings) -> None:
+    for key, site in [("mqtt.default_site", mqtt.default_site)] + [("mqtt.sites", site) for site in mqtt.sites]:
+        if not SITE_PATTERN.fullmatch(site):
+            raise ConfigError(f"{key}: {site!r} must be 1 to 64 letters, digits, '_' or '-'")
+    if mqtt.sites and mqtt.default_site not in mqtt.sites:
+        raise ConfigError(f"mqtt.default_site: {mqtt.default_site!r} is not one of mqtt.sites")
+
+
+def _checked_http(http: HttpSettings, environ: Mapping[str, str]) -> HttpSettings:
+    """Read the token file and check the TLS files of an enabled listener; return the settings it uses."""
+    if not http.enabled:
+        return http
+    if http.token_file:
+        path = _credential_path(http.token_file, environ)
+        http = dataclasses.replace(http, token_file=path, token=_read_secret("http.token_file", path))
+    if bool(http.tls_cert_file) != bool(http.tls_key_file):
+        raise ConfigError("http.tls_cert_file: needs http.tls_key_file too (and the other way round)")
+    if http.tls_cert_file:
+        http = dataclasses.replace(
+            http,
+            tls_cert_file=_credential_path(http.tls_cert_file, environ),
+            tls_key_file=_credential_path(http.tls_key_file, environ),
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _check_ssl(
+            "http.tls_key_file",
+            http.tls_key_file,
+            "holds no unencrypted private key for http.tls_cert_file",
+            lambda: context.load_cert_chain(http.tls_cert_file, http.tls_key_file, password=""),
+        )
+    return http
 
 
 def _check_wyoming_uri(wyoming: WyomingSettings) -> None:

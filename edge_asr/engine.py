@@ -25,12 +25,13 @@ from .api import (
     EngineNotReady,
     EngineShuttingDown,
     Health,
+    InvalidSite,
     Listener,
     UnsupportedLanguage,
 )
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH
-from .config import ConfigError, LimitSettings, Settings
-from .events import Done, Event, Final, Partial, SessionError, SessionInfo
+from .config import SITE_PATTERN, ConfigError, LimitSettings, Settings
+from .events import Done, Event, Final, Partial, SessionError, SessionInfo, quoted
 from .metrics import Metrics
 from .model import Transcriber, Transcript, WhisperTranscriber, languages_of
 from .scheduler import DecodeNeed, DecodeScheduler
@@ -64,6 +65,9 @@ class SessionHost(Protocol):
 
     def check_language(self, language: str) -> str:
         """The model's code for a language tag; raises UnsupportedLanguage."""
+
+    def check_site(self, site: str) -> str:
+        """The site if clients may name it; raises InvalidSite."""
 
 
 class _EventQueue:
@@ -205,8 +209,8 @@ class EngineSession:
         self._state.set_prompt(prompt)
 
     def set_site(self, site: str) -> None:
-        """Where the speaker is (a room or satellite name), for listeners such as MQTT."""
-        self._site = site
+        """Where the speaker is (a room or satellite name), for listeners such as MQTT; raises InvalidSite."""
+        self._site = self._host.check_site(site)
 
     def set_language(self, language: str) -> None:
         """Switch the spoken language; raises UnsupportedLanguage for one the model does not know."""
@@ -300,6 +304,9 @@ class Engine:
         self._languages_before_load: tuple[str, ...] | None = None
         self._draining = False
         self._refusing = False
+        # Open sessions per client address, for limits.max_sessions_per_address.
+        self._peers: dict[str, int] = {}
+        self._session_peers: dict[int, str] = {}
         # Set whenever an utterance ends or a session closes, for shutdown to wait on.
         self._settled = asyncio.Event()
 
@@ -385,6 +392,16 @@ class Engine:
             raise UnsupportedLanguage(f"language {language!r} is not one the model knows ({known})")
         return code
 
+    def check_site(self, site: str) -> str:
+        """The site if clients may name it (1 to 64 letters, digits, '_' or '-'; one of `mqtt.sites` when
+        listed): sites become MQTT topics and Home Assistant entities. Raises InvalidSite."""
+        if not SITE_PATTERN.fullmatch(site):
+            raise InvalidSite(f"site {quoted(site)} must be 1 to 64 letters, digits, '_' or '-'")
+        allowed = self.settings.mqtt.sites
+        if allowed and site not in allowed:
+            raise InvalidSite(f"site {quoted(site)} is not one of mqtt.sites")
+        return site
+
     async def start(self) -> None:
         """Load and warm the model off the event loop, then start scheduling decodes."""
         try:
@@ -425,18 +442,26 @@ class Engine:
         prompt: str = "",
         split_on_silence: bool = True,
         site: str | None = None,
+        peer: str | None = None,
     ) -> EngineSession:
-        """Open a session, or raise EngineShuttingDown / EngineNotReady / EngineBusy / UnsupportedLanguage."""
+        """Open a session for a client at address `peer`, or raise EngineShuttingDown / EngineNotReady /
+        EngineBusy (also when `peer` holds `limits.max_sessions_per_address`) / UnsupportedLanguage /
+        InvalidSite."""
         if self._refusing:
             self._metrics.rejected_total.labels("shutting_down").inc()
             raise EngineShuttingDown("the service is shutting down; try another node")
         if not self.ready:
             self._metrics.rejected_total.labels("not_ready").inc()
             raise EngineNotReady(self._status)
-        if len(self._sessions) >= self.settings.limits.max_sessions:
+        limits = self.settings.limits
+        if len(self._sessions) >= limits.max_sessions:
             self._metrics.rejected_total.labels("busy").inc()
-            raise EngineBusy(f"all {self.settings.limits.max_sessions} sessions are in use")
+            raise EngineBusy(f"all {limits.max_sessions} sessions are in use")
+        if peer is not None and self._peers.get(peer, 0) >= limits.max_sessions_per_address:
+            self._metrics.rejected_total.labels("busy").inc()
+            raise EngineBusy(f"this address already has {limits.max_sessions_per_address} sessions")
         code = self.check_language(language or self.settings.model.language)
+        checked_site = self.check_site(site or self.settings.mqtt.default_site)
         stream = StreamSession(
             self.settings.stream,
             self.settings.limits,
@@ -444,9 +469,12 @@ class Engine:
             prompt=prompt,
             language=code,
         )
-        info = SessionInfo(next(self._ids), source, site or self.settings.mqtt.default_site, code)
+        info = SessionInfo(next(self._ids), source, checked_site, code)
         session = EngineSession(self, stream, info, self.settings.limits)
         self._sessions[info.id] = session
+        if peer is not None:
+            self._peers[peer] = self._peers.get(peer, 0) + 1
+            self._session_peers[info.id] = peer
         self._metrics.sessions_total.labels(source).inc()
         self._metrics.sessions_active.set(len(self._sessions))
         return session
@@ -509,5 +537,10 @@ class Engine:
     def session_closed(self, session_id: int) -> None:
         """Forget a closed session."""
         self._sessions.pop(session_id, None)
+        peer = self._session_peers.pop(session_id, None)
+        if peer is not None:
+            self._peers[peer] -= 1
+            if not self._peers[peer]:
+                del self._peers[peer]
         self._settled.set()
         self._metrics.sessions_active.set(len(self._sessions))

@@ -196,6 +196,7 @@ class FakeEngine:
     partial_padding: int = 0
     ready: bool = True
     sessions: list[FakeSession] = field(default_factory=list)
+    peers: list[str | None] = field(default_factory=list)
     listeners: list[Listener] = field(default_factory=list)
     components: dict[str, ComponentState] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
@@ -214,10 +215,12 @@ class FakeEngine:
         prompt: str = "",
         split_on_silence: bool = True,
         site: str | None = None,
+        peer: str | None = None,
     ) -> FakeSession:
-        """A new scripted session, or the configured refusal."""
+        """A new scripted session, or the configured refusal; records the client's address."""
         if self.refusal is not None:
             raise self.refusal
+        self.peers.append(peer)
         session = FakeSession(
             self, len(self.sessions) + 1, source, site or "default", self.check_language(language or "en"), prompt
         )
