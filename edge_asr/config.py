@@ -137,6 +137,8 @@ class HttpSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     max_connections: int = _setting(64, low=1, high=100_000)
+    # Balancers whose forwarded headers (X-Forwarded-For, Forwarded) name the real client.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ class WyomingSettings:
     zeroconf: str = ""
     allowed_networks: tuple[str, ...] = HOME_NETWORKS
     max_connections: int = _setting(64, low=1, high=100_000)
+    # Balancers whose PROXY protocol (v2) header names the real client.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -413,6 +417,8 @@ def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None
     _check_wyoming_uri(settings.wyoming)
     _check_networks("http.allowed_networks", settings.http.allowed_networks)
     _check_networks("wyoming.allowed_networks", settings.wyoming.allowed_networks)
+    _check_networks("http.trusted_proxies", settings.http.trusted_proxies)
+    _check_networks("wyoming.trusted_proxies", settings.wyoming.trusted_proxies)
     _check_origins(settings.http.allowed_origins)
     _check_sites(settings.mqtt)
     return dataclasses.replace(
