@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,25 @@ def test_the_unit_verifies(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     text = UNIT.read_text()
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "ProtectSystem=strict"):
+        assert line in text
+
+
+def test_the_unit_exposes_little_to_a_compromised_service(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: script/test installs Debian's systemd"
+    installed = Path(sys.executable).with_name("edge-asr")
+    unit = tmp_path / "edge-asr.service"
+    unit.write_text(UNIT.read_text().replace("/opt/edge-asr/.venv/bin/edge-asr", str(installed)))
+
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True, timeout=60
+    )
+
+    match = re.search(r"Overall exposure level for edge-asr.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.5, "the README quotes the score; keep the unit at or below 2.5"
+    text = UNIT.read_text()
+    for line in ("RestartPreventExitStatus=2", "MemoryMax=", "LimitNOFILE=", "CapabilityBoundingSet=\n"):
         assert line in text
 
 
