@@ -22,6 +22,7 @@ from edge_asr.api import (
     EngineNotReady,
     EngineRefusal,
     EngineShuttingDown,
+    InvalidSite,
     SpeechEngine,
     SpeechSession,
     UnsupportedLanguage,
@@ -32,6 +33,9 @@ from edge_asr.config import ConfigError, LimitSettings, Settings
 from edge_asr.events import Ready, SessionError, quoted
 from edge_asr.metrics import CONTENT_TYPE
 
+from .http_gate import AccessGate
+from .http_server import WebSocketProtocol, redact_secrets_in_logs, request_limits_protocol
+
 _LOGGER = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -41,6 +45,8 @@ CLOSE_TOO_BIG = 1009
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
 MAX_TEXT_BYTES = 64 * 1024
+# Config and end messages are flat; deeper JSON is refused before anything could walk it recursively.
+MAX_JSON_DEPTH = 32
 # How long a vanished client's open utterance may take to be finalised for the listeners.
 ORPHAN_FINISH_S = 10.0
 GRACEFUL_SHUTDOWN_S = 3
@@ -48,14 +54,35 @@ SEND_BUFFER_BYTES = 64 * 1024
 
 
 def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
-    """The ASGI app: health, metrics and the streaming WebSocket."""
+    """The ASGI app: health, metrics and the streaming WebSocket, behind the gate that decides whom they serve."""
     app = FastAPI(title="edge-asr", docs_url=None, redoc_url=None)
+    app.add_middleware(AccessGate, settings=settings.http)
 
     @app.get("/health")
     async def health() -> JSONResponse:
         """200 with model and session facts once the model is warm, 503 with the reason before."""
         facts = engine.health()
         return JSONResponse(dataclasses.asdict(facts), status_code=200 if facts.ready else 503)
+
+    @app.get("/health/live")
+    async def live() -> JSONResponse:
+        """Liveness: 200 while the process and its decode scheduler work (also while the model loads)."""
+        facts = engine.health()
+        return JSONResponse({"live": facts.live, "status": facts.status}, status_code=200 if facts.live else 503)
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        """Readiness, for balancers: 200 when a new session would be taken; 503 while loading, draining, full or
+        failing, with the reason."""
+        facts = engine.health()
+        status = "full" if facts.ready and facts.sessions >= facts.max_sessions else facts.status
+        body = {
+            "ready": facts.accepting,
+            "status": status,
+            "sessions": facts.sessions,
+            "max_sessions": facts.max_sessions,
+        }
+        return JSONResponse(body, status_code=200 if facts.accepting else 503)
 
     @app.get("/")
     async def live_page() -> HTMLResponse:
@@ -84,6 +111,8 @@ def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
                 language=query.get("language") or None,
                 prompt=query.get("prompt", ""),
                 site=query.get("site") or None,
+                # The gate has put the client's address here (the real one behind a trusted proxy).
+                peer=websocket.client.host if websocket.client is not None else None,
             )
         except EngineRefusal as err:
             await _send_now(websocket, refusal_error(err), settings.limits.send_timeout_s)
@@ -180,9 +209,9 @@ class WebSocketStream:
 
     def _on_text(self, text: str) -> None:
         try:
-            message: Any = json.loads(text)
-        except json.JSONDecodeError:
-            self._session.report_error("bad_json", "text frames must be JSON objects")
+            message = _json_value(text)
+        except BadJson as err:
+            self._session.report_error("bad_json", str(err))
             return
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "end":
@@ -217,12 +246,12 @@ class WebSocketStream:
             return
         try:
             self._session.set_language(language)
-        except UnsupportedLanguage as err:
-            self._refused(err)
+            self._session.set_site(site or self._session.site)
+        except (UnsupportedLanguage, InvalidSite) as err:
+            self._refused(err)  # the session goes on as it was (but for a language set before a refused site)
             return
         if "prompt" in message:
             self._session.set_prompt(prompt)
-        self._session.set_site(site or self._session.site)
 
     def _refused(self, refusal: EngineRefusal, detail: str = "") -> None:
         error = refusal_error(refusal)
@@ -259,6 +288,38 @@ class WebSocketStream:
         return True
 
 
+class BadJson(ValueError):
+    """A text frame that is not JSON or nests too deep; the message is the client's."""
+
+
+def _json_value(text: str) -> Any:
+    """A text frame's JSON value; BadJson for text that is not JSON or nests deeper than MAX_JSON_DEPTH."""
+    too_deep = BadJson(f"text frames must not nest deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(text)
+    except RecursionError:  # deeper than the interpreter's stack, well within MAX_TEXT_BYTES
+        raise too_deep from None
+    except ValueError:  # not JSON, or an integer too long to convert
+        raise BadJson("text frames must be JSON objects") from None
+    if _nests_deeper(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
+
+
+def _nests_deeper(value: object, limit: int) -> bool:
+    """Whether parsed JSON has more than `limit` levels of objects and arrays (walked without recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth == limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
+
+
 def _listening_socket(host: str, port: int) -> socket.socket:
     """A bound TCP socket for uvicorn (which, binding itself, would exit the process on failure)."""
     try:
@@ -291,6 +352,13 @@ class HttpAdapter:
             create_app(engine, settings),
             host=settings.http.host,
             port=settings.http.port,
+            http=request_limits_protocol(settings.limits.handshake_timeout_s),
+            ws=WebSocketProtocol,
+            # Forwarded headers are the gate's to read, from http.trusted_proxies only: uvicorn's own reading
+            # would believe any local process (it trusts 127.0.0.1 and FORWARDED_ALLOW_IPS by default).
+            proxy_headers=False,
+            ssl_certfile=settings.http.tls_cert_file or None,
+            ssl_keyfile=settings.http.tls_key_file or None,
             log_config=None,
             access_log=False,
             # Larger than our own limit, so that we see an oversized frame and answer it ourselves.
@@ -314,8 +382,10 @@ class HttpAdapter:
         config = self._server.config
         config.load()
         self._server.lifespan = config.lifespan_class(config)
+        redact_secrets_in_logs()
         await self._server.startup(sockets=[_listening_socket(self._settings.http.host, self._settings.http.port)])
-        _LOGGER.info("WebSocket on ws://%s:%d/ws/stream", self._settings.http.host, self.port)
+        scheme = "wss" if config.ssl is not None else "ws"
+        _LOGGER.info("WebSocket on %s://%s:%d/ws/stream", scheme, self._settings.http.host, self.port)
 
     async def stop(self) -> None:
         """Close the listener and the open connections."""

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Awaitable
 from functools import partial
 from typing import Any, TypeGuard
@@ -23,8 +24,11 @@ from wyoming.server import AsyncEventHandler, AsyncServer, AsyncStdioServer
 from edge_asr import __version__
 from edge_asr.api import AudioFormatError, EngineRefusal, SpeechEngine, SpeechSession, refusal_error
 from edge_asr.audio import PcmConverter
-from edge_asr.config import ConfigError, Settings
+from edge_asr.config import ConfigError, Settings, WyomingSettings
 from edge_asr.events import Done, Final, Partial, SessionError, quoted, words_after
+
+from .access import IPAddress, network_allowed, parse_address, parse_networks
+from .proxy_protocol import ProxyHeaderError, read_proxy_header
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -183,6 +187,54 @@ async def _last_resort(step: Awaitable[None]) -> None:
         _LOGGER.debug("Wyoming connection: unexpected %s", type(err).__name__)
 
 
+def _peer_address(writer: asyncio.StreamWriter) -> IPAddress | None:
+    """The address of a TCP peer; None for a unix socket or stdio, whose clients are local."""
+    connection = writer.get_extra_info("socket")
+    if connection is None or connection.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    peer = writer.get_extra_info("peername")
+    address = None if peer is None else parse_address(str(peer[0]))
+    if address is None:  # asyncio could not ask the socket: the client left at once
+        raise ConnectionResetError("the client went away before it was served")
+    return address
+
+
+class _Gate:
+    """Who may connect (`wyoming.allowed_networks`), whose PROXY header names the client
+    (`wyoming.trusted_proxies`), and the open connections (at most `wyoming.max_connections`)."""
+
+    def __init__(self, settings: WyomingSettings) -> None:
+        self._allowed = parse_networks(settings.allowed_networks)
+        self._trusted = parse_networks(settings.trusted_proxies)
+        self.limit = settings.max_connections
+        self._open: set[WyomingHandler] = set()
+
+    def allows(self, address: IPAddress) -> bool:
+        """Whether a client at this address may be served."""
+        return network_allowed(address, self._allowed)
+
+    def trusts(self, address: IPAddress) -> bool:
+        """Whether a peer at this address is a balancer that sends a PROXY header first."""
+        return network_allowed(address, self._trusted)
+
+    def admit(self, handler: WyomingHandler) -> bool:
+        """Count a new connection in; at the cap it takes the place of the connection idle longest (one with a
+        request under way is not idle), and is refused when none is idle."""
+        if len(self._open) >= self.limit:
+            idle = [(since, other) for other in self._open if (since := other.idle_since) is not None]
+            if not idle:
+                return False
+            _since, oldest = min(idle, key=lambda pair: pair[0])
+            self._open.discard(oldest)
+            oldest.evict()
+        self._open.add(handler)
+        return True
+
+    def release(self, handler: WyomingHandler) -> None:
+        """A connection ended (or was evicted)."""
+        self._open.discard(handler)
+
+
 def model_info(settings: Settings, languages: tuple[str, ...]) -> Info:
     """The `info` answer: one ASR program with the configured model and its real languages."""
     return Info(
@@ -217,18 +269,31 @@ class WyomingHandler(AsyncEventHandler):
     """One client connection: translates Wyoming events into engine session calls and back."""
 
     def __init__(
-        self, engine: SpeechEngine, settings: Settings, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        engine: SpeechEngine,
+        settings: Settings,
+        gate: _Gate,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         super().__init__(reader, writer)
         self._engine = engine
         self._limits = settings.limits
         self._settings = settings
+        self._gate = gate
         self._events = EventReader(reader, settings.limits.max_frame_bytes)
+        self._last_event_at = time.monotonic()
+        # A connected client must send its first event (after the PROXY header, if any) by then; stdio has no
+        # client that connects.
+        self._handshake_deadline: float | None = None
         connection = writer.get_extra_info("socket")
         if connection is not None:
+            self._handshake_deadline = self._last_event_at + self._limits.handshake_timeout_s
             # A client that does not read stalls our writes (and meets limits.send_timeout_s) after this much,
             # instead of after the megabytes the kernel would buffer for it.
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        # The client's address (the peer's, or the one a trusted balancer's PROXY header names); None when local.
+        self._client: IPAddress | None = None
         self._language: str | None = None
         self._site: str | None = None
         self._session: SpeechSession | None = None
@@ -243,25 +308,94 @@ class WyomingHandler(AsyncEventHandler):
         try:
             await _last_resort(self._serve())
         finally:
+            self._gate.release(self)
             await _last_resort(self._hang_up())
             await _last_resort(self._abandon_request())
 
+    @property
+    def idle_since(self) -> float | None:
+        """When the client last sent an event (or connected), while no request is open; None during one."""
+        # A request holds its place once the engine took it: sessions are capped, so idle clients cannot hold
+        # the connections (a transcribe alone, or a refused request, does not).
+        return None if self._session is not None else self._last_event_at
+
+    def evict(self) -> None:
+        """Close this idle connection to make room for a new one."""
+        if self.writer.transport.get_write_buffer_size():
+            # It does not take what it was sent, so it would not take why it is closed either; and its handler
+            # may wait in a write until the send timeout, keeping the socket that should make room.
+            self.writer.transport.abort()
+            return
+        # The read the connection waits in fails with this; the handler answers with it and closes.
+        self.reader.set_exception(
+            ProtocolError("too_many_connections", "an idle connection is closed to make room for a new one")
+        )
+
     async def _serve(self) -> None:
-        while not self.writer.transport.is_closing():  # closing: cut off (or the server stops)
+        try:
+            await self._admit()
+            while not self.writer.transport.is_closing():  # closing: cut off (or the server stops)
+                event = await self._next_event()
+                if event is None:
+                    return
+                await self.handle_event(event)
+        except ProtocolError as err:
+            await self._error(err.code, str(err))
+
+    async def _admit(self) -> None:
+        """The allow-list and the connection cap; from a trusted balancer, its PROXY header first, and the
+        allow-list for the client it names. ProtocolError when the connection may not go on."""
+        peer = _peer_address(self.writer)
+        trusted = peer is not None and self._gate.trusts(peer)
+        if peer is not None and not trusted:
+            self._check_allowed(peer)
+        if not self._gate.admit(self):
+            raise ProtocolError("too_many_connections", f"all {self._gate.limit} connections are in use")
+        if peer is None or not trusted:
+            self._client = peer
+            return
+        try:
+            carried = await asyncio.wait_for(read_proxy_header(self.reader), self._handshake_left())
+        except ProxyHeaderError as err:
+            raise ProtocolError("bad_proxy_header", str(err)) from None
+        except asyncio.TimeoutError:
+            raise self._handshake_expired() from None
+        self._client = peer if carried is None else carried
+        self._check_allowed(self._client)
+
+    def _check_allowed(self, client: IPAddress) -> None:
+        if not self._gate.allows(client):
+            raise ProtocolError("forbidden", f"{client} is not in wyoming.allowed_networks")
+
+    async def _next_event(self) -> Event | None:
+        """The next event within `limits.idle_timeout_s`, the first one within `limits.handshake_timeout_s` of
+        the connection; None at the end of the stream."""
+        if self._session is not None:
             try:
-                if self._session is not None:
-                    # A client that sends faster than its speech can be decoded is not read until there is room.
-                    await asyncio.wait_for(self._session.room(), self._limits.idle_timeout_s)
-                event = await asyncio.wait_for(self._events.read(), self._limits.idle_timeout_s)
-            except ProtocolError as err:
-                await self._error(err.code, str(err))
-                return
+                # A client that sends faster than its speech can be decoded is not read until there is room.
+                await asyncio.wait_for(self._session.room(), self._limits.idle_timeout_s)
             except asyncio.TimeoutError:
-                await self._error("idle_timeout", f"no event for {self._limits.idle_timeout_s:g} s")
-                return
-            if event is None:
-                return
-            await self.handle_event(event)
+                raise self._idle_expired() from None
+        timeout, expired = self._limits.idle_timeout_s, self._idle_expired()
+        if self._handshake_deadline is not None and self._handshake_left() < timeout:
+            timeout, expired = self._handshake_left(), self._handshake_expired()
+        try:
+            event = await asyncio.wait_for(self._events.read(), timeout)
+        except asyncio.TimeoutError:
+            raise expired from None
+        self._handshake_deadline = None
+        self._last_event_at = time.monotonic()
+        return event
+
+    def _handshake_left(self) -> float:
+        assert self._handshake_deadline is not None  # only sockets have a handshake
+        return max(0.0, self._handshake_deadline - time.monotonic())
+
+    def _handshake_expired(self) -> ProtocolError:
+        return ProtocolError("handshake_timeout", f"no event within {self._limits.handshake_timeout_s:g} s")
+
+    def _idle_expired(self) -> ProtocolError:
+        return ProtocolError("idle_timeout", f"no event for {self._limits.idle_timeout_s:g} s")
 
     async def handle_event(self, event: Event) -> bool:
         """Answer one event; a malformed or misplaced one gets an error event and the connection goes on."""
@@ -307,7 +441,11 @@ class WyomingHandler(AsyncEventHandler):
         _audio_format(data)  # each chunk announces its own format; a bad one here refuses the request
         try:
             session = self._engine.session(
-                source="wyoming", language=self._language, split_on_silence=False, site=self._site
+                source="wyoming",
+                language=self._language,
+                split_on_silence=False,
+                site=self._site,
+                peer=None if self._client is None else str(self._client),
             )
         except EngineRefusal as err:
             await self._refusal(err)
@@ -449,10 +587,11 @@ class WyomingAdapter:
         self._settings = settings
         self._server = AsyncServer.from_uri(settings.wyoming.uri)
         self._stdio: asyncio.Task[None] | None = None
+        self._gate = _Gate(settings.wyoming)
 
     async def start(self) -> None:
         """Listen; `describe` is answered from now on, also while the model loads."""
-        factory = partial(WyomingHandler, self._engine, self._settings)
+        factory = partial(WyomingHandler, self._engine, self._settings, self._gate)
         if isinstance(self._server, AsyncStdioServer):
             # wyoming's stdio server reads events itself and takes over SIGTERM; serve it like a socket.
             reader = await async_get_stdin()

@@ -1,4 +1,4 @@
-"""The `edge-asr` command: `serve`, `bench` and `--version`."""
+"""The `edge-asr` command: `serve`, `bench`, `mqtt forget-site` and `--version`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def _pin_thread_pools(argv: list[str] | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
+    from adapters.mqtt_admin import add_forget_site_arguments
+
     from .bench.arguments import add_arguments as add_bench_arguments
 
     parser = argparse.ArgumentParser(
@@ -86,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="replay WAV+TXT pairs and report latency, WER and cost")
     _add_config_flags(bench_parser, listeners=False)
     add_bench_arguments(bench_parser)
+    mqtt_parser = commands.add_parser("mqtt", help="manage what the service keeps on the MQTT broker")
+    mqtt_commands = mqtt_parser.add_subparsers(dest="mqtt_command", metavar="COMMAND", required=True)
+    forget_site = mqtt_commands.add_parser(
+        "forget-site", help="remove a site's Home Assistant entities: clear its retained discovery on the broker"
+    )
+    _add_config_flags(forget_site, listeners=False)
+    add_forget_site_arguments(forget_site)
     return parser
 
 
@@ -112,6 +121,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             cli.setdefault(section, {})[key] = value
     if args.log_level:
         cli["log_level"] = args.log_level
+    if getattr(args, "command", None) == "mqtt":
+        # The password file and TLS files are read for an enabled adapter only; the broker wants them all the same.
+        cli.setdefault("mqtt", {})["enabled"] = True
     return load_settings(_config_path(args), cli_layer=cli)
 
 
@@ -132,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # faster-whisper logs every decode at INFO: several lines a second per speaker.
     logging.getLogger("faster_whisper").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    if args.command == "mqtt":
+        from adapters.mqtt_admin import run as run_mqtt
+
+        return run_mqtt(args, settings)
     if args.command == "bench":
         from .bench.command import run as run_bench
 

@@ -75,9 +75,13 @@ class ComponentState:
 
 @dataclass(frozen=True)
 class Health:
-    """What /health reports."""
+    """What /health reports. `ready`: warm and well (what /health's status code says); `live`: the process and
+    its decode scheduler work (not stuck, not failing); `accepting`: ready and a new session would be taken
+    (not draining, a session slot free), what a balancer asks of /health/ready."""
 
     ready: bool
+    live: bool
+    accepting: bool
     status: str
     model: str
     threads: int

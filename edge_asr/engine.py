@@ -38,6 +38,8 @@ from .scheduler import DecodeNeed, DecodeScheduler
 from .session import DecodeRequest, StreamSession
 
 _LOGGER = logging.getLogger(__name__)
+# A decode running longer than this means decoding is stuck: not live, and the watchdog starves.
+DECODE_STALL_S = 30.0
 # Shutdown waits for writers to take the last events; they do within a loop iteration or two.
 _DELIVERY_POLL_S = 0.01
 
@@ -334,9 +336,9 @@ class Engine:
         """`service.max_decode_failures` decodes in a row have failed."""
         return self._scheduler.failures_in_a_row >= self.settings.service.max_decode_failures
 
-    def decoding_alive(self, stall_s: float) -> bool:
-        """Decodes are scheduled, none has been running for longer than `stall_s`, and the model is not failing."""
-        return self.ready and not self._scheduler.stalled(stall_s) and not self.model_failing
+    def decoding_alive(self) -> bool:
+        """Decodes are scheduled, none has been running for `DECODE_STALL_S`, and the model is not failing."""
+        return self.ready and not self._scheduler.stalled(DECODE_STALL_S) and not self.model_failing
 
     def drain(self) -> None:
         """Report not-ready from now on, so balancers send new sessions elsewhere; sessions are still taken."""
@@ -483,8 +485,11 @@ class Engine:
         """Model, sessions, uptime and decode facts."""
         now = time.monotonic()
         last = self._scheduler.last_decode_at
+        ready = self.ready and not self._draining and not self.model_failing
         return Health(
-            ready=self.ready and not self._draining and not self.model_failing,
+            ready=ready,
+            live=not self._scheduler.stalled(DECODE_STALL_S) and not self.model_failing,
+            accepting=ready and not self._refusing and len(self._sessions) < self.settings.limits.max_sessions,
             status=self._health_status(),
             model=self.settings.model.name,
             threads=self.settings.model.effective_threads,
@@ -502,6 +507,8 @@ class Engine:
     def _health_status(self) -> str:
         if self._draining and self._status == "ready":
             return "draining"
+        if self._scheduler.stalled(DECODE_STALL_S):
+            return f"decoding stuck: a decode has run for more than {DECODE_STALL_S:g} s"
         if self.model_failing and self._status == "ready":
             failures = self._scheduler.failures_in_a_row
             return f"model failing: {failures} decodes in a row failed ({self._scheduler.last_failure})"

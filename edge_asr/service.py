@@ -23,8 +23,6 @@ _LOGGER = logging.getLogger(__name__)
 
 # What is still open after the drain is finalised within this.
 FINISH_ON_STOP_S = 5.0
-# A decode running longer than this means decoding is stuck: the watchdog stops being fed.
-DECODE_STALL_S = 30.0
 
 
 async def serve(settings: Settings, transcriber_factory: Callable[[], Transcriber] | None = None) -> int:
@@ -121,7 +119,7 @@ async def _stop(adapters: list[Adapter], engine: Engine) -> None:
 async def _feed_watchdog(engine: Engine, notifier: Notifier, interval_s: float) -> None:
     """WATCHDOG=1 every half period while decoding is alive; systemd restarts a stuck or failing service."""
     while True:
-        if engine.decoding_alive(DECODE_STALL_S):
+        if engine.decoding_alive():
             notifier.notify("WATCHDOG=1")
         else:
             _LOGGER.error("Decoding is stuck or failing: not feeding the systemd watchdog")

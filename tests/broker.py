@@ -1,11 +1,13 @@
-"""A real mosquitto broker on a free loopback port, and a paho subscriber that records what it sees."""
+"""A real mosquitto broker on a free loopback port (plain or TLS), and a paho subscriber that records what it sees."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +19,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from .certificates import KeyPair, Pki
 from .server import Service, free_port, start_service, stop_process
+from .speech import REPO
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 WAIT_S = 30.0
@@ -66,6 +70,21 @@ def make_broker(directory: Path, *lines: str, anonymous: bool = True) -> Broker:
     return broker
 
 
+def tls_listener(pki: Pki, require_certificate: bool = False) -> tuple[str, ...]:
+    """make_broker lines that make its listener TLS, with the PKI's server certificate and, when
+    `require_certificate`, only clients with a certificate its CA signed."""
+    lines = (f"cafile {pki.ca.cert}", f"certfile {pki.server.cert}", f"keyfile {pki.server.key}")
+    return (*lines, "require_certificate true") if require_certificate else lines
+
+
+def client_tls(ca: Path, certificate: KeyPair | None = None) -> ssl.SSLContext:
+    """A test client's TLS: trust `ca` (and check the broker's name), present `certificate` if given."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if certificate is not None:
+        context.load_cert_chain(str(certificate.cert), str(certificate.key))
+    return context
+
+
 @dataclass(frozen=True)
 class Message:
     """A message the test subscriber received."""
@@ -86,6 +105,7 @@ class Subscriber:
     topics: tuple[str, ...] = ("edge_asr/#", "homeassistant/#")
     client_id: str = ""
     persistent: bool = False
+    tls: ssl.SSLContext | None = None
     messages: list[Message] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -101,6 +121,8 @@ class Subscriber:
         self._client.on_subscribe = lambda *_: self._subscribed.set()
         self._client.on_message = self._record
         self._client.reconnect_delay_set(1, 1)
+        if self.tls is not None:
+            self._client.tls_set_context(self.tls)
         self._client.connect("127.0.0.1", self.port)
         self._client.loop_start()
         assert self._subscribed.wait(10), "test subscriber could not subscribe"
@@ -144,6 +166,54 @@ def subscribed(port: int, **options: Any) -> Iterator[Subscriber]:
         subscriber.close()
 
 
+def retained(port: int, topic_filter: str, tls: ssl.SSLContext | None = None) -> dict[str, str]:
+    """The retained messages on `topic_filter` now, topic → payload, as a new subscriber gets them: the broker
+    sends them when it subscribes, before a message the subscriber publishes afterwards, which marks their end."""
+    marker = f"edge_asr_test/marker/{os.getpid()}-{time.monotonic_ns()}"
+    with subscribed(port, topics=(topic_filter, marker), tls=tls) as subscriber:
+        subscriber.publish(marker, "end")
+        messages = subscriber.wait_for(lambda got: any(m.topic == marker for m in got))
+    return {m.topic: m.payload for m in messages if m.retain}
+
+
 def mqtt_service(tmp_path: Path, broker: Broker, *settings: str) -> Service:
     """The real service publishing to `broker`."""
     return start_service(tmp_path, "mqtt.enabled=true", f"mqtt.port={broker.port}", "mqtt.host=127.0.0.1", *settings)
+
+
+def mqtt_component(service: Service) -> dict[str, Any]:
+    """The `mqtt` entry of /health's components."""
+    _status, health = service.health()
+    assert isinstance(health, dict), health
+    components = health["components"]
+    assert isinstance(components, list)
+    return next(c for c in components if c["name"] == "mqtt")
+
+
+def wait_component(service: Service, accept: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Poll /health until the mqtt component is accepted; fails after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        component = mqtt_component(service)
+        if accept(component):
+            return component
+        assert time.monotonic() < deadline, f"mqtt component stayed {component}"
+        time.sleep(0.1)
+
+
+def forget_site(port: int, site: str, *settings: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """`edge-asr mqtt forget-site SITE` with the test service's configuration and `--set` items, for the broker on
+    `port`."""
+    args = [
+        sys.executable,
+        "-m",
+        "edge_asr",
+        "mqtt",
+        "forget-site",
+        site,
+        "--config",
+        str(REPO / "config" / "edge-asr.yaml"),
+    ]
+    for item in ("mqtt.host=127.0.0.1", f"mqtt.port={port}", *settings):
+        args += ["--set", item]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)

@@ -11,8 +11,17 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from edge_asr.agreement import Word
-from edge_asr.api import AudioFormatError, ComponentState, EngineRefusal, Health, Listener, UnsupportedLanguage
+from edge_asr.api import (
+    AudioFormatError,
+    ComponentState,
+    EngineRefusal,
+    Health,
+    InvalidSite,
+    Listener,
+    UnsupportedLanguage,
+)
 from edge_asr.audio import SAMPLE_RATE, FloatAudio
+from edge_asr.config import SITE_PATTERN
 from edge_asr.events import Done, Event, Final, Partial, SessionError, SessionInfo
 from edge_asr.metrics import Metrics
 from edge_asr.model import Transcript
@@ -153,8 +162,8 @@ class FakeSession:
         self.prompt = prompt
 
     def set_site(self, site: str) -> None:
-        """Record the site."""
-        self.site = site
+        """Record the site (InvalidSite for a bad one when the engine checks sites)."""
+        self.site = self.engine.check_site(site)
 
     def set_language(self, language: str) -> None:
         """Switch language when the fake engine knows it."""
@@ -200,6 +209,14 @@ class FakeEngine:
     listeners: list[Listener] = field(default_factory=list)
     components: dict[str, ComponentState] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+    # When set, sites are checked as the real engine checks them (without mqtt.sites): InvalidSite.
+    check_sites: bool = False
+
+    def check_site(self, site: str) -> str:
+        """The site, or InvalidSite when sites are checked and this one is not a valid name."""
+        if self.check_sites and not SITE_PATTERN.fullmatch(site):
+            raise InvalidSite(f"site {site!r} must be 1 to 64 letters, digits, '_' or '-'")
+        return site
 
     def check_language(self, language: str) -> str:
         """The two-letter code, or UnsupportedLanguage."""
@@ -221,8 +238,9 @@ class FakeEngine:
         if self.refusal is not None:
             raise self.refusal
         self.peers.append(peer)
+        checked_site = self.check_site(site or "default")
         session = FakeSession(
-            self, len(self.sessions) + 1, source, site or "default", self.check_language(language or "en"), prompt
+            self, len(self.sessions) + 1, source, checked_site, self.check_language(language or "en"), prompt
         )
         self.sessions.append(session)
         return session
@@ -236,6 +254,8 @@ class FakeEngine:
         """Ready or not, with the open session count."""
         return Health(
             ready=self.ready,
+            live=True,
+            accepting=self.ready,
             status="ready" if self.ready else "loading model",
             model="fake",
             threads=1,

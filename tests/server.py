@@ -87,6 +87,10 @@ class Service:
         return stop_process(self.process, timeout_s=15)
 
 
+# Every service a test started, so that one whose test failed half way is still stopped (conftest).
+STARTED: list[Service] = []
+
+
 def start_service(
     tmp_path: Path, *settings: str, wait_ready: bool = True, environ: dict[str, str] | None = None
 ) -> Service:
@@ -103,6 +107,7 @@ def start_service(
             args, cwd=REPO, env={**os.environ, **(environ or {})}, stdout=log, stderr=subprocess.STDOUT, text=True
         )
     service = Service(process, port, wyoming_port, log_path)
+    STARTED.append(service)
     if wait_ready:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -28,8 +28,8 @@ WAIT_S = 5.0
 
 @pytest.fixture
 def engine() -> FakeEngine:
-    """A fresh fake engine per test."""
-    return FakeEngine()
+    """A fresh fake engine per test, checking sites as the real one does."""
+    return FakeEngine(check_sites=True)
 
 
 @pytest.fixture
@@ -139,6 +139,10 @@ async def test_an_unknown_language_is_unsupported_language_at_connect_and_in_a_c
         ('{"type": "shout"}', "unknown_message"),
         ('{"type": "config", "volume": 11}', "bad_config"),
         ('{"type": "config", "site": 7}', "bad_config"),
+        ('{"type": "config", "site": "living room"}', "bad_config"),
+        ("[" * 33 + "]" * 33, "bad_json"),  # deeper than MAX_JSON_DEPTH
+        ('{"type": "config", "prompt": ' * 2000, "bad_json"),  # deeper than the interpreter's stack
+        ("1" * 5000, "bad_json"),  # more digits than Python converts
     ],
 )
 async def test_a_bad_frame_gets_its_error_and_loses_nothing_else(base_url: str, frame: str | bytes, code: str) -> None:
@@ -207,3 +211,30 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_session_freed(engi
         await adapter.stop()
 
     assert session.closed
+
+
+async def test_an_invalid_site_is_bad_config_closing_at_connect_and_keeping_the_session_in_a_config_message(
+    engine: FakeEngine, base_url: str
+) -> None:
+    async with connect(f"ws://{base_url}/ws/stream?site=living%20room") as ws:
+        refused = await _receive(ws)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), WAIT_S)
+    async with connect(f"ws://{base_url}/ws/stream?site=hall") as ws:
+        await _receive(ws)
+        await ws.send(json.dumps({"type": "config", "site": "hall/+/#", "prompt": "never applied"}))
+        in_session = await _receive(ws)
+        await ws.send(bytes(640))
+        await _receive(ws)
+        await ws.send(json.dumps({"type": "end"}))
+        final = await _receive(ws)
+
+    assert isinstance(refused, SessionError)
+    assert refused.code == "bad_config"
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1000
+    assert isinstance(in_session, SessionError)
+    assert in_session.code == "bad_config"
+    assert final == Final("w1", 1, 1, 1, 1, 0.0, 0.02)
+    [session] = engine.sessions
+    assert (session.site, session.prompt) == ("hall", "")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
@@ -19,13 +20,16 @@ from .server import Service, start_service
 from .speech import normalise, read_pcm, reference
 from .wyoming_client import (
     Received,
+    assert_answered,
     error_codes,
+    exchange_to_end,
     raw_exchange,
     read_until,
     send_clip,
     transcribe,
     transcript_text,
     wire_event,
+    wire_inputs,
 )
 
 CHUNK_S = 0.1
@@ -140,6 +144,23 @@ def test_a_refused_request_still_gets_an_empty_transcript(wyoming_service: Servi
     assert transcript_text(received) == ""
 
 
+def test_a_request_from_a_site_that_cannot_be_a_topic_is_refused_with_an_empty_transcript(
+    wyoming_service: Service,
+) -> None:
+    async def refused() -> list[Received]:
+        async with AsyncTcpClient("127.0.0.1", wyoming_service.wyoming_port) as client:
+            await client.write_event(Transcribe(language="en", context={"site": "living room/#"}).event())
+            reader = asyncio.create_task(read_until(client, TranscriptStop().event().type))
+            await send_clip(client, read_pcm("asterisk_conf-onlyone")[:32000])
+            return await reader
+
+    received = asyncio.run(refused())
+
+    assert [r.event.type for r in received] == ["error", "transcript", "transcript-stop"]
+    assert Error.from_event(received[0].event).code == "bad_config"
+    assert transcript_text(received) == ""
+
+
 def test_three_satellites_at_once_are_all_served(wyoming_service: Service) -> None:
     clips = ("asterisk_conf-hasjoin", "asterisk_conf-leaderhasleft", "asterisk_conf-getconfno")
 
@@ -209,6 +230,24 @@ def test_bad_input_gets_an_error_event_and_the_server_keeps_serving(
     info_events, _closed = raw_exchange(wyoming_service.wyoming_port, wire_event("describe"), wait_s=2.0)
     assert [e.type for e in info_events] == ["info"]
     assert "Task exception was never retrieved" not in wyoming_service.log()
+
+
+@settings(max_examples=5, deadline=None)
+@given(data=wire_inputs())
+@example(data=json.dumps({"type": "transcribe", "data_length": 4}).encode() + b"\nnull")
+@example(data=wire_event("transcribe", {"language": 5, "context": "kitchen"}))
+def test_fuzzed_input_never_breaks_the_real_service(wyoming_service: Service, data: bytes) -> None:
+    log_from = len(wyoming_service.log())
+    events, closed = exchange_to_end(wyoming_service.wyoming_port, data, wait_s=10.0)
+
+    assert_answered(events, closed)
+    assert wyoming_service.sessions_drop_to(0)
+    clip = "asterisk_conf-hasjoin"
+    received, _stop_at = asyncio.run(transcribe(wyoming_service.wyoming_port, read_pcm(clip)))
+    assert normalise(transcript_text(received)) == normalise(reference(clip))
+    log = wyoming_service.log()[log_from:]
+    assert "Traceback" not in log
+    assert "Task exception was never retrieved" not in log
 
 
 def test_a_satellite_that_vanishes_mid_request_frees_its_session(wyoming_service: Service) -> None:

@@ -5,8 +5,6 @@ clients."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import json
 import logging
 import socket
@@ -23,15 +21,19 @@ from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.info import Describe, Info
 
-from adapters.wyoming import WyomingAdapter
-from edge_asr.api import EngineBusy, EngineNotReady, EngineRefusal, EngineShuttingDown, UnsupportedLanguage
-from edge_asr.config import build_settings
+from edge_asr.api import (
+    EngineBusy,
+    EngineNotReady,
+    EngineRefusal,
+    EngineShuttingDown,
+    InvalidSite,
+    UnsupportedLanguage,
+)
 from edge_asr.events import Event as SessionEvent
 from edge_asr.events import Final, Partial, SessionInfo
 
 from .fakes import FakeEngine
-from .server import free_port
-from .wyoming_client import async_exchange, wire_event
+from .wyoming_client import assert_no_tracebacks, async_exchange, serving, wire_event
 
 pytestmark = pytest.mark.fast
 
@@ -57,20 +59,7 @@ def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Every test checks at its end that nothing reached the log at WARNING or above."""
     caplog.set_level(logging.DEBUG)
     yield
-    assert_no_tracebacks(caplog, caplog.get_records("setup") + caplog.get_records("call"))
-
-
-@contextlib.asynccontextmanager
-async def serving(engine: FakeEngine, **limits: float) -> AsyncIterator[int]:
-    """The adapter listening on a free loopback port with these `limits` settings."""
-    port = free_port()
-    settings = build_settings({"wyoming": {"uri": f"tcp://127.0.0.1:{port}"}, "limits": limits})
-    adapter = WyomingAdapter(engine, settings)
-    await adapter.start()
-    try:
-        yield port
-    finally:
-        await adapter.stop()
+    assert_no_tracebacks(caplog.get_records("setup") + caplog.get_records("call"))
 
 
 @pytest.fixture
@@ -78,14 +67,6 @@ async def port(engine: FakeEngine) -> AsyncIterator[int]:
     """The adapter listening on a free loopback port."""
     async with serving(engine) as port:
         yield port
-
-
-def assert_no_tracebacks(caplog: pytest.LogCaptureFixture, records: list[logging.LogRecord] | None = None) -> None:
-    """Nothing at WARNING or above (such as a task that died with nobody to see it) in `records`, by default
-    those of the test so far."""
-    gc.collect()  # a task whose exception nobody retrieved reports it when it is collected
-    loud = [r.getMessage() for r in (caplog.records if records is None else records) if r.levelno >= logging.WARNING]
-    assert not loud
 
 
 async def _read(client: AsyncTcpClient) -> Event:
@@ -167,6 +148,7 @@ async def test_a_final_that_revises_sent_chunks_still_gives_the_corrected_transc
         (EngineNotReady("loading model"), "not_ready"),
         (EngineShuttingDown("the service is stopping"), "shutting_down"),
         (UnsupportedLanguage("language 'de' is not one the model knows"), "unsupported_language"),
+        (InvalidSite("site 'hall' is not one of mqtt.sites"), "bad_config"),
     ],
 )
 async def test_a_refused_request_still_gets_an_empty_transcript_at_audio_stop(
@@ -186,6 +168,24 @@ async def test_a_refused_request_still_gets_an_empty_transcript_at_audio_stop(
     transcript = Transcript.from_event(refused[1])
     assert (transcript.text, transcript.language) == ("", "de")
     assert Transcript.from_event(served[-2]).text == "w1", "the next request on the connection is served"
+
+
+async def test_a_site_the_engine_refuses_gets_bad_config_and_an_empty_transcript() -> None:
+    engine = FakeEngine(check_sites=True)
+    async with serving(engine) as port, AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Transcribe(language="en", context={"site": "living room"}).event())
+        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+        await client.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=bytes(640)).event())
+        await client.write_event(AudioStop().event())
+        refused = await _until_stop(client)
+        await _request(client, [bytes(640)])
+        served = await _until_stop(client)
+
+    assert [e.type for e in refused] == ["error", "transcript", "transcript-stop"]
+    assert Error.from_event(refused[0]).code == "bad_config"
+    assert Transcript.from_event(refused[1]).text == ""
+    assert Transcript.from_event(served[-2]).text == "w1", "the next request, from a valid site, is served"
+    assert [session.site for session in engine.sessions] == ["hall"]
 
 
 async def test_an_audio_format_refused_at_audio_start_still_gets_an_empty_transcript(
@@ -325,7 +325,7 @@ async def test_malformed_input_gets_its_error_code_and_never_a_traceback(
     assert [Error.from_event(e).code for e in events if Error.is_type(e.type)] == [code]
     assert closed is closes, "framing faults close the connection; the others are answered by describe"
     assert await _served(port) == "w1 w2", "the server keeps serving"
-    assert_no_tracebacks(caplog)
+    assert_no_tracebacks(caplog.records)
 
 
 async def test_an_unforeseen_failure_ends_only_its_connection_and_logs_no_input(
@@ -440,4 +440,4 @@ async def test_a_client_that_does_not_read_is_cut_off_after_the_send_timeout(
     assert cut_after >= SEND_TIMEOUT_S
     assert session.closed
     assert "cut off" in caplog.text
-    assert_no_tracebacks(caplog)
+    assert_no_tracebacks(caplog.records)
