@@ -185,3 +185,6 @@ class SpeechEngine(Protocol):
 
     def set_component(self, name: str, state: str, healthy: bool) -> None:
         """Record the state of a part outside the engine (e.g. the MQTT connection) for /health."""
+
+    def set_names(self, source: str, names: tuple[str, ...]) -> None:
+        """The household's names from a source outside the config (e.g. "homeassistant"), for new sessions."""

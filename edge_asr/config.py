@@ -68,6 +68,10 @@ class ModelSettings:
     encoder_floor_s: float = _setting(15.0, low=1.0, high=30.0)
     download_dir: str = ""
     warmup_s: float = _setting(0.5, low=0.0, high=5.0)
+    # The household's own names (rooms, people, devices), for every session; a file has one per line and is
+    # read again when it changes.
+    vocabulary: tuple[str, ...] = ()
+    vocabulary_file: str = ""
 
     @property
     def effective_threads(self) -> int:
@@ -94,6 +98,8 @@ class StreamSettings:
     min_window_s: float = _setting(1.0, low=0.2, high=10.0)
     max_window_s: float = _setting(15.0, low=2.0, high=30.0)
     prompt_chars: int = _setting(200, low=0, high=800)
+    # Characters of names in the decoder prompt, apart from prompt_chars: whole names only.
+    names_chars: int = _setting(450, low=0, high=800)
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,16 @@ class LimitSettings:
     max_sessions_per_address: int = _setting(4, low=1, high=1_000)
     max_buffer_s: float = _setting(60.0, low=5.0, high=3_600.0)
     max_queued_events: int = _setting(256, low=8, high=100_000)
+
+
+@dataclass(frozen=True)
+class HomeAssistantSettings:
+    """Names fetched from Home Assistant: its entities exposed to Assist, their aliases, areas and floors."""
+
+    url: str = ""
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    refresh_s: float = _setting(600.0, low=10.0, high=86_400.0)
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,7 @@ class Settings:
     wyoming: WyomingSettings = field(default_factory=WyomingSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    homeassistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
     log_level: str = "INFO"
 
 
@@ -203,6 +220,7 @@ _SECTIONS: dict[str, type] = {
     "wyoming": WyomingSettings,
     "mqtt": MqttSettings,
     "service": ServiceSettings,
+    "homeassistant": HomeAssistantSettings,
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("true", "yes", "on", "1")
@@ -422,8 +440,30 @@ def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None
     _check_origins(settings.http.allowed_origins)
     _check_sites(settings.mqtt)
     return dataclasses.replace(
-        settings, mqtt=_checked_mqtt(settings.mqtt, environ), http=_checked_http(settings.http, environ)
+        settings,
+        mqtt=_checked_mqtt(settings.mqtt, environ),
+        http=_checked_http(settings.http, environ),
+        homeassistant=_checked_homeassistant(settings.homeassistant, environ),
     )
+
+
+def _checked_homeassistant(homeassistant: HomeAssistantSettings, environ: Mapping[str, str]) -> HomeAssistantSettings:
+    """Check the URL and read the token file when Home Assistant is named; return the settings the client uses."""
+    if not homeassistant.url:
+        return homeassistant
+    parts = urlsplit(homeassistant.url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise ConfigError(
+            f"homeassistant.url: {homeassistant.url!r} is not a URL (e.g. http://homeassistant.local:8123)"
+        )
+    if homeassistant.token_file:
+        path = _credential_path(homeassistant.token_file, environ)
+        homeassistant = dataclasses.replace(
+            homeassistant, token_file=path, token=_read_secret("homeassistant.token_file", path)
+        )
+    if not homeassistant.token:
+        raise ConfigError("homeassistant.token_file: Home Assistant needs a long-lived access token")
+    return homeassistant
 
 
 def _check_networks(key: str, networks: tuple[str, ...]) -> None:

@@ -306,6 +306,7 @@ class Engine:
         self._languages_before_load: tuple[str, ...] | None = None
         self._draining = False
         self._refusing = False
+        self._external_names: dict[str, tuple[str, ...]] = {}
         # Open sessions per client address, for limits.max_sessions_per_address.
         self._peers: dict[str, int] = {}
         self._session_peers: dict[int, str] = {}
@@ -436,6 +437,10 @@ class Engine:
     def set_component(self, name: str, state: str, healthy: bool) -> None:
         """Record the state of a part outside the engine (e.g. the MQTT connection) for /health."""
         self._components[name] = ComponentState(name, state, healthy)
+
+    def set_names(self, source: str, names: tuple[str, ...]) -> None:
+        """The household's names from a source outside the config (e.g. "homeassistant"), for new sessions."""
+        self._external_names[source] = names
 
     def session(
         self,

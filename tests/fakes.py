@@ -206,6 +206,7 @@ class FakeEngine:
     ready: bool = True
     sessions: list[FakeSession] = field(default_factory=list)
     peers: list[str | None] = field(default_factory=list)
+    names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     listeners: list[Listener] = field(default_factory=list)
     components: dict[str, ComponentState] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
@@ -277,3 +278,7 @@ class FakeEngine:
     def set_component(self, name: str, state: str, healthy: bool) -> None:
         """Record a component state."""
         self.components[name] = ComponentState(name, state, healthy)
+
+    def set_names(self, source: str, names: tuple[str, ...]) -> None:
+        """Record the names a source gave."""
+        self.names[source] = names
