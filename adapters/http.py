@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import socket
 from pathlib import Path
@@ -16,6 +15,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.websockets import WebSocketState
 
+from adapters.wire_json import MAX_JSON_DEPTH, NotJson, TooDeep, load_json
 from edge_asr.api import (
     AudioFormatError,
     EngineBusy,
@@ -27,6 +27,7 @@ from edge_asr.api import (
     SpeechSession,
     UnsupportedLanguage,
     refusal_error,
+    request_names,
 )
 from edge_asr.audio import SAMPLE_RATE
 from edge_asr.config import ConfigError, LimitSettings, Settings
@@ -45,8 +46,6 @@ CLOSE_TOO_BIG = 1009
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
 MAX_TEXT_BYTES = 64 * 1024
-# Config and end messages are flat; deeper JSON is refused before anything could walk it recursively.
-MAX_JSON_DEPTH = 32
 # How long a vanished client's open utterance may take to be finalised for the listeners.
 ORPHAN_FINISH_S = 10.0
 GRACEFUL_SHUTDOWN_S = 3
@@ -235,7 +234,7 @@ class WebSocketStream:
         self._finishing = asyncio.create_task(finish())
 
     def _on_config(self, message: dict[str, Any]) -> None:
-        unknown = sorted(set(message) - {"type", "language", "prompt", "site"})
+        unknown = sorted(set(message) - {"type", "language", "prompt", "site", "vocabulary"})
         if unknown:
             self._session.report_error("bad_config", f"unknown config keys: {quoted(', '.join(unknown))}")
             return
@@ -244,6 +243,13 @@ class WebSocketStream:
         if not all(isinstance(value, str) for value in (prompt, language, site)):
             self._session.report_error("bad_config", "prompt, language and site must be strings")
             return
+        try:
+            names = request_names(message.get("vocabulary"), "vocabulary")
+        except ValueError as err:
+            self._session.report_error("bad_config", str(err))
+            return
+        if "vocabulary" in message:
+            self._session.set_vocabulary(names)
         try:
             self._session.set_language(language)
             self._session.set_site(site or self._session.site)
@@ -294,30 +300,12 @@ class BadJson(ValueError):
 
 def _json_value(text: str) -> Any:
     """A text frame's JSON value; BadJson for text that is not JSON or nests deeper than MAX_JSON_DEPTH."""
-    too_deep = BadJson(f"text frames must not nest deeper than {MAX_JSON_DEPTH} levels")
     try:
-        value = json.loads(text)
-    except RecursionError:  # deeper than the interpreter's stack, well within MAX_TEXT_BYTES
-        raise too_deep from None
-    except ValueError:  # not JSON, or an integer too long to convert
-        raise BadJson("text frames must be JSON objects") from None
-    if _nests_deeper(value, MAX_JSON_DEPTH):
-        raise too_deep
-    return value
-
-
-def _nests_deeper(value: object, limit: int) -> bool:
-    """Whether parsed JSON has more than `limit` levels of objects and arrays (walked without recursion)."""
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth == limit:
-                    return True
-                pending.append((child, depth + 1))
-    return False
+        return load_json(text)
+    except TooDeep as err:
+        raise BadJson(f"text frames must not nest deeper than {MAX_JSON_DEPTH} levels") from err
+    except NotJson as err:
+        raise BadJson("text frames must be JSON objects") from err
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

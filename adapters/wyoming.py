@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -21,8 +20,9 @@ from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler, AsyncServer, AsyncStdioServer
 
+from adapters.wire_json import NotJson, TooDeep, load_json
 from edge_asr import __version__
-from edge_asr.api import AudioFormatError, EngineRefusal, SpeechEngine, SpeechSession, refusal_error
+from edge_asr.api import AudioFormatError, EngineRefusal, SpeechEngine, SpeechSession, refusal_error, request_names
 from edge_asr.audio import PcmConverter
 from edge_asr.config import ConfigError, Settings, WyomingSettings
 from edge_asr.events import Done, Final, Partial, SessionError, quoted, words_after
@@ -35,8 +35,6 @@ _LOGGER = logging.getLogger(__name__)
 # A client that announced data or a payload must send it promptly; a stalled one is cut off.
 PAYLOAD_TIMEOUT_S = 1.0
 MAX_DATA_BYTES = 64 * 1024
-# No Wyoming event nests this deep; deeper JSON is refused before anything could walk it recursively.
-MAX_JSON_DEPTH = 32
 # How long a vanished client's open utterance may take to be finalised for the listeners.
 ORPHAN_FINISH_S = 10.0
 SEND_BUFFER_BYTES = 64 * 1024
@@ -105,32 +103,15 @@ class EventReader:
 
 def _json_object(raw: bytes, what: str, not_json: str, not_object: str) -> dict[str, Any]:
     """`raw` parsed as a JSON object of at most MAX_JSON_DEPTH levels, else ProtocolError with one of the codes."""
-    too_deep = ProtocolError(not_object, f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        value: Any = json.loads(raw)
-    except RecursionError:
-        raise too_deep from None
-    except ValueError:  # not JSON, not UTF-8, or an integer too long to convert
+        value = load_json(raw)
+    except NotJson:
         raise ProtocolError(not_json, f"{what} is not JSON") from None
+    except TooDeep as err:
+        raise ProtocolError(not_object, f"{what} {err}") from None
     if not isinstance(value, dict):
         raise ProtocolError(not_object, f"{what} must be a JSON object")
-    if _nests_deeper(value, MAX_JSON_DEPTH):
-        raise too_deep
     return value
-
-
-def _nests_deeper(value: object, limit: int) -> bool:
-    """Whether parsed JSON has more than `limit` levels of objects and arrays (walked without recursion)."""
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth == limit:
-                    return True
-                pending.append((child, depth + 1))
-    return False
 
 
 def _length(header: dict[str, Any], key: str, limit: int) -> int:
@@ -296,6 +277,9 @@ class WyomingHandler(AsyncEventHandler):
         self._client: IPAddress | None = None
         self._language: str | None = None
         self._site: str | None = None
+        # The names that should bias the transcription (Wyoming 1.10: transcript_names, then transcript_terms).
+        self._names: tuple[str, ...] = ()
+        self._terms: tuple[str, ...] = ()
         self._session: SpeechSession | None = None
         self._responder: asyncio.Task[None] | None = None
         self._converter = PcmConverter()
@@ -430,8 +414,14 @@ class WyomingHandler(AsyncEventHandler):
         elif not isinstance(context, dict):
             raise ProtocolError("bad_event", "context must be a JSON object")
         site = _optional_text(context, "site")
+        try:
+            names = request_names(data.get("transcript_names"), "transcript_names")
+            terms = request_names(data.get("transcript_terms"), "transcript_terms")
+        except ValueError as err:
+            raise ProtocolError("bad_event", str(err)) from None
         self._language = language or None
         self._site = site or None
+        self._names, self._terms = names, terms
 
     async def _start_request(self, data: dict[str, Any]) -> None:
         await self._end_request()
@@ -446,6 +436,8 @@ class WyomingHandler(AsyncEventHandler):
                 split_on_silence=False,
                 site=self._site,
                 peer=None if self._client is None else str(self._client),
+                names=self._names,
+                terms=self._terms,
             )
         except EngineRefusal as err:
             await self._refusal(err)

@@ -62,6 +62,23 @@ def refusal_error(refusal: EngineRefusal) -> SessionError:
 
 
 Listener = Callable[[SessionInfo, Event], None]
+# What a client may send as its own vocabulary (names or terms) for one request.
+MAX_REQUEST_NAMES = 200
+MAX_REQUEST_NAME_CHARS = 100
+
+
+def request_names(value: object, key: str) -> tuple[str, ...]:
+    """A client's list of names (Wyoming `transcript_names`/`transcript_terms`, the WebSocket `vocabulary`),
+    checked: a list of at most MAX_REQUEST_NAMES strings of at most MAX_REQUEST_NAME_CHARS; else ValueError."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{key} must be a list of strings")
+    if len(value) > MAX_REQUEST_NAMES:
+        raise ValueError(f"{key} holds more than {MAX_REQUEST_NAMES} names")
+    if any(len(item) > MAX_REQUEST_NAME_CHARS for item in value):
+        raise ValueError(f"{key}: a name is longer than {MAX_REQUEST_NAME_CHARS} characters")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,9 @@ class SpeechSession(Protocol):
     def set_language(self, language: str) -> None:
         """Switch the spoken language; raises UnsupportedLanguage."""
 
+    def set_vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...] = ()) -> None:
+        """The client's own names (and terms) for later decodes, before the configured vocabulary."""
+
     def report_error(self, code: str, message: str) -> None:
         """Queue an error for the client, in order with the session's other events."""
 
@@ -174,8 +194,11 @@ class SpeechEngine(Protocol):
         split_on_silence: bool = True,
         site: str | None = None,
         peer: str | None = None,
+        names: tuple[str, ...] = (),
+        terms: tuple[str, ...] = (),
     ) -> SpeechSession:
-        """Open a session for a client at address `peer`, or raise an EngineRefusal."""
+        """Open a session for a client at address `peer` with the request's own `names` and `terms` (they bias
+        decoding before the configured vocabulary), or raise an EngineRefusal."""
 
     def health(self) -> Health:
         """Model, sessions, uptime and decode facts."""

@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .model import Transcriber, Transcript, WhisperTranscriber, languages_of
 from .scheduler import DecodeNeed, DecodeScheduler
 from .session import DecodeRequest, StreamSession
+from .vocabulary import NamesFile, NameSpeller, Vocabulary, names_prompt
 
 _LOGGER = logging.getLogger(__name__)
 # A decode running longer than this means decoding is stuck: not live, and the watchdog starves.
@@ -70,6 +71,12 @@ class SessionHost(Protocol):
 
     def check_site(self, site: str) -> str:
         """The site if clients may name it; raises InvalidSite."""
+
+    def vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...]) -> Vocabulary:
+        """A request's names and terms merged with every other source, in priority order."""
+
+    def names_for_decoding(self, vocabulary: Vocabulary) -> tuple[str, NameSpeller | None]:
+        """The prompt sentence and the speller for a vocabulary."""
 
 
 class _EventQueue:
@@ -130,6 +137,7 @@ class EngineSession:
         self._finals = 0
         self._last_final: Final | None = None
         self._failing = False
+        self._vocabulary = Vocabulary()
 
     async def __aenter__(self) -> EngineSession:
         return self
@@ -156,8 +164,15 @@ class EngineSession:
 
     @property
     def info(self) -> SessionInfo:
-        """Who this session's events belong to."""
-        return SessionInfo(self._id, self._source, self._site, self._language)
+        """Who this session's events belong to, and which vocabulary was in force."""
+        return SessionInfo(
+            self._id,
+            self._source,
+            self._site,
+            self._language,
+            len(self._vocabulary.names),
+            self._vocabulary.digest,
+        )
 
     @property
     def has_open_utterance(self) -> bool:
@@ -218,6 +233,11 @@ class EngineSession:
         """Switch the spoken language; raises UnsupportedLanguage for one the model does not know."""
         self._language = self._host.check_language(language)
         self._state.set_language(self._language)
+
+    def set_vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...] = ()) -> None:
+        """The client's own names (and terms) for later decodes, before the configured vocabulary."""
+        self._vocabulary = self._host.vocabulary(names, terms)
+        self._state.set_names(*self._host.names_for_decoding(self._vocabulary))
 
     def report_error(self, code: str, message: str) -> None:
         """Queue an error for the client, in order with the session's other events."""
@@ -307,6 +327,7 @@ class Engine:
         self._draining = False
         self._refusing = False
         self._external_names: dict[str, tuple[str, ...]] = {}
+        self._names_file = NamesFile(settings.model.vocabulary_file) if settings.model.vocabulary_file else None
         # Open sessions per client address, for limits.max_sessions_per_address.
         self._peers: dict[str, int] = {}
         self._session_peers: dict[int, str] = {}
@@ -395,6 +416,25 @@ class Engine:
             raise UnsupportedLanguage(f"language {language!r} is not one the model knows ({known})")
         return code
 
+    def vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...]) -> Vocabulary:
+        """A request's names and terms, then the configured vocabulary and its file, then outside sources'
+        (Home Assistant's): the priority in which they take the prompt's room."""
+        configured = self.settings.model.vocabulary
+        from_file = self._names_file.names if self._names_file is not None else ()
+        return Vocabulary.merge(names, terms, configured, from_file, *self._external_names.values())
+
+    def names_for_decoding(self, vocabulary: Vocabulary) -> tuple[str, NameSpeller | None]:
+        """The prompt sentence naming what fits in `stream.names_chars`, and the speller of all the names."""
+        if not vocabulary.names:
+            return "", None
+        prompt, left_out = names_prompt(vocabulary.names, self.settings.stream.names_chars)
+        if left_out:
+            _LOGGER.info(
+                "%d of %d names did not fit in the decoder prompt (stream.names_chars)", left_out, len(vocabulary.names)
+            )
+        common = self._transcriber.common_words if self._transcriber is not None else frozenset()
+        return prompt, NameSpeller(vocabulary.names, common)
+
     def check_site(self, site: str) -> str:
         """The site if clients may name it (1 to 64 letters, digits, '_' or '-'; one of `mqtt.sites` when
         listed): sites become MQTT topics and Home Assistant entities. Raises InvalidSite."""
@@ -450,10 +490,12 @@ class Engine:
         split_on_silence: bool = True,
         site: str | None = None,
         peer: str | None = None,
+        names: tuple[str, ...] = (),
+        terms: tuple[str, ...] = (),
     ) -> EngineSession:
         """Open a session for a client at address `peer`, or raise EngineShuttingDown / EngineNotReady /
         EngineBusy (also when `peer` holds `limits.max_sessions_per_address`) / UnsupportedLanguage /
-        InvalidSite."""
+        InvalidSite. `names` and `terms` are the request's own vocabulary, before the configured one."""
         if self._refusing:
             self._metrics.rejected_total.labels("shutting_down").inc()
             raise EngineShuttingDown("the service is shutting down; try another node")
@@ -478,6 +520,7 @@ class Engine:
         )
         info = SessionInfo(next(self._ids), source, checked_site, code)
         session = EngineSession(self, stream, info, self.settings.limits)
+        session.set_vocabulary(names, terms)
         self._sessions[info.id] = session
         if peer is not None:
             self._peers[peer] = self._peers.get(peer, 0) + 1

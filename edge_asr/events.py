@@ -174,7 +174,17 @@ class SessionInfo:
     source: str
     site: str
     language: str
+    # The household's names in force: how many, and a digest that tells vocabularies apart (names are personal).
+    vocabulary_names: int = 0
+    vocabulary_digest: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The facts listeners add to an event's dict (MQTT payloads)."""
-        return {"session": self.id, "adapter": self.source, "site": self.site, "language": self.language}
+        return {
+            "session": self.id,
+            "adapter": self.source,
+            "site": self.site,
+            "language": self.language,
+            "vocabulary_names": self.vocabulary_names,
+            "vocabulary_digest": self.vocabulary_digest,
+        }

@@ -32,6 +32,8 @@ _TOKENS_PER_SECOND = 12
 _MIN_NEW_TOKENS = 16
 # Multilingual Whisper vocabularies have 51865 entries; English-only ones one fewer.
 _MULTILINGUAL_VOCABULARY = 51865
+# Whisper's byte-level BPE marks a token that starts a word (after a space) with this character.
+_WORD_START = "\u0120"
 # Language tokens in a Whisper vocabulary: <|en|>, <|haw|>, ...
 _LANGUAGE_TOKEN = re.compile(r"<\|([a-z]{2,3})\|>")
 # The decoder's prompt and the window end leave no room for more than this (448 in all).
@@ -72,6 +74,8 @@ class Transcriber(Protocol):
     """What the engine needs of a speech model."""
 
     languages: tuple[str, ...]
+    # Words the model's tokenizer has whole (lower case): likely said when heard, not misheard names.
+    common_words: frozenset[str]
 
     def warm_up(self) -> float:
         """Run a first decode so the first real one pays no start-up cost; return its ms."""
@@ -178,6 +182,11 @@ class WhisperTranscriber:
         self._model = _new_whisper(settings, threads)
         self.name = settings.name
         self.languages: tuple[str, ...] = tuple(self._model.supported_languages)
+        self.common_words = frozenset(
+            token[1:].lower()
+            for token in self._model.hf_tokenizer.get_vocab()
+            if token.startswith(_WORD_START) and token[1:].isalpha()
+        )
         self._floor_frames = int(settings.encoder_floor_s * _FRAMES_PER_SECOND)
         _LOGGER.info(
             "Loaded model %s (%s, %d threads) in %.0f ms",

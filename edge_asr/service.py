@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from adapters import Adapter
+from adapters.homeassistant import HomeAssistantAdapter
 from adapters.http import HttpAdapter
 from adapters.mqtt import MqttAdapter
 from adapters.wyoming import WyomingAdapter
@@ -38,6 +39,8 @@ async def serve(settings: Settings, transcriber_factory: Callable[[], Transcribe
     # MQTT starts first and, stopping in reverse order, stops last: it delivers every other adapter's finals.
     if settings.mqtt.enabled:
         adapters.append(MqttAdapter(engine, settings))
+    if settings.homeassistant.url:
+        adapters.append(HomeAssistantAdapter(engine, settings))
     if settings.http.enabled:
         adapters.append(HttpAdapter(engine, settings))
     if settings.wyoming.enabled:

@@ -11,6 +11,7 @@ from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH, FloatAudio, pcm16_to_float, s
 from .config import LimitSettings, StreamSettings
 from .events import Event, Final, Partial, words_after
 from .vad import START_LOOKBACK_S, VadChange, VadGate
+from .vocabulary import NameSpeller
 
 if TYPE_CHECKING:
     from .model import Transcript
@@ -114,6 +115,9 @@ class StreamSession:
         self._split_on_silence = split_on_silence
         self._prompt = prompt
         self._language = language
+        # The household's names: a sentence the decoder reads first, and the speller of words heard close to one.
+        self._names_prompt = ""
+        self._speller: NameSpeller | None = None
         # Finals of earlier utterances: the context the partial decodes condition on across short pauses.
         self._history = ""
         self._vad = VadGate(stream.vad_aggressiveness, stream.silence_ms)
@@ -182,6 +186,11 @@ class StreamSession:
     def set_language(self, language: str) -> None:
         """The language later decodes ask for."""
         self._language = language
+
+    def set_names(self, names_prompt: str, speller: NameSpeller | None) -> None:
+        """The household's names for later decodes: the prompt sentence naming them and their speller."""
+        self._names_prompt = names_prompt
+        self._speller = speller
 
     def push(self, pcm: bytes, now: float) -> list[Event]:
         """Take s16le mono 16 kHz audio of any even length; may complete a final at once."""
@@ -288,7 +297,11 @@ class StreamSession:
             audio=pcm16_to_float(bytes(self._slice(self._window_start_s, end_s))),
             start_s=self._window_start_s,
             end_s=end_s,
-            prompt=build_prompt(self._prompt, context, self._stream.prompt_chars),
+            prompt=" ".join(
+                part
+                for part in (self._names_prompt, build_prompt(self._prompt, context, self._stream.prompt_chars))
+                if part
+            ),
             language=self._language,
             final=final,
             newest_arrival=self._arrival_of(end_s),
@@ -305,7 +318,8 @@ class StreamSession:
             self._partial_asr_s = transcript.asr_ms / 1000
         if request.utterance_start_s != self._utterance_start_s:
             return []
-        words = [Word(w.start + request.start_s, w.end + request.start_s, w.text) for w in transcript.words]
+        spell = self._speller.spell if self._speller else str
+        words = [Word(w.start + request.start_s, w.end + request.start_s, spell(w.text)) for w in transcript.words]
         if request.final:
             # Whisper invents words in silence; the VAD heard none after the voice ended.
             heard = tuple(w for w in words if w.start <= request.voice_end_s + SILENT_WORD_TOLERANCE_S)

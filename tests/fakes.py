@@ -32,6 +32,7 @@ class ScriptedTranscriber:
 
     name = "scripted"
     languages: tuple[str, ...] = ("en",)
+    common_words: frozenset[str] = frozenset({"the", "on", "lamp"})
 
     def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
         self.delay_s = delay_s
@@ -67,6 +68,7 @@ class GatedTranscriber:
 
     name = "gated"
     languages: tuple[str, ...] = ("en",)
+    common_words: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self.started: list[str] = []
@@ -104,6 +106,7 @@ class FakeSession:
     site: str
     language: str
     prompt: str
+    vocabulary: tuple[str, ...] = ()
     fed: bytearray = field(default_factory=bytearray)
     words: list[str] = field(default_factory=list)
     closed: bool = False
@@ -168,6 +171,10 @@ class FakeSession:
     def set_language(self, language: str) -> None:
         """Switch language when the fake engine knows it."""
         self.language = self.engine.check_language(language)
+
+    def set_vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...] = ()) -> None:
+        """Record the client's names and terms."""
+        self.vocabulary = names + terms
 
     def report_error(self, code: str, message: str) -> None:
         """Queue an error in order."""
@@ -234,6 +241,8 @@ class FakeEngine:
         split_on_silence: bool = True,
         site: str | None = None,
         peer: str | None = None,
+        names: tuple[str, ...] = (),
+        terms: tuple[str, ...] = (),
     ) -> FakeSession:
         """A new scripted session, or the configured refusal; records the client's address."""
         if self.refusal is not None:
@@ -241,7 +250,13 @@ class FakeEngine:
         self.peers.append(peer)
         checked_site = self.check_site(site or "default")
         session = FakeSession(
-            self, len(self.sessions) + 1, source, checked_site, self.check_language(language or "en"), prompt
+            self,
+            len(self.sessions) + 1,
+            source,
+            checked_site,
+            self.check_language(language or "en"),
+            prompt,
+            names + terms,
         )
         self.sessions.append(session)
         return session

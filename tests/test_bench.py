@@ -1,9 +1,11 @@
-"""Tests of edge_asr.bench without the model: scoring, error classes, latencies, server messages, the corpus,
-run medians and stability, the report, and the command against a scripted WebSocket server."""
+"""Tests of edge_asr.bench without the model: scoring, error classes, names right, latencies, server messages, the
+corpus and vocabulary, run medians and stability, the report, the names each transport sends, and the command
+against a scripted WebSocket server."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -18,10 +20,16 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.sync.server import ServerConnection as SyncServerConnection
 from websockets.sync.server import serve as serve_in_thread
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioStop
+from wyoming.event import Event as WyomingEvent
+from wyoming.event import async_read_event, async_write_event
 
-from edge_asr.bench import command
+from edge_asr.agreement import Word
+from edge_asr.audio import FloatAudio
+from edge_asr.bench import command, runner
 from edge_asr.bench.arguments import add_arguments
-from edge_asr.bench.corpus import Clip, load_corpus
+from edge_asr.bench.corpus import Clip, load_corpus, load_vocabulary
 from edge_asr.bench.errors import BenchError
 from edge_asr.bench.report import (
     ClipResult,
@@ -38,7 +46,7 @@ from edge_asr.bench.report import (
 )
 from edge_asr.bench.report import clip_result as score_clip
 from edge_asr.bench.resources import Resources
-from edge_asr.bench.scoring import WordScore, normalize, percentile, score_words
+from edge_asr.bench.scoring import NameScore, WordScore, normalize, percentile, score_names, score_words
 from edge_asr.bench.timing import (
     Playback,
     Received,
@@ -49,10 +57,11 @@ from edge_asr.bench.timing import (
     speech_span,
     word_lags,
 )
-from edge_asr.bench.transports import Replay, WebSocketTransport, WyomingReplies, read_message
+from edge_asr.bench.transports import Replay, WebSocketTransport, WyomingReplies, WyomingTransport, read_message
 from edge_asr.bench.wyoming_client import WyomingReply
-from edge_asr.config import Settings, StreamSettings
+from edge_asr.config import ModelSettings, Settings, StreamSettings
 from edge_asr.events import Done, Event, Final, Message, Partial, Ready, SessionError
+from edge_asr.model import Transcript as ModelTranscript
 
 CHUNK = 640
 T0 = 100.0
@@ -164,6 +173,47 @@ def test_only_deletions_among_the_first_two_reference_words_count_as_lost_first_
 ) -> None:
     score = score_words(reference, hypothesis)
     assert (score.lost_first_two, score.deletions) == (lost, deletions)
+
+
+NAMES = ("Elowen", "Quillo fan", "Brannoc")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("reference", "hypothesis", "expected"),
+    [
+        ("dim the lamp in Elowen's room", "Dim the lamp in Elowen's room.", NameScore(1, 1)),
+        # A possessive is dropped on either side, typographic apostrophe too; case does not matter.
+        ("dim the lamp in Elowen\u2019s room", "dim the lamp in ELOWEN room", NameScore(1, 1)),
+        ("dim the lamp in elowen room", "Dim the lamp in Elowen's room.", NameScore(1, 1)),
+        # Whole words only: a longer word holding the name is not the name.
+        ("dim the lamp in Elowen's room", "dim the lamp in Elowens room", NameScore(0, 1)),
+        ("ask Elowenna", "ask Elowenna", NameScore(0, 0)),
+        # A name of several words matches as a phrase, whatever splits its words.
+        ("turn on the Quillo fan", "Turn on the quillo fan.", NameScore(1, 1)),
+        ("turn on the Quillo fan", "turn on the Quillo-fan", NameScore(1, 1)),
+        ("turn on the Quillo fan", "turn on the Quillo van", NameScore(0, 1)),
+        ("turn on the Quillo fan", "Quillo, turn on the fan", NameScore(0, 1)),
+        # Said twice, heard once; heard more often than said counts up to what was said.
+        ("Elowen, call Elowen", "Elowen, call Ellen.", NameScore(1, 2)),
+        ("call Elowen", "Elowen, call Elowen.", NameScore(1, 1)),
+        (
+            "call Brannoc and Elowen about the Quillo fan",
+            "call Brannock and Elowen about the Quillo fan",
+            NameScore(2, 3),
+        ),
+        ("turn on the lights", "turn on Elowen's lights", NameScore(0, 0)),
+    ],
+)
+def test_names_right_counts_the_reference_names_the_hypothesis_has(
+    reference: str, hypothesis: str, expected: NameScore
+) -> None:
+    assert score_names(reference, hypothesis, NAMES) == expected
+
+
+@pytest.mark.fast
+def test_without_a_vocabulary_no_name_is_expected() -> None:
+    assert score_names("dim the lamp in Elowen's room", "dim the lamp in Elowen's room", ()) == NameScore(0, 0)
 
 
 @pytest.mark.fast
@@ -374,7 +424,7 @@ def clip_result(
     revised: int | None = 0,
     clip_errors: tuple[str, ...] = (),
 ) -> ClipResult:
-    """A scored clip with a few latencies; its error classes are those of the hypothesis."""
+    """A scored clip with a few latencies; its error classes are those of the hypothesis; no vocabulary."""
     score = score_words(reference, hypothesis)
     return ClipResult(
         name=name,
@@ -394,6 +444,8 @@ def clip_result(
         lost_first_two=score.lost_first_two,
         no_final=bool(score.reference_words) and not hypothesis,
         revised_finals=revised,
+        names_found=0,
+        names_expected=0,
     )
 
 
@@ -575,6 +627,9 @@ OFFLINE = OfflineSummary(
     inserted_after_speech=1,
     lost_first_two=1,
     no_text=0,
+    names_found=0,
+    names_expected=0,
+    names_right=None,
 )
 
 
@@ -655,6 +710,63 @@ def test_the_json_report_has_every_run_and_the_first_at_the_top_level() -> None:
     assert data["median"]["peak_rss_mb"] == 200.0
     assert data["stability"] == {"share": 0.3333, "differing_clips": ["a", "b"]}
     assert data["offline"]["inserted_after_speech"] == 1
+
+
+NAMED_CLIPS = (
+    Clip("a", Path("a.wav"), "Dim the lamp in Elowen's room and the Quillo fan", 2.5),
+    Clip("b", Path("b.wav"), "Elowen, call Elowen", 2.5),
+    Clip("c", Path("c.wav"), "turn on the lights", 2.5),
+)
+
+
+def named_run(hypotheses: Sequence[str], names: Sequence[str] = NAMES) -> RunResult:
+    """A run over NAMED_CLIPS with these final texts, scored with `names`."""
+    clips = tuple(
+        score_clip(clip, playback([(T0 + 2.2, final(text))]), None, names)
+        for clip, text in zip(NAMED_CLIPS, hypotheses, strict=True)
+    )
+    return RunResult(summarize(clips), Resources(0.5, 200.0, 3.0, None), clips)
+
+
+@pytest.mark.fast
+def test_the_table_shows_names_right_next_to_wer_for_each_run_their_median_and_offline() -> None:
+    runs = [
+        # a: both names; b: Elowen once of twice: 3 of 4.
+        named_run(["dim the lamp in elowen room and the quillo fan", "Elowen, call Ellen.", "turn on the lights"]),
+        # a: neither; b: both: 2 of 4.
+        named_run(["Dim the lamp in Ellen's room and the Quillo van.", "Elowen call Elowen", "turn on the lights"]),
+    ]
+    offline = dataclasses.replace(OFFLINE, names_found=4, names_expected=4, names_right=1.0)
+
+    table = format_table(report(runs, offline))
+
+    header = re.split(r"\s{2,}", table.splitlines()[1])
+    assert header[header.index("WER") + 1] == "names right"
+    assert {mode: row["names right"] for mode, row in table_rows(table).items()} == {
+        "streaming 1": "names 3/4",
+        "streaming 2": "names 2/4",
+        "median": "names 2.5/4",
+        "offline": "names 4/4",
+    }
+    data = json.loads(report_json(report(runs, offline)))
+    assert [(clip["names_found"], clip["names_expected"]) for clip in data["clips"]] == [(2, 2), (1, 2), (0, 0)]
+    assert [run["streaming"]["names_right"] for run in data["runs"]] == [0.75, 0.5]
+    assert (data["median"]["names_found"], data["median"]["names_right"]) == (2.5, 0.625)
+    assert data["offline"]["names_right"] == 1.0
+
+
+@pytest.mark.fast
+def test_names_right_is_na_without_a_vocabulary_or_a_name_in_any_reference() -> None:
+    hypotheses = ["dim the lamp in Elowen's room and the Quillo fan", "Elowen, call Elowen", "turn on the lights"]
+    unnamed = named_run(hypotheses, names=())
+    elsewhere = named_run(hypotheses, names=("Brannoc",))
+
+    for run in (unnamed, elsewhere):
+        assert (run.streaming.names_expected, run.streaming.names_right) == (0, None)
+        rows = table_rows(format_table(report([run, run], OFFLINE)))
+        assert {mode: row["names right"] for mode, row in rows.items()} == dict.fromkeys(
+            ("streaming 1", "streaming 2", "median", "offline"), "n/a"
+        )
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -777,14 +889,49 @@ def test_load_corpus_refuses_bad_input(tmp_path: Path) -> None:
         load_corpus(tmp_path)
 
 
+@pytest.mark.fast
+def test_a_vocabulary_file_has_a_name_a_line_without_blanks_comments_or_repeats(tmp_path: Path) -> None:
+    path = tmp_path / "names.txt"
+    path.write_text(
+        "# the family\nElowen\n\n   \n  Quillo   fan  \n  # the kitchen\nelowen\nBrannoc\n", encoding="utf-8"
+    )
+
+    assert load_vocabulary(path) == ("Elowen", "Quillo fan", "Brannoc")
+    assert bench_parser().parse_args(["corpus", "--vocabulary", str(path)]).vocabulary == path
+    assert bench_parser().parse_args(["corpus"]).vocabulary is None
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("# nobody yet\n\n", "no names"),
+        ("".join(f"Name{index}\n" for index in range(201)), "more than 200 names"),
+        ("Elowen\n" + "x" * 101 + "\n", "longer than 100 characters"),
+    ],
+)
+def test_a_vocabulary_file_a_request_cannot_carry_is_refused(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "names.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(BenchError, match=problem):
+        load_vocabulary(path)
+    with pytest.raises(BenchError, match="cannot read"):
+        load_vocabulary(tmp_path / "missing.txt")
+
+
 @contextlib.contextmanager
-def scripted_server(scripts: Sequence[Sequence[Message]]) -> Iterator[str]:
+def scripted_server(
+    scripts: Sequence[Sequence[Message]], heard: list[list[str | bytes]] | None = None
+) -> Iterator[str]:
     """A WebSocket server on a thread; connection k gets `ready`, then after `end` the messages of scripts[k]
-    and `done`. Yields its URL."""
+    and `done`; what each connection sent before `end` is appended to `heard`. Yields its URL."""
     pending = iter(scripts)
 
     def handler(ws: SyncServerConnection) -> None:
         replies = next(pending)
+        messages: list[str | bytes] = []
+        if heard is not None:
+            heard.append(messages)
         ws.send(READY)
         for message in ws:
             if message == END:
@@ -792,6 +939,7 @@ def scripted_server(scripts: Sequence[Sequence[Message]]) -> Iterator[str]:
                     ws.send(reply.to_json())
                 ws.send(Done(1).to_json())
                 return
+            messages.append(message)
 
     with serve_in_thread(handler, "127.0.0.1", 0) as server:
         thread = threading.Thread(target=server.serve_forever)
@@ -803,14 +951,142 @@ def scripted_server(scripts: Sequence[Sequence[Message]]) -> Iterator[str]:
             thread.join()
 
 
-@pytest.fixture
-def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[Clip]]:
-    """Stands in for the whole-clip decode (no model in fast tests); records the clips of each call."""
-    calls: list[Sequence[Clip]] = []
+SPOKEN = ("Elowen", "Quillo fan")
 
-    def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[OfflineClip], OfflineSummary]:
-        calls.append(clips)
-        return [OfflineClip(clip.name, clip.reference, 0, 350.0, 0, 0) for clip in clips], OFFLINE
+
+@pytest.mark.fast
+@pytest.mark.parametrize("names", [(), SPOKEN])
+async def test_the_websocket_transport_sends_the_names_in_a_config_message_before_the_audio(
+    names: tuple[str, ...],
+) -> None:
+    heard: list[list[str | bytes]] = []
+    with scripted_server([[final("Hi.")]], heard) as url:
+        replay = await WebSocketTransport(url, Replay(realtime=False, trailing_silence_s=0.0, names=names)).play(
+            bytes(3200)
+        )
+
+    assert [item.event for item in replay.events] == [final("Hi."), Done(1)]
+    (messages,) = heard
+    configs = [json.loads(message) for message in messages if isinstance(message, str)]
+    audio = [message for message in messages if isinstance(message, bytes)]
+    assert configs == ([{"type": "config", "vocabulary": list(names)}] if names else [])
+    assert isinstance(messages[-1], bytes)
+    assert b"".join(audio) == bytes(3200)
+    if names:
+        assert isinstance(messages[0], str)
+
+
+async def replay_through_wyoming(names: tuple[str, ...]) -> tuple[list[WyomingEvent], Playback]:
+    """Replay 0.1 s of silence through a Wyoming server that records every event up to `audio-stop`, then answers
+    with a transcript; what it heard and the replay."""
+    heard: list[WyomingEvent] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (event := await async_read_event(reader)) is not None:
+            heard.append(event)
+            if AudioStop.is_type(event.type):
+                await async_write_event(Transcript("Dim Elowen's lamp.").event(), writer)
+                break
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        transport = WyomingTransport(f"tcp://127.0.0.1:{port}", "en", Replay(False, 0.0, names))
+        return heard, await transport.play(bytes(3200))
+
+
+@pytest.mark.fast
+async def test_the_wyoming_transport_puts_the_names_in_transcribe() -> None:
+    heard, replay = await replay_through_wyoming(SPOKEN)
+
+    assert [event.type for event in heard] == ["transcribe", "audio-start", *["audio-chunk"] * 5, "audio-stop"]
+    transcribe = Transcribe.from_event(heard[0])
+    assert (transcribe.language, transcribe.transcript_names) == ("en", ["Elowen", "Quillo fan"])
+    assert [item.event for item in replay.events] == [Final("Dim Elowen's lamp.", 1, 0, 0, 0, 0.0, 0.0)]
+
+
+@pytest.mark.fast
+async def test_the_wyoming_transport_without_names_leaves_them_out_of_transcribe() -> None:
+    heard, _replay = await replay_through_wyoming(())
+
+    assert heard[0].type == "transcribe"
+    assert "transcript_names" not in (heard[0].data or {})
+
+
+class MishearingTranscriber:
+    """Stands in for the model of the whole-clip decode: hears every clip as "Dim Ellowen's lamp." and records
+    the prompt and `whole` of each decode."""
+
+    common_words = frozenset({"dim", "lamp"})
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, bool]] = []
+
+    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> ModelTranscript:
+        """The same words for any audio."""
+        self.asked.append((prompt, whole))
+        return ModelTranscript((Word(0.1, 0.4, " Dim"), Word(0.4, 0.9, " Ellowen's"), Word(0.9, 1.2, " lamp.")), 40.0)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("names", "prompt", "hypothesis", "named"),
+    [
+        (NAMES, "We have Elowen and Quillo fan and Brannoc.", "Dim Elowen's lamp.", (1, 1)),
+        ((), "", "Dim Ellowen's lamp.", (0, 0)),
+    ],
+)
+def test_the_whole_clip_decode_prompts_with_the_names_and_spells_them_as_the_service_does(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    names: tuple[str, ...],
+    prompt: str,
+    hypothesis: str,
+    named: tuple[int, int],
+) -> None:
+    model = MishearingTranscriber()
+
+    def load(settings: ModelSettings) -> MishearingTranscriber:
+        return model
+
+    monkeypatch.setattr(runner, "WhisperTranscriber", load)
+    write_clip(tmp_path, "a", "dim Elowen's lamp")
+
+    clips, summary = runner.decode_whole(load_corpus(tmp_path), Settings(), names)
+
+    assert model.asked == [(prompt, False)]
+    assert [(clip.hypothesis, clip.names_found, clip.names_expected) for clip in clips] == [(hypothesis, *named)]
+    assert (summary.names_found, summary.names_expected) == named
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCall:
+    """One call of the whole-clip decode: the clips' names and the household's names it was given."""
+
+    clips: tuple[str, ...]
+    names: tuple[str, ...]
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[DecodeCall]:
+    """Stands in for the whole-clip decode (no model in fast tests), hearing every clip as its reference;
+    records each call."""
+    calls: list[DecodeCall] = []
+
+    def decode_whole(
+        clips: Sequence[Clip], settings: Settings, names: tuple[str, ...] = ()
+    ) -> tuple[list[OfflineClip], OfflineSummary]:
+        calls.append(DecodeCall(tuple(clip.name for clip in clips), names))
+        results = []
+        for clip in clips:
+            named = score_names(clip.reference, clip.reference, names)
+            results.append(OfflineClip(clip.name, clip.reference, 0, 350.0, 0, 0, named.found, named.expected))
+        found, expected = sum(r.names_found for r in results), sum(r.names_expected for r in results)
+        return results, dataclasses.replace(
+            OFFLINE, names_found=found, names_expected=expected, names_right=found / expected if expected else None
+        )
 
     monkeypatch.setattr(command, "decode_whole", decode_whole)
     return calls
@@ -824,7 +1100,7 @@ def bench(corpus: Path, url: str, *flags: str) -> int:
 
 @pytest.mark.fast
 def test_bench_replays_the_corpus_once_per_run_and_decodes_it_whole_once(
-    tmp_path: Path, decodes: list[Sequence[Clip]], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, decodes: list[DecodeCall], capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_clip(tmp_path, "a", "turn on the lights")
     write_clip(tmp_path, "b", "")
@@ -835,7 +1111,7 @@ def test_bench_replays_the_corpus_once_per_run_and_decodes_it_whole_once(
         status = bench(tmp_path, url, "--runs", "2", "--json", str(json_path))
 
     assert status == 0
-    assert [[clip.name for clip in clips] for clips in decodes] == [["a", "b"]]
+    assert decodes == [DecodeCall(("a", "b"), ())]
     data = json.loads(json_path.read_text())
     assert [run["clips"][0]["hypothesis"] for run in data["runs"]] == ["Turn on the lights.", "Turn on the lights now."]
     assert [run["streaming"]["revised_finals"] for run in data["runs"]] == [1, 0]
@@ -852,7 +1128,7 @@ def test_bench_replays_the_corpus_once_per_run_and_decodes_it_whole_once(
 
 @pytest.mark.fast
 def test_bench_fails_when_a_clip_of_a_later_run_got_an_error(
-    tmp_path: Path, decodes: list[Sequence[Clip]], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, decodes: list[DecodeCall], capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_clip(tmp_path, "a", "turn on the lights")
     scripts: list[list[Message]] = [[final("Turn on the lights.")], [SessionError("busy", "too many sessions")]]
@@ -869,3 +1145,32 @@ def test_bench_fails_when_a_clip_of_a_later_run_got_an_error(
     assert data["offline"] is None
     assert "1 clip(s) with errors over 2 runs" in captured.err
     assert "offline" not in table_rows(captured.err)
+
+
+@pytest.mark.fast
+def test_bench_with_a_vocabulary_sends_the_names_decodes_with_them_and_counts_names_right(
+    tmp_path: Path, decodes: list[DecodeCall], capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_clip(corpus, "a", "Elowen, call Elowen")
+    write_clip(corpus, "b", "turn on the Quillo fan")
+    names = tmp_path / "names.txt"
+    names.write_text("# family\nElowen\n\nQuillo fan\n", encoding="utf-8")
+    heard: list[list[str | bytes]] = []
+
+    with scripted_server([[final("Elowen, call Ellen.")], [final("Turn on the quillo fan.")]], heard) as url:
+        status = bench(corpus, url, "--vocabulary", str(names), "--json", "-")
+
+    assert status == 0
+    config = {"type": "config", "vocabulary": ["Elowen", "Quillo fan"]}
+    assert [json.loads(messages[0]) for messages in heard] == [config, config]
+    assert all(isinstance(message, bytes) for messages in heard for message in messages[1:])
+    assert decodes == [DecodeCall(("a", "b"), ("Elowen", "Quillo fan"))]
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert [(clip["names_found"], clip["names_expected"]) for clip in data["clips"]] == [(1, 2), (1, 1)]
+    assert (data["streaming"]["names_found"], data["streaming"]["names_expected"]) == (2, 3)
+    assert (data["offline"]["names_found"], data["offline"]["names_expected"]) == (3, 3)
+    rows = table_rows(captured.err)
+    assert (rows["streaming"]["names right"], rows["offline"]["names right"]) == ("names 2/3", "names 3/3")

@@ -96,11 +96,13 @@ def test_any_dict_is_read_or_refused_with_a_value_error(data: dict[str, Any]) ->
 
 
 def test_session_facts_use_the_names_listeners_publish() -> None:
-    assert SessionInfo(4, "wyoming", "hall", "en").to_dict() == {
+    assert SessionInfo(4, "wyoming", "hall", "en", 12, "0123456789ab").to_dict() == {
         "session": 4,
         "adapter": "wyoming",
         "site": "hall",
         "language": "en",
+        "vocabulary_names": 12,
+        "vocabulary_digest": "0123456789ab",
     }
 
 

@@ -238,3 +238,21 @@ async def test_an_invalid_site_is_bad_config_closing_at_connect_and_keeping_the_
     assert final == Final("w1", 1, 1, 1, 1, 0.0, 0.02)
     [session] = engine.sessions
     assert (session.site, session.prompt) == ("hall", "")
+
+
+async def test_a_config_message_gives_the_session_its_vocabulary_and_a_bad_one_is_bad_config(
+    engine: FakeEngine, base_url: str
+) -> None:
+    async with connect(f"ws://{base_url}/ws/stream") as ws:
+        await _receive(ws)
+        await ws.send(json.dumps({"type": "config", "vocabulary": ["Elowen", "Quillo fan"]}))
+        await ws.send(json.dumps({"type": "config", "vocabulary": "Elowen"}))
+        error = await _receive(ws)
+        await ws.send(json.dumps({"type": "end"}))
+        await _until_done(ws)
+
+    [session] = engine.sessions
+    assert session.vocabulary == ("Elowen", "Quillo fan")
+    assert isinstance(error, SessionError)
+    assert error.code == "bad_config"
+    assert "vocabulary" in error.message

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from adapters.http import MAX_JSON_DEPTH, MAX_TEXT_BYTES, HttpAdapter
+from adapters.http import MAX_TEXT_BYTES, HttpAdapter
+from adapters.wire_json import MAX_JSON_DEPTH
 from edge_asr.config import SITE_PATTERN, build_settings
 
 from .fakes import FakeEngine

@@ -51,6 +51,8 @@ FINAL_FIELDS = {
     "e2e_ms",
     "ttct_ms",
     "revised",
+    "vocabulary_names",
+    "vocabulary_digest",
     "timestamp",
 }
 PARTIAL_FIELDS = {
@@ -64,6 +66,8 @@ PARTIAL_FIELDS = {
     "language",
     "asr_ms",
     "e2e_ms",
+    "vocabulary_names",
+    "vocabulary_digest",
     "timestamp",
 }
 

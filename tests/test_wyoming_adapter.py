@@ -441,3 +441,28 @@ async def test_a_client_that_does_not_read_is_cut_off_after_the_send_timeout(
     assert session.closed
     assert "cut off" in caplog.text
     assert_no_tracebacks(caplog.records)
+
+
+async def test_transcript_names_and_terms_reach_the_session_in_that_order(engine: FakeEngine, port: int) -> None:
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(
+            Transcribe(language="en", transcript_names=["Elowen", "Brannoc"], transcript_terms=["Quillo fan"]).event()
+        )
+        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+        await client.write_event(AudioStop().event())
+        events = [await _read(client)]
+        while not TranscriptStop.is_type(events[-1].type):
+            events.append(await _read(client))
+
+    [session] = engine.sessions
+    assert session.vocabulary == ("Elowen", "Brannoc", "Quillo fan")
+
+
+@pytest.mark.parametrize("names", [["Elowen", 7], "Elowen", [["nested"]], ["x" * 101], ["n"] * 201])
+async def test_malformed_transcript_names_are_a_bad_event(port: int, names: object) -> None:
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Event(type="transcribe", data={"transcript_names": names}))
+        error = Error.from_event(await _read(client))
+
+    assert error.code == "bad_event"
+    assert "transcript_names" in (error.text or "")

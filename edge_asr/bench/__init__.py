@@ -8,15 +8,26 @@ signal, through the engine in-process, a running server (`--url ws://HOST:PORT/w
 speech-to-text server (`--wyoming tcp://HOST:PORT`). `--runs N` replays the whole corpus N times, one run after
 the other, each with a fresh engine (in-process) or fresh connections.
 
+`--vocabulary FILE`: the household's names, one a line (blank lines and `#` comments skipped, each name once,
+at most what a request may carry: 200 names of 100 characters). Every request of the streaming run carries
+them: in-process as the session's `names`, on the WebSocket as `{"type": "config", "vocabulary": [...]}` right
+after `ready` and before the audio, on Wyoming as `transcribe`'s `transcript_names`.
+
 The offline row (on by default, `--no-offline` skips it; `--offline` is still accepted): each clip decoded
-whole, once, by the same model with the local settings (also with `--url`/`--wyoming`), no prompt, padded
-to 30 s: what a non-streaming server would give, to tell streaming losses from model errors.
+whole, once, by the same model with the local settings (also with `--url`/`--wyoming`), padded to 30 s, with
+no prompt but the names' (the service's own `names_prompt` within `stream.names_chars`, each word then spelled
+by its `NameSpeller`): what a non-streaming server would give, to tell streaming losses from model errors.
 
 How the numbers are measured (all times from `time.monotonic()` in this process):
 
 - WER: word errors (substitutions + deletions + insertions of jiwer's word alignment) / reference words
   over the whole corpus, after normalising both sides with Whisper's English normaliser.
   Words a no-speech clip produced count as insertions; such clips are also counted as hallucinations.
+- Names right (`names 34/48`, with `--vocabulary`): for each name, its occurrences in the clip's reference
+  and how many of them the final text has (case-insensitive whole words after dropping a possessive 's, a
+  name of several words as a phrase, occurrences not overlapping); the share is the sum over names and clips
+  of min(found, expected) / the sum of expected. n/a without a vocabulary or when no reference holds a name.
+  The JSON has `names_found` and `names_expected` per clip and summed, and `names_right`.
 - Error classes, per clip and summed, from the same alignment: `ins after` (inserted_after_speech) counts
   hypothesis words inserted after the last reference word the alignment matched or substituted (every word
   of a no-speech clip); `lost 1st 2` (lost_first_two) counts reference words among the first two that the

@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N clips (by name)")
     parser.add_argument("--match", metavar="GLOB", help="only clips whose name matches, e.g. 'cmd_*'")
     parser.add_argument(
+        "--vocabulary",
+        type=Path,
+        metavar="FILE",
+        help="the household's names, one a line ('#' comments): sent with every request, the offline row's prompt,"
+        " and scored as names right",
+    )
+    parser.add_argument(
         "--offline",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -68,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " the broker restarted at 1/3 and 2/3 of the run. Exit code 1 when a target is missed: RSS growth after"
         " the warm-up (the first sixth, at least 30 s) over the limit, a session or event-loop task left over, a"
         " final lost on a client that stayed connected or on the broker, a never-reading client not cut off, a"
-        " non-zero exit on SIGTERM. --url, --wyoming, --pid, --fast, --runs and --concurrency do not apply.",
+        " non-zero exit on SIGTERM. --url, --wyoming, --pid, --fast, --runs, --concurrency and --vocabulary do not"
+        " apply.",
     )
     soak.add_argument(
         "--soak",

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import Settings
-from .corpus import load_corpus
+from .corpus import load_corpus, load_vocabulary
 from .errors import BenchError
 from .report import (
     Report,
@@ -37,17 +37,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.pid is not None and not (args.url or args.wyoming):
             raise BenchError("--pid only applies with --url or --wyoming (in-process, the bench measures itself)")
         clips = load_corpus(args.corpus, args.match, args.limit)
+        names = load_vocabulary(args.vocabulary) if args.vocabulary is not None else ()
         spans = [speech_span(clip.read_pcm(), settings.stream) for clip in clips]
         runs: list[RunResult] = []
         for number in range(1, args.runs + 1):
             label = f"run {number} " if args.runs > 1 else ""
-            playbacks, resources = asyncio.run(replay_corpus(args, settings, clips, label))
+            playbacks, resources = asyncio.run(replay_corpus(args, settings, clips, label, names))
             results = tuple(
-                clip_result(clip, playback, span) for clip, playback, span in zip(clips, playbacks, spans, strict=True)
+                clip_result(clip, playback, span, names)
+                for clip, playback, span in zip(clips, playbacks, spans, strict=True)
             )
             runs.append(RunResult(summarize(results), resources, results))
-        # The whole-clip decode has no prompt and no temperature fallback, so one pass serves every run.
-        offline_clips, offline = decode_whole(clips, settings) if args.offline else ([], None)
+        # The whole-clip decode has no prompt but the names and no temperature fallback: one pass serves every run.
+        offline_clips, offline = decode_whole(clips, settings, names) if args.offline else ([], None)
     except BenchError as err:
         print(f"edge-asr bench: {err}", file=sys.stderr)
         return 1

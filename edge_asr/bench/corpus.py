@@ -1,4 +1,5 @@
-"""The corpus: 16 kHz mono `.wav` files, each with its reference transcript in a `.txt` beside it."""
+"""The corpus: 16 kHz mono `.wav` files, each with its reference transcript in a `.txt` beside it; and the
+household's names (`--vocabulary`) its requests carry."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..api import MAX_REQUEST_NAME_CHARS, MAX_REQUEST_NAMES
 from ..audio import SAMPLE_RATE, SAMPLE_WIDTH
+from ..vocabulary import Vocabulary
 from .errors import BenchError
 
 _LOGGER = logging.getLogger(__name__)
@@ -61,3 +64,26 @@ def load_corpus(directory: Path, match: str | None = None, limit: int | None = N
     if not clips:
         raise BenchError(f"corpus {directory}: no .wav + .txt pairs" + (f" matching {match!r}" if match else ""))
     return clips
+
+
+def load_vocabulary(path: Path) -> tuple[str, ...]:
+    """The names of a `--vocabulary` file, one a line (blank lines and `#` comments skipped), each once.
+
+    A file holding more than a request may carry (what the service's WebSocket and Wyoming requests accept)
+    is refused, so that every transport sends the same names.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BenchError(f"--vocabulary {path}: cannot read it ({err})") from None
+    stripped = [line.strip() for line in lines]
+    given = [line for line in stripped if line and not line.startswith("#")]
+    if any(len(name) > MAX_REQUEST_NAME_CHARS for name in given):
+        raise BenchError(f"--vocabulary {path}: a name is longer than {MAX_REQUEST_NAME_CHARS} characters")
+    # The same name twice would count twice in names right.
+    names = Vocabulary.merge(given).names
+    if not names:
+        raise BenchError(f"--vocabulary {path}: no names")
+    if len(names) > MAX_REQUEST_NAMES:
+        raise BenchError(f"--vocabulary {path}: more than {MAX_REQUEST_NAMES} names, what a request may carry")
+    return names

@@ -13,7 +13,7 @@ from typing import Any
 from ..events import Final, Partial, SessionError
 from .corpus import Clip
 from .resources import Resources
-from .scoring import normalize, percentile, ratio, score_words
+from .scoring import normalize, percentile, ratio, score_names, score_words
 from .timing import Playback, end_to_final, final_text, first_text_lag, word_lags
 
 
@@ -24,6 +24,8 @@ class ClipResult:
     `inserted_after_speech` and `lost_first_two` are classes of the word errors (see `WordScore`); `no_final`
     says the reference has words but no final with text came; `revised_finals` counts the finals that changed
     words the partials had shown as stable (None when the protocol does not say, as Wyoming's does not).
+    `names_found` of `names_expected`: the vocabulary's names in the reference that the final text has (see
+    `NameScore`; 0 of 0 without a vocabulary).
     """
 
     name: str
@@ -43,6 +45,8 @@ class ClipResult:
     lost_first_two: int
     no_final: bool
     revised_finals: int | None
+    names_found: int
+    names_expected: int
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,14 @@ class OfflineClip:
     decode_ms: float
     inserted_after_speech: int
     lost_first_two: int
+    names_found: int
+    names_expected: int
 
 
 @dataclass(frozen=True)
 class StreamingSummary:
-    """The streaming run over the corpus; times in ms."""
+    """The streaming run over the corpus; times in ms. `names_right` is `names_found` / `names_expected` (None
+    when no reference holds a name of the vocabulary, or there is none)."""
 
     clips: int
     audio_s: float
@@ -82,11 +89,15 @@ class StreamingSummary:
     lost_first_two: int
     no_final: int
     revised_finals: int | None
+    names_found: int
+    names_expected: int
+    names_right: float | None
 
 
 @dataclass(frozen=True)
 class OfflineSummary:
-    """Every clip decoded whole by the same model; `no_text` counts clips with reference words that got none."""
+    """Every clip decoded whole by the same model; `no_text` counts clips with reference words that got none;
+    names as in `StreamingSummary`."""
 
     clips: int
     reference_words: int
@@ -98,6 +109,9 @@ class OfflineSummary:
     inserted_after_speech: int
     lost_first_two: int
     no_text: int
+    names_found: int
+    names_expected: int
+    names_right: float | None
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,9 @@ class RunMedians:
     lost_first_two: float | None
     no_final: float | None
     revised_finals: float | None
+    names_found: float | None
+    names_expected: float | None
+    names_right: float | None
     word_lag_p50_ms: float | None
     word_lag_p90_ms: float | None
     end_to_final_p50_ms: float | None
@@ -187,10 +204,13 @@ class Report:
         return sum(run.streaming.clip_errors for run in self.runs)
 
 
-def clip_result(clip: Clip, playback: Playback, speech: tuple[float, float] | None) -> ClipResult:
-    """Score one replay against its reference."""
+def clip_result(
+    clip: Clip, playback: Playback, speech: tuple[float, float] | None, names: Sequence[str] = ()
+) -> ClipResult:
+    """Score one replay against its reference, and the vocabulary's `names` in it."""
     hypothesis = final_text(playback.events)
     score = score_words(clip.reference, hypothesis)
+    named = score_names(clip.reference, hypothesis, names)
     events = [item.event for item in playback.events]
     timed = events if playback.timed else []
     finals = [event for event in events if isinstance(event, Final)]
@@ -212,6 +232,8 @@ def clip_result(clip: Clip, playback: Playback, speech: tuple[float, float] | No
         lost_first_two=score.lost_first_two,
         no_final=score.reference_words > 0 and not any(event.text.strip() for event in finals),
         revised_finals=sum(1 for event in finals if event.revised) if playback.timed else None,
+        names_found=named.found,
+        names_expected=named.expected,
     )
 
 
@@ -229,6 +251,8 @@ def summarize(clips: Sequence[ClipResult]) -> StreamingSummary:
     errors = sum(clip.word_errors for clip in clips)
     no_speech = [clip for clip in clips if not clip.reference.strip()]
     revised = [clip.revised_finals for clip in clips]
+    names_found = sum(clip.names_found for clip in clips)
+    names_expected = sum(clip.names_expected for clip in clips)
     return StreamingSummary(
         clips=len(clips),
         audio_s=sum(clip.audio_s for clip in clips),
@@ -251,6 +275,9 @@ def summarize(clips: Sequence[ClipResult]) -> StreamingSummary:
         lost_first_two=sum(clip.lost_first_two for clip in clips),
         no_final=sum(1 for clip in clips if clip.no_final),
         revised_finals=None if None in revised else sum(count for count in revised if count is not None),
+        names_found=names_found,
+        names_expected=names_expected,
+        names_right=ratio(names_found, names_expected),
     )
 
 
@@ -285,6 +312,11 @@ def _pair(first: float | None, second: float | None) -> str:
     return "n/a" if first is None and second is None else f"{_cell(first)}/{_cell(second)}"
 
 
+def _names(found: float | None, expected: float | None) -> str:
+    """Names right as `names 34/48`; n/a when no reference holds a name of the vocabulary (or there is none)."""
+    return "n/a" if found is None or not expected else f"names {found:g}/{expected:g}"
+
+
 # Clips named in the table's stability line; the JSON report names them all.
 _NAMED_DIFFERING_CLIPS = 10
 
@@ -297,6 +329,7 @@ def _run_row(
         label,
         str(clips),
         _cell(s.wer, ".1%"),
+        _names(s.names_found, s.names_expected),
         f"{_cell(s.hallucinations, 'g')}/{no_speech}",
         _cell(s.inserted_after_speech, "g"),
         _cell(s.lost_first_two, "g"),
@@ -324,6 +357,7 @@ def format_table(report: Report) -> str:
         "mode",
         "clips",
         "WER",
+        "names right",
         "halluc",
         "ins after",
         "lost 1st 2",
@@ -349,7 +383,8 @@ def format_table(report: Report) -> str:
         rows.append(_run_row("median", s.clips, s.no_speech_clips, report.median, report.median))
     if o is not None:
         rows.append(
-            ["offline", str(o.clips), _cell(o.wer, ".1%"), f"{o.hallucinations}/{s.no_speech_clips}"]
+            ["offline", str(o.clips), _cell(o.wer, ".1%"), _names(o.names_found, o.names_expected)]
+            + [f"{o.hallucinations}/{s.no_speech_clips}"]
             + [str(o.inserted_after_speech), str(o.lost_first_two), str(o.no_text)]
             + ["-"] * 6
             + [f"{o.decode_ms_mean:.0f}", _cell(o.cpu_s_per_audio_s, ".3f"), "-", "-", "-"]

@@ -13,17 +13,18 @@ from collections.abc import Iterator, Sequence
 
 import psutil
 
-from ..agreement import join_words
+from ..agreement import Word, join_words
 from ..audio import pcm16_to_float
 from ..config import Settings
 from ..engine import Engine
 from ..events import SessionError
 from ..model import ModelError, WhisperTranscriber
+from ..vocabulary import NameSpeller, names_prompt
 from .corpus import Clip
 from .errors import BenchError
 from .report import OfflineClip, OfflineSummary
 from .resources import Resources, cpu_seconds, measure
-from .scoring import WordScore, ratio, score_words
+from .scoring import WordScore, ratio, score_names, score_words
 from .timing import Playback, final_text
 from .transports import EngineTransport, Replay, Transport, WebSocketTransport, WyomingTransport
 
@@ -68,11 +69,15 @@ async def _replay_all(clips: Sequence[Clip], transport: Transport, concurrency: 
 
 
 async def replay_corpus(
-    args: argparse.Namespace, settings: Settings, clips: Sequence[Clip], label: str = ""
+    args: argparse.Namespace,
+    settings: Settings,
+    clips: Sequence[Clip],
+    label: str = "",
+    names: tuple[str, ...] = (),
 ) -> tuple[list[Playback], Resources]:
-    """Replay the corpus once through the chosen transport (in-process: a new engine), measuring the serving
-    process; `label` prefixes the progress lines."""
-    replay = Replay(realtime=not args.fast, trailing_silence_s=args.trailing_silence)
+    """Replay the corpus once through the chosen transport (in-process: a new engine), every request carrying
+    the household's `names`, measuring the serving process; `label` prefixes the progress lines."""
+    replay = Replay(realtime=not args.fast, trailing_silence_s=args.trailing_silence, names=names)
     replay_all = functools.partial(_replay_all, clips, concurrency=args.concurrency, label=label)
     audio_s = sum(clip.duration_s for clip in clips)
     if args.url or args.wyoming:
@@ -106,8 +111,11 @@ async def replay_corpus(
         await engine.stop()
 
 
-def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[OfflineClip], OfflineSummary]:
-    """Decode every clip whole with the same model, no prompt, padded to 30 s as Whisper was trained.
+def decode_whole(
+    clips: Sequence[Clip], settings: Settings, names: tuple[str, ...] = ()
+) -> tuple[list[OfflineClip], OfflineSummary]:
+    """Decode every clip whole with the same model, padded to 30 s as Whisper was trained, with no prompt but the
+    household's `names` (as the service tells them to its decoder, and spelled as it spells them).
 
     The baseline is the standard whole-utterance decode (what a non-streaming server does), whatever
     `model.encoder_floor_s` the streaming run uses.
@@ -116,18 +124,30 @@ def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[Offlin
         transcriber = WhisperTranscriber(dataclasses.replace(settings.model, encoder_floor_s=30.0))
     except ModelError as err:
         raise BenchError(str(err)) from None
+    prompt, left_out = names_prompt(names, settings.stream.names_chars)
+    if left_out:
+        _LOGGER.warning("%d of %d names did not fit in the decoder prompt (stream.names_chars)", left_out, len(names))
+    speller = NameSpeller(names, transcriber.common_words)
     process = psutil.Process()
     cpu = cpu_seconds(process)
     results: list[OfflineClip] = []
     words = no_text = 0
     for clip in clips:
-        transcript = transcriber.decode(pcm16_to_float(clip.read_pcm()), "", settings.model.language)
-        text = join_words(transcript.words)
+        transcript = transcriber.decode(pcm16_to_float(clip.read_pcm()), prompt, settings.model.language)
+        text = join_words([Word(word.start, word.end, speller.spell(word.text)) for word in transcript.words])
         score = score_words(clip.reference, text)
+        named = score_names(clip.reference, text, names)
         words += score.reference_words
         results.append(
             OfflineClip(
-                clip.name, text, score.errors, transcript.asr_ms, score.inserted_after_speech, score.lost_first_two
+                clip.name,
+                text,
+                score.errors,
+                transcript.asr_ms,
+                score.inserted_after_speech,
+                score.lost_first_two,
+                named.found,
+                named.expected,
             )
         )
         if score.reference_words and not text.strip():
@@ -135,6 +155,8 @@ def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[Offlin
         _progress("offline ", len(results), len(clips), clip, text, score)
     cpu = cpu_seconds(process) - cpu
     errors = sum(result.word_errors for result in results)
+    names_found = sum(result.names_found for result in results)
+    names_expected = sum(result.names_expected for result in results)
     return results, OfflineSummary(
         clips=len(results),
         reference_words=words,
@@ -148,4 +170,7 @@ def decode_whole(clips: Sequence[Clip], settings: Settings) -> tuple[list[Offlin
         inserted_after_speech=sum(result.inserted_after_speech for result in results),
         lost_first_two=sum(result.lost_first_two for result in results),
         no_text=no_text,
+        names_found=names_found,
+        names_expected=names_expected,
+        names_right=ratio(names_found, names_expected),
     )

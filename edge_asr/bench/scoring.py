@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -86,6 +87,52 @@ def _first_words_deleted(chunks: Sequence[jiwer.AlignmentChunk]) -> int:
     return sum(
         max(0, min(chunk.ref_end_idx, FIRST_WORDS) - chunk.ref_start_idx) for chunk in chunks if chunk.type == "delete"
     )
+
+
+# Words as names are matched: letters and digits, with apostrophes inside ("O'Brien"); "Quillo-fan" is two.
+_NAME_WORDS = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+# References are often typed with a typographic apostrophe, transcripts with a straight one.
+_POSSESSIVES = ("'s", "\u2019s")
+
+
+@dataclass(frozen=True)
+class NameScore:
+    """How many of the vocabulary's names in a reference the hypothesis has: `found` of `expected` occurrences,
+    a name's found occurrences counted up to its expected ones."""
+
+    found: int
+    expected: int
+
+
+def _name_words(text: str) -> list[str]:
+    """The words of `text` without case and without a possessive 's."""
+    words = (word.casefold() for word in _NAME_WORDS.findall(text))
+    return [word[:-2] if word.endswith(_POSSESSIVES) else word for word in words]
+
+
+def _occurrences(phrase: Sequence[str], words: Sequence[str]) -> int:
+    """How often `phrase` appears in `words` as a run of whole words, occurrences not overlapping."""
+    count = index = 0
+    while phrase and index + len(phrase) <= len(words):
+        if words[index : index + len(phrase)] == phrase:
+            count += 1
+            index += len(phrase)
+        else:
+            index += 1
+    return count
+
+
+def score_names(reference: str, hypothesis: str, names: Sequence[str]) -> NameScore:
+    """Count each name's occurrences in the reference and how many of them the hypothesis has (case-insensitive
+    whole words after dropping a possessive 's; a name of several words matches as a phrase)."""
+    reference_words, hypothesis_words = _name_words(reference), _name_words(hypothesis)
+    found = expected = 0
+    for name in names:
+        phrase = _name_words(name)
+        said = _occurrences(phrase, reference_words)
+        expected += said
+        found += min(said, _occurrences(phrase, hypothesis_words))
+    return NameScore(found, expected)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

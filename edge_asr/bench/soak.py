@@ -156,6 +156,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             ("--fast", args.fast),
             ("--runs", args.runs != 1),
             ("--concurrency", args.concurrency != 1),
+            ("--vocabulary", args.vocabulary is not None),
         )
         if given
     ]

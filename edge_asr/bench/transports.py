@@ -28,10 +28,12 @@ MAX_WAIT_AFTER_AUDIO_STOP_S = 30.0
 
 @dataclass(frozen=True)
 class Replay:
-    """How clips are sent: paced in real time or not, and the digital silence after each."""
+    """How clips are sent: paced in real time or not, the digital silence after each, and the household's names
+    every request carries (none: the request says nothing of names, as before they existed)."""
 
     realtime: bool
     trailing_silence_s: float
+    names: tuple[str, ...] = ()
 
 
 async def _send_audio(
@@ -73,7 +75,7 @@ class EngineTransport:
         """Feed the clip to a new session, then finish it."""
         received: list[Received] = []
         sent: list[tuple[float, float]] = []
-        async with self._engine.session(source="bench") as session:
+        async with self._engine.session(source="bench", names=self._replay.names) as session:
 
             async def read() -> None:
                 async for event in session.events():
@@ -106,7 +108,8 @@ class WebSocketTransport:
         self._replay = replay
 
     async def play(self, pcm: bytes) -> Playback:
-        """Connect, wait for `ready`, stream the clip, send `end` and read until the clip is done."""
+        """Connect, wait for `ready`, send the names (a `config` message), stream the clip, send `end` and read
+        until the clip is done."""
         try:
             async with connect(self._url, open_timeout=READY_TIMEOUT_S, max_size=None) as ws:
                 return await self._play(ws, pcm)
@@ -139,6 +142,8 @@ class WebSocketTransport:
         reader = asyncio.create_task(read())
         sent: list[tuple[float, float]] = []
         with contextlib.suppress(ConnectionClosed):
+            if self._replay.names:
+                await ws.send(json.dumps({"type": "config", "vocabulary": list(self._replay.names)}))
             await _send_audio(pcm, self._replay, ws.send, sent)
             await ws.send(json.dumps({"type": "end"}))
         end_at = time.monotonic()
@@ -188,9 +193,10 @@ class WyomingTransport:
         self._replay = replay
 
     async def play(self, pcm: bytes) -> Playback:
-        """Connect, send transcribe, audio-start, the clip and audio-stop, and read until the transcript."""
+        """Connect, send transcribe (with the names), audio-start, the clip and audio-stop, and read until the
+        transcript."""
         try:
-            client = WyomingClient(self._uri, READY_TIMEOUT_S)
+            client = WyomingClient(self._uri, READY_TIMEOUT_S, self._replay.names)
         except ValueError as err:
             raise BenchError(f"--wyoming {err}") from None
         try:

@@ -25,13 +25,15 @@ class WyomingReply:
 
 
 class WyomingClient:
-    """One connection to a Wyoming speech-to-text server (tcp:// or unix://), sending what a satellite sends."""
+    """One connection to a Wyoming speech-to-text server (tcp:// or unix://), sending what a satellite sends;
+    `names` go in `transcribe`'s `transcript_names` (Wyoming 1.10)."""
 
-    def __init__(self, uri: str, connect_timeout_s: float) -> None:
+    def __init__(self, uri: str, connect_timeout_s: float, names: tuple[str, ...] = ()) -> None:
         parts = urlsplit(uri)
         if not ((parts.scheme == "tcp" and parts.hostname and parts.port) or (parts.scheme == "unix" and parts.path)):
             raise ValueError(f"{uri}: expected tcp://HOST:PORT or unix://PATH")
         self._client = AsyncClient.from_uri(uri, connect_timeout=connect_timeout_s)
+        self._names = names
 
     async def __aenter__(self) -> WyomingClient:
         """Connect."""
@@ -44,8 +46,11 @@ class WyomingClient:
             await self._client.disconnect()
 
     async def start(self, language: str | None) -> None:
-        """Ask for a transcript (`transcribe`) and announce 16 kHz mono s16le audio (`audio-start`)."""
-        await self._client.write_event(Transcribe(language=language).event())
+        """Ask for a transcript (`transcribe`, with the names if any) and announce 16 kHz mono s16le audio
+        (`audio-start`)."""
+        # Without names the field is left out, as a satellite that knows none sends it.
+        names = list(self._names) or None
+        await self._client.write_event(Transcribe(language=language, transcript_names=names).event())
         await self._client.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1).event())
 
     async def send(self, pcm: bytes) -> None:
