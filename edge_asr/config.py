@@ -178,7 +178,13 @@ class MqttSettings:
     host: str = "localhost"
     port: int = _setting(1883, low=1, high=65_535)
     protocol: str = _setting("5", choices=("5", "3.1.1"))
-    client_id: str = "edge-asr"
+    # "" = edge-asr-<host name>: nodes of one household must not share a client id (the broker would
+    # disconnect one for the other).
+    client_id: str = ""
+    # Several nodes behind a balancer: their names (this node is `node`, by default its host name). Each
+    # publishes <prefix>/node/<name>/status; entities are available while any node is.
+    nodes: tuple[str, ...] = ()
+    node: str = ""
     username: str = ""
     # Kept out of repr() so that logging the settings never logs the password.
     password: str = field(default="", repr=False)
@@ -489,6 +495,9 @@ def _check_sites(mqtt: MqttSettings) -> None:
             raise ConfigError(f"{key}: {site!r} must be 1 to 64 letters, digits, '_' or '-'")
     if mqtt.sites and mqtt.default_site not in mqtt.sites:
         raise ConfigError(f"mqtt.default_site: {mqtt.default_site!r} is not one of mqtt.sites")
+    for node in mqtt.nodes:
+        if not SITE_PATTERN.fullmatch(node):
+            raise ConfigError(f"mqtt.nodes: {node!r} must be 1 to 64 letters, digits, '_' or '-'")
 
 
 def _checked_http(http: HttpSettings, environ: Mapping[str, str]) -> HttpSettings:
