@@ -1,5 +1,8 @@
 """MQTT adapter: every session's partials and finals, availability and Home Assistant discovery.
 
+With `mqtt.nodes`, several nodes publish to one broker: each under a client id of its own, with its own
+availability topic, and all with the same discovery, so that a site's entities stay available while any node is up.
+
 paho-mqtt runs its own network thread; its callbacks only hand their news to the event loop, where all
 of this adapter's state lives. Finals wait in a bounded queue until the broker acknowledges them, so a
 broker that is down or restarts loses none (a duplicate is possible, as QoS 1 allows). A message paho will
@@ -13,6 +16,7 @@ import contextlib
 import json
 import logging
 import re
+import socket
 import ssl
 import sys
 import time
@@ -30,7 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_asr import __version__
 from edge_asr.api import SpeechEngine
-from edge_asr.config import MqttSettings, Settings
+from edge_asr.config import ConfigError, MqttSettings, Settings
 from edge_asr.events import Event, Final, Partial, SessionInfo
 
 _LOGGER = logging.getLogger(__name__)
@@ -48,6 +52,9 @@ FAILURE_LOG_INTERVAL_S = 60.0
 CAPPED_SITES_REMEMBERED = 4096
 # The Home Assistant entities of a site, by discovery component.
 DISCOVERY_COMPONENTS = ("event", "sensor")
+# The client id every node had before ids came from the host name: entities are still named after it, so that
+# they keep their ids and are the same from every node.
+ENTITY_BASE = "edge-asr"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _AUTH_REASONS = ("Not authorized", "Bad user name or password")
 # paho says why a socket failed only in its log (e.g. the TLS alert of a broker that wants a client certificate).
@@ -82,9 +89,57 @@ def event_payload(info: SessionInfo, site: str, event: Partial | Final) -> str:
     return json.dumps({**event.to_dict(), **info.to_dict(), "site": site, "timestamp": utc_timestamp()})
 
 
+def node_name(settings: MqttSettings) -> str:
+    """This node's name: `mqtt.node`, else the host name (made topic-safe)."""
+    return settings.node or topic_safe(socket.gethostname(), "localhost")
+
+
+def client_id(settings: MqttSettings) -> str:
+    """The client id this node connects under: `mqtt.client_id`, else `edge-asr-<node name>`, so that nodes sharing
+    a broker (which disconnects the older of two connections with one id) never share one."""
+    return settings.client_id or f"edge-asr-{topic_safe(node_name(settings), 'localhost')}"
+
+
+def checked_node(settings: MqttSettings) -> str:
+    """This node's name; a ConfigError naming `mqtt.node` when `mqtt.nodes` is set and does not list it."""
+    node = node_name(settings)
+    if settings.nodes and node not in settings.nodes:
+        which = f"{node!r}" if settings.node else f"unset, and this host's name {node!r}"
+        raise ConfigError(
+            f"mqtt.node: {which} is not one of mqtt.nodes ({', '.join(settings.nodes)}): set it to this node's name"
+        )
+    return node
+
+
+def status_topic(settings: MqttSettings, node: str) -> str:
+    """The retained `online`/`offline` of `node`: `<prefix>/status` for a single node, else
+    `<prefix>/node/<node>/status`."""
+    prefix = settings.topic_prefix
+    return f"{prefix}/node/{node}/status" if settings.nodes else f"{prefix}/status"
+
+
+def discovery_availability(settings: MqttSettings, node: str) -> dict[str, Any]:
+    """The availability part of every discovery config: this node's status topic, or with `mqtt.nodes` every
+    node's, any of which `online` makes the entities available (identical from every node)."""
+    if not settings.nodes:
+        return {
+            "availability_topic": status_topic(settings, node),
+            "payload_available": "online",
+            "payload_not_available": "offline",
+        }
+    return {
+        "availability": [
+            {"topic": status_topic(settings, name), "payload_available": "online", "payload_not_available": "offline"}
+            for name in settings.nodes
+        ],
+        "availability_mode": "any",
+    }
+
+
 def object_id(settings: MqttSettings, site: str) -> str:
-    """The Home Assistant object id of a site's entities: this node (the client id) and the site."""
-    return f"{topic_safe(settings.client_id, 'edge-asr')}_{site}"
+    """The Home Assistant object id of a site's entities, the same from every node: `mqtt.client_id` when set
+    (as always), else `edge-asr`, and the site."""
+    return f"{topic_safe(settings.client_id, ENTITY_BASE)}_{site}"
 
 
 def discovery_topics(settings: MqttSettings, site: str) -> dict[str, str]:
@@ -203,7 +258,9 @@ class MqttAdapter:
         self._model = settings.model.name
         mqtt_settings = settings.mqtt
         self._prefix = mqtt_settings.topic_prefix
-        self._status_topic = f"{self._prefix}/status"
+        # Refused here, before connecting: a node that is not listed would be available in no discovery.
+        self._node = checked_node(mqtt_settings)
+        self._status_topic = status_topic(mqtt_settings, self._node)
         self._ha_status_topic = f"{mqtt_settings.discovery_prefix}/status"
         self._default_site = topic_safe(mqtt_settings.default_site, "default")
         # The sites with Home Assistant entities, at most mqtt.max_sites (an ordered set), and those past it.
@@ -224,7 +281,7 @@ class MqttAdapter:
         self._broker_news = asyncio.Event()
         # Only paho's network thread reads and writes it: the last socket error paho logged.
         self._socket_failure: ConnectionFailure | None = None
-        self._client = new_client(mqtt_settings, mqtt_settings.client_id)
+        self._client = new_client(mqtt_settings, client_id(mqtt_settings))
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
@@ -518,11 +575,9 @@ class MqttAdapter:
         entity_id = object_id(self._settings, site)
         common = {
             "state_topic": final_topic,
-            "availability_topic": self._status_topic,
-            "payload_available": "online",
-            "payload_not_available": "offline",
+            **discovery_availability(self._settings, self._node),
             "device": {
-                "identifiers": [f"edge_asr_{self._settings.client_id}"],
+                "identifiers": [f"edge_asr_{self._settings.client_id or ENTITY_BASE}"],
                 "name": "edge-asr",
                 "manufacturer": "edge-asr",
                 "model": self._model,

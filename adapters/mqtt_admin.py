@@ -18,7 +18,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_asr.config import SITE_PATTERN, MqttSettings, Settings
 from edge_asr.events import quoted
 
-from .mqtt import ConnectionFailure, discovery_topics, new_client, refusal_hint, socket_failure
+from .mqtt import ConnectionFailure, client_id, discovery_topics, new_client, refusal_hint, socket_failure
 
 # How long the broker has to accept the connection, and then to acknowledge the messages.
 TIMEOUT_S = 5.0
@@ -89,7 +89,7 @@ def forget_site(settings: MqttSettings, site: str, timeout_s: float = TIMEOUT_S)
         raise InvalidSiteName(f"site {quoted(site)} is not valid: 1 to 64 letters, digits, '_' or '-'")
     where = f"{settings.host}:{settings.port}"
     # A client id of its own: the service's would take over, and end, the service's connection.
-    client = new_client(settings, f"{settings.client_id}-forget-{secrets.token_hex(4)}")
+    client = new_client(settings, f"{client_id(settings)}-forget-{secrets.token_hex(4)}")
     client.connect_timeout = timeout_s
     connection = _Connection(where)
     connection.attach(client)

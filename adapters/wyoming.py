@@ -497,6 +497,9 @@ class WyomingHandler(AsyncEventHandler):
             elif isinstance(event, SessionError):
                 await self._error(event.code, event.message)
             elif isinstance(event, Done):
+                # The request is over: free its session slot before the satellite, told so, opens the next one
+                # (a satellite that is quick to ask again must not find its own slot still taken).
+                session.close()
                 text = " ".join(text for text in finals if text)
                 await self._write(Transcript(text=text, language=session.language).event())
                 await self._write(TranscriptStop().event())

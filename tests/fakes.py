@@ -14,6 +14,7 @@ from edge_asr.agreement import Word
 from edge_asr.api import (
     AudioFormatError,
     ComponentState,
+    EngineBusy,
     EngineRefusal,
     Health,
     InvalidSite,
@@ -210,6 +211,7 @@ class FakeEngine:
     revisions: dict[str, str] = field(default_factory=dict)
     # When set, every partial carries this many characters instead of the words.
     partial_padding: int = 0
+    max_open_sessions: int = 1_000
     ready: bool = True
     sessions: list[FakeSession] = field(default_factory=list)
     peers: list[str | None] = field(default_factory=list)
@@ -247,6 +249,8 @@ class FakeEngine:
         """A new scripted session, or the configured refusal; records the client's address."""
         if self.refusal is not None:
             raise self.refusal
+        if len(self.open_sessions) >= self.max_open_sessions:
+            raise EngineBusy(f"all {self.max_open_sessions} sessions are in use")
         self.peers.append(peer)
         checked_site = self.check_site(site or "default")
         session = FakeSession(

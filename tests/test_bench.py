@@ -1,6 +1,6 @@
 """Tests of edge_asr.bench without the model: scoring, error classes, names right, latencies, server messages, the
-corpus and vocabulary, run medians and stability, the report, the names each transport sends, and the command
-against a scripted WebSocket server."""
+corpus and vocabulary, run medians and stability, the report, the names each transport sends, the command
+against a scripted WebSocket server, and the sessions per node it reads from fake nodes' /metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import re
 import threading
 import wave
 from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from edge_asr.bench import command, runner
 from edge_asr.bench.arguments import add_arguments
 from edge_asr.bench.corpus import Clip, load_corpus, load_vocabulary
 from edge_asr.bench.errors import BenchError
+from edge_asr.bench.nodes import NodeSessions, format_nodes, read_all, sessions_during
 from edge_asr.bench.report import (
     ClipResult,
     OfflineClip,
@@ -61,6 +63,7 @@ from edge_asr.bench.transports import Replay, WebSocketTransport, WyomingReplies
 from edge_asr.bench.wyoming_client import WyomingReply
 from edge_asr.config import ModelSettings, Settings, StreamSettings
 from edge_asr.events import Done, Event, Final, Message, Partial, Ready, SessionError
+from edge_asr.metrics import Metrics
 from edge_asr.model import Transcript as ModelTranscript
 
 CHUNK = 640
@@ -1174,3 +1177,151 @@ def test_bench_with_a_vocabulary_sends_the_names_decodes_with_them_and_counts_na
     assert (data["offline"]["names_found"], data["offline"]["names_expected"]) == (3, 3)
     rows = table_rows(captured.err)
     assert (rows["streaming"]["names right"], rows["offline"]["names right"]) == ("names 2/3", "names 3/3")
+
+
+def exposition(websocket: int, wyoming: int = 0) -> str:
+    """A node's /metrics text, rendered by the service's own metrics, with this many sessions opened so far."""
+    metrics = Metrics()
+    metrics.sessions_total.labels("websocket").inc(websocket)
+    metrics.sessions_total.labels("wyoming").inc(wyoming)
+    return metrics.render().decode()
+
+
+@contextlib.contextmanager
+def fake_node(answers: Sequence[str | int]) -> Iterator[str]:
+    """A node's /metrics on a thread: GET k gets answers[k], an exposition or an HTTP status (the last answer
+    repeats). Yields its base URL."""
+    pending = list(answers)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer = pending.pop(0) if len(pending) > 1 else pending[0]
+            body = answer.encode() if isinstance(answer, str) else b"no"
+            self.send_response(200 if isinstance(answer, str) else answer)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.fast
+def test_bench_through_a_balancer_reports_the_sessions_each_node_opened_during_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_clip(tmp_path, "a", "turn on the lights")
+    write_clip(tmp_path, "b", "")
+    write_clip(tmp_path, "c", "turn on the lights")
+    scripts: list[list[Message]] = [[final("Turn on the lights.")], [], [final("Turn on the lights.")]]
+
+    # node1 also served two Wyoming sessions meanwhile: only the bench's protocol counts.
+    with (
+        fake_node([exposition(5, wyoming=1), exposition(7, wyoming=3)]) as node1,
+        fake_node([exposition(0), exposition(1)]) as node2,
+        scripted_server(scripts) as url,
+    ):
+        status = bench(tmp_path, url, "--no-offline", "--json", "-", "--nodes", f"{node1},{node2}/")
+
+    assert status == 0
+    captured = capsys.readouterr()
+    line = f"websocket sessions per node (3 of the bench's 3): {node1} 2, {node2} 1"
+    assert line in captured.err.splitlines()
+    assert list(table_rows(captured.err)) == ["streaming"]
+    assert json.loads(captured.out)["nodes"] == [
+        {"node": node1, "sessions": 2, "problem": None},
+        {"node": node2, "sessions": 1, "problem": None},
+    ]
+
+
+@pytest.mark.fast
+def test_a_node_that_restarted_or_went_away_during_the_run_is_reported_without_a_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_clip(tmp_path, "a", "turn on the lights")
+    scripts: list[list[Message]] = [[final("Turn on the lights.")]] * 2
+
+    with (
+        fake_node([exposition(9), exposition(1)]) as restarted,
+        fake_node([exposition(4), 503]) as gone,
+        fake_node([exposition(0), exposition(2)]) as node3,
+        scripted_server(scripts) as url,
+    ):
+        status = bench(tmp_path, url, "--no-offline", "--runs", "2", "--nodes", f"{restarted},{gone},{node3}")
+
+    assert status == 0, "the run's own figures still stand"
+    lines = capsys.readouterr().out.splitlines()
+    [line] = [line for line in lines if line.startswith("websocket sessions per node")]
+    assert line == (
+        f"websocket sessions per node (2 of the bench's 2): {restarted} n/a (restarted during the run),"
+        f" {gone} n/a (unreadable after the run: cannot read {gone}/metrics: HTTP 503), {node3} 2"
+    )
+    assert lines[-1].startswith("same final text"), "the node line comes under the rows, before stability"
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (401, "HTTP 401 (a node with http.token wants it for /metrics)"),
+        ("<html>not metrics</html>", "is not Prometheus text"),
+    ],
+)
+def test_a_node_unreadable_before_the_run_stops_the_bench_before_any_session(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: str | int, problem: str
+) -> None:
+    write_clip(tmp_path, "a", "turn on the lights")
+    heard: list[list[str | bytes]] = []
+
+    with fake_node([answer]) as node, scripted_server([], heard) as url:
+        status = bench(tmp_path, url, "--no-offline", "--nodes", node)
+
+    assert status == 1
+    assert heard == []
+    assert problem in capsys.readouterr().err
+
+
+@pytest.mark.fast
+def test_an_unreachable_node_before_the_run_stops_the_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_clip(tmp_path, "a", "turn on the lights")
+    with fake_node([exposition(0)]) as node:
+        pass  # closed again: nothing listens there now
+
+    assert bench(tmp_path, "ws://127.0.0.1:9/ws/stream", "--no-offline", "--nodes", node) == 1
+    assert f"cannot read {node}/metrics" in capsys.readouterr().err
+
+
+@pytest.mark.fast
+def test_the_nodes_count_the_sessions_of_the_wyoming_protocol_when_the_bench_speaks_it() -> None:
+    with fake_node([exposition(3, wyoming=10), exposition(8, wyoming=14)]) as node:
+        before = read_all([node])
+        counted = sessions_during([node], before, "wyoming")
+
+    assert counted == (NodeSessions(node, 4),)
+    assert format_nodes(counted, "wyoming", 6) == f"wyoming sessions per node (4 of the bench's 6): {node} 4"
+
+
+@pytest.mark.fast
+def test_nodes_are_base_urls_and_only_apply_through_a_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = bench_parser().parse_args(["corpus", "--nodes", " http://10.0.0.11:8787/, https://node2:8787"])
+    assert args.nodes == ("http://10.0.0.11:8787", "https://node2:8787")
+    assert bench_parser().parse_args(["corpus"]).nodes is None
+    for bad in ("", "10.0.0.11:8787", "http://node1:8787/metrics", "http://a:1,http://a:1", "ws://node1:8787"):
+        with pytest.raises(SystemExit):
+            bench_parser().parse_args(["corpus", "--nodes", bad])
+    capsys.readouterr()
+
+    args = bench_parser().parse_args([str(tmp_path), "--nodes", "http://127.0.0.1:9"])
+    assert command.run(args, Settings()) == 1
+    assert "--nodes only applies with --url or --wyoming" in capsys.readouterr().err

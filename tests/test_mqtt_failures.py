@@ -19,8 +19,9 @@ from adapters.mqtt import FailureLog, MqttAdapter, discovery_topics
 from edge_asr.config import MqttSettings, Settings
 from edge_asr.events import Final, Partial, SessionInfo
 
-from .broker import WAIT_S, Broker, Message, make_broker, subscribed
+from .broker import Broker, Message, make_broker, subscribed
 from .fakes import FakeEngine
+from .waiting import eventually, state
 
 LOGGER = "adapters.mqtt"
 
@@ -38,21 +39,6 @@ def speaker(site: str) -> SessionInfo:
 def texts(messages: list[Message], topic: str) -> list[str]:
     """The `text` of each message on `topic`, in order."""
     return [m.json()["text"] for m in messages if m.topic == topic]
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    """Wait (letting the adapter work) until `condition` holds; fails after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "not reached in time"
-        await asyncio.sleep(0.02)
-
-
-def state(engine: FakeEngine) -> str:
-    """The adapter's state in /health."""
-    component = engine.components.get("mqtt")
-    return component.state if component is not None else ""
 
 
 class FaultyPublish:

@@ -466,3 +466,14 @@ async def test_malformed_transcript_names_are_a_bad_event(port: int, names: obje
 
     assert error.code == "bad_event"
     assert "transcript_names" in (error.text or "")
+
+
+async def test_the_slot_is_free_when_the_satellite_learns_its_request_is_over(engine: FakeEngine, port: int) -> None:
+    engine.max_open_sessions = 1
+    for _ in range(3):  # one request after the other, as fast as a satellite can ask
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await _request(client, [bytes(640)])
+            events = [await _read(client)]
+            while not TranscriptStop.is_type(events[-1].type):
+                events.append(await _read(client))
+        assert not [e for e in events if Error.is_type(e.type)]

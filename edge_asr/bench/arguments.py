@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def _positive_int(text: str) -> int:
@@ -27,6 +28,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _node_urls(text: str) -> tuple[str, ...]:
+    nodes = tuple(item.strip().rstrip("/") for item in text.split(",") if item.strip())
+    if not nodes:
+        raise argparse.ArgumentTypeError("no node given")
+    for node in nodes:
+        parts = urlsplit(node)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise argparse.ArgumentTypeError(f"not a node's base URL (http://HOST:PORT): {node!r}")
+    if len(set(nodes)) < len(nodes):
+        raise argparse.ArgumentTypeError(f"a node is listed twice: {text!r}")
+    return nodes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's flags and its CORPUS argument."""
     parser.add_argument("corpus", type=Path, metavar="CORPUS", help="directory of 16 kHz mono .wav + .txt pairs")
@@ -35,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--wyoming", metavar="URI", help="replay through a Wyoming STT server, e.g. tcp://HOST:10300")
     parser.add_argument(
         "--pid", type=int, help="with --url or --wyoming: the server's process id, to measure its CPU and RSS"
+    )
+    parser.add_argument(
+        "--nodes",
+        type=_node_urls,
+        metavar="URLS",
+        help="with --url or --wyoming through a balancer: the nodes behind it, e.g. http://NODE1:8787,http://NODE2:8787;"
+        " their /metrics are read before and after the run, and the sessions each opened are reported (other"
+        " clients' sessions in that time count too)",
     )
     parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="K", help="speakers at once (1)")
     parser.add_argument("--fast", action="store_true", help="send audio as fast as possible instead of in real time")
@@ -75,8 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " the broker restarted at 1/3 and 2/3 of the run. Exit code 1 when a target is missed: RSS growth after"
         " the warm-up (the first sixth, at least 30 s) over the limit, a session or event-loop task left over, a"
         " final lost on a client that stayed connected or on the broker, a never-reading client not cut off, a"
-        " non-zero exit on SIGTERM. --url, --wyoming, --pid, --fast, --runs, --concurrency and --vocabulary do not"
-        " apply.",
+        " non-zero exit on SIGTERM. --url, --wyoming, --nodes, --pid, --fast, --runs, --concurrency and --vocabulary"
+        " do not apply.",
     )
     soak.add_argument(
         "--soak",

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config import Settings
 from .corpus import load_corpus, load_vocabulary
 from .errors import BenchError
+from .nodes import read_all, sessions_during
 from .report import (
     Report,
     RunResult,
@@ -29,8 +30,16 @@ from .timing import speech_span
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the bench (or, with --soak, the soak); 0 when every clip of every run went through, 1 when one got an
     error or the bench could not run."""
+    if args.nodes and not (args.url or args.wyoming):
+        # Checked before the soak, which takes neither: it would ignore the nodes.
+        print(
+            "edge-asr bench: --nodes only applies with --url or --wyoming (the balancer in front of them)",
+            file=sys.stderr,
+        )
+        return 1
     if args.soak is not None:
         return run_soak(args, settings)
+    protocol = "websocket" if args.url else "wyoming" if args.wyoming else "in-process"
     try:
         if args.max_rss_growth_mb is not None:
             raise BenchError("--max-rss-growth-mb only applies with --soak")
@@ -39,6 +48,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         clips = load_corpus(args.corpus, args.match, args.limit)
         names = load_vocabulary(args.vocabulary) if args.vocabulary is not None else ()
         spans = [speech_span(clip.read_pcm(), settings.stream) for clip in clips]
+        before = read_all(args.nodes) if args.nodes else {}
         runs: list[RunResult] = []
         for number in range(1, args.runs + 1):
             label = f"run {number} " if args.runs > 1 else ""
@@ -48,6 +58,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 for clip, playback, span in zip(clips, playbacks, spans, strict=True)
             )
             runs.append(RunResult(summarize(results), resources, results))
+        nodes = sessions_during(args.nodes, before, protocol) if args.nodes else ()
         # The whole-clip decode has no prompt but the names and no temperature fallback: one pass serves every run.
         offline_clips, offline = decode_whole(clips, settings, names) if args.offline else ([], None)
     except BenchError as err:
@@ -56,7 +67,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     report = Report(
         corpus=str(args.corpus),
         transport=args.url or args.wyoming or "in-process",
-        protocol="websocket" if args.url else "wyoming" if args.wyoming else "in-process",
+        protocol=protocol,
         concurrency=args.concurrency,
         realtime=not args.fast,
         trailing_silence_s=args.trailing_silence,
@@ -66,6 +77,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         stability=stability(runs),
         offline=offline,
         offline_clips=tuple(offline_clips),
+        nodes=nodes,
     )
     table = format_table(report)
     if args.json == "-":

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..events import Final, Partial, SessionError
 from .corpus import Clip
+from .nodes import NodeSessions, format_nodes
 from .resources import Resources
 from .scoring import normalize, percentile, ratio, score_names, score_words
 from .timing import Playback, end_to_final, final_text, first_text_lag, word_lags
@@ -182,6 +183,8 @@ class Report:
     stability: Stability
     offline: OfflineSummary | None
     offline_clips: tuple[OfflineClip, ...]
+    # With --nodes: the sessions each node behind the balancer opened during the runs.
+    nodes: tuple[NodeSessions, ...] = ()
 
     @property
     def streaming(self) -> StreamingSummary:
@@ -398,6 +401,9 @@ def format_table(report: Report) -> str:
         f" {report.normalizer} normaliser, {report.clip_errors} clip(s) with errors"
         + (f" over {len(report.runs)} runs" if several else "")
     )
+    if report.nodes:
+        attempted = sum(run.streaming.clips for run in report.runs)
+        lines.append(format_nodes(report.nodes, report.protocol, attempted))
     share = report.stability.share
     if share is None:
         return "\n".join([title, *lines])
