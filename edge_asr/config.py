@@ -178,7 +178,7 @@ class MqttSettings:
     host: str = "localhost"
     port: int = _setting(1883, low=1, high=65_535)
     protocol: str = _setting("5", choices=("5", "3.1.1"))
-    # "" = edge-asr-<host name>: nodes of one household must not share a client id (the broker would
+    # "" = edge-asr-<mqtt.node or host name>: nodes of one household must not share a client id (the broker would
     # disconnect one for the other).
     client_id: str = ""
     # Several nodes behind a balancer: their names (this node is `node`, by default its host name). Each

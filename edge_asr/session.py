@@ -320,6 +320,8 @@ class StreamSession:
             return []
         spell = self._speller.spell if self._speller else str
         words = [Word(w.start + request.start_s, w.end + request.start_s, spell(w.text)) for w in transcript.words]
+        # A decode Whisper marks as looping, or that repeats itself, heard nothing worth showing.
+        trusted = not transcript.hallucinated and not repeats_itself(words)
         if request.final:
             # Whisper invents words in silence; the VAD heard none after the voice ended.
             heard = tuple(w for w in words if w.start <= request.voice_end_s + SILENT_WORD_TOLERANCE_S)
@@ -329,14 +331,14 @@ class StreamSession:
                 voice_end_s=request.voice_end_s,
                 asr_ms=transcript.asr_ms,
                 arrival=request.newest_arrival,
-                trusted=not transcript.hallucinated and not repeats_itself(heard),
+                trusted=trusted,
             )
             if self.ending and self._candidate.voice_end_s >= self._voice_end():
                 return self._emit_final(now)
-            if not self._candidate.trusted:
-                return []
             words = list(heard)
-        # A trusted whole decode is also the newest hypothesis of the partial stream.
+        if not trusted:
+            return self._final_if_ready(now)
+        # A trusted decode of either kind is the newest hypothesis of the partial stream.
         return self._update_partial(request, words, transcript.asr_ms, now) + self._final_if_ready(now)
 
     def _update_partial(self, request: DecodeRequest, words: list[Word], asr_ms: float, now: float) -> list[Event]:
@@ -385,8 +387,8 @@ class StreamSession:
 
         A trusted whole decode gives every word after the committed prefix. Otherwise (it failed, or
         Whisper's own signals say it invented or repeated text) the partials' path stands in: committed
-        words and the newest hypothesis, without words after the voice ended; and when that is empty
-        while speech was heard, the whole decode after all, rather than nothing.
+        words and the newest trusted hypothesis, without words after the voice ended. An untrusted decode's
+        words never become a final: they were not heard but made up (a prompt echoed over noise).
         """
         candidate = self._candidate
         committed = list(self._agreement.committed)
@@ -396,7 +398,7 @@ class StreamSession:
         latest = (self._latest_asr_ms, self._latest_arrival or 0.0)
         if candidate is None:
             return fallback, *latest
-        if candidate.trusted or not fallback:
+        if candidate.trusted:
             prefix = [w for w in committed if w.end <= candidate.window_start_s + _SAME_TIME_S]
             return prefix + strip_committed(prefix, candidate.words), candidate.asr_ms, candidate.arrival
         return fallback, *latest
