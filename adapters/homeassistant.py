@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import traceback
@@ -252,6 +253,7 @@ class HomeAssistantAdapter:
         self._kept: int | None = None
         self._fetches = 0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         """Connect in the background: start-up never waits for Home Assistant."""
@@ -260,6 +262,7 @@ class HomeAssistantAdapter:
 
     async def stop(self) -> None:
         """Stop asking Home Assistant; the names fetched last stay with the engine."""
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             # wait() rather than awaiting the task: its CancelledError is not stop()'s own cancellation.
@@ -298,7 +301,11 @@ class HomeAssistantAdapter:
                 )
             if self._fetches != fetches_before:  # it worked for a while: Home Assistant restarted, say
                 delay = self._retry_min_s
-            await asyncio.sleep(delay)
+            # The connection library may swallow a cancellation while it closes: stop() also sets this.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return
             delay = min(delay * 2, RETRY_MAX_S)
 
     def _keeping(self) -> str:

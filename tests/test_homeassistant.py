@@ -345,7 +345,7 @@ async def running(
     try:
         yield adapter, engine
     finally:
-        await asyncio.wait_for(adapter.stop(), 2.0)
+        await asyncio.wait_for(adapter.stop(), 10.0)  # a hang detector: stop() ends in about a second
         assert component(engine) == "stopped"
 
 
