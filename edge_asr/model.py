@@ -17,6 +17,7 @@ import numpy as np
 from .agreement import Word, normalise
 from .audio import SAMPLE_RATE, FloatAudio
 from .config import ModelSettings
+from .vocabulary import NamesInPrompt
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -82,9 +83,12 @@ class Transcriber(Protocol):
         """Run a first decode so the first real one pays no start-up cost; return its ms."""
         ...
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> Transcript:
+    def decode(
+        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+    ) -> Transcript:
         """Transcribe a window of 16 kHz float audio, with text that came before it as prompt; `whole` says the
-        window is a whole utterance whose transcript may become its final."""
+        window is a whole utterance whose transcript may become its final; `names` that its prompt names the
+        household's names."""
         ...
 
 
@@ -205,14 +209,24 @@ class WhisperTranscriber:
         noise = np.random.default_rng(0).normal(0.0, 0.01, samples).astype(np.float32)
         return self.decode(noise, "", self.languages[0]).asr_ms
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> Transcript:
+    def decode(
+        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+    ) -> Transcript:
         """Transcribe a window; blocking, so the engine runs it on its decode thread.
+
+        A prompt full of names conditions everything the decoder writes, not only the names: measured on
+        the bench corpus with 50 invented names, it changes words nobody said a name in. So a decode with
+        `names` in its prompt that names none of them is decoded again without them, and that one counts.
 
         A whole utterance in which the shortened encoder context hears no word gets a second opinion at
         Whisper's own 30 s: there Whisper's no-speech test drops a lone short word ("fifty", 0.5 s) that the
         full context keeps, and a final must not lose it. Empty windows of noise stay empty at 30 s.
         """
         transcript = self._decode(audio, prompt, language, self._floor_frames)
+        if names is not None and not names.speller.names_any(w.text for w in transcript.words):
+            plain = self._decode(audio, names.plain, language, self._floor_frames)
+            transcript = dataclasses.replace(plain, asr_ms=transcript.asr_ms + plain.asr_ms)
+            prompt = names.plain
         if not whole or self._floor_frames >= _WHISPER_FRAMES or any(normalise(w.text) for w in transcript.words):
             return transcript
         second = self._decode(audio, prompt, language, _WHISPER_FRAMES)

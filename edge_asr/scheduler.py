@@ -8,6 +8,7 @@ then the session that has waited longest.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -146,7 +147,15 @@ class DecodeScheduler:
         transcript: Transcript | None = None
         try:
             transcript = await loop.run_in_executor(
-                self._executor, transcriber.decode, request.audio, request.prompt, request.language, request.final
+                self._executor,
+                functools.partial(
+                    transcriber.decode,
+                    request.audio,
+                    request.prompt,
+                    request.language,
+                    whole=request.final,
+                    names=request.names,
+                ),
             )
         except Exception as err:
             self._failed(err)

@@ -11,7 +11,7 @@ from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH, FloatAudio, pcm16_to_float, s
 from .config import LimitSettings, StreamSettings
 from .events import Event, Final, Partial, words_after
 from .vad import START_LOOKBACK_S, VadChange, VadGate
-from .vocabulary import NameSpeller
+from .vocabulary import NamesInPrompt, NameSpeller
 
 if TYPE_CHECKING:
     from .model import Transcript
@@ -43,6 +43,7 @@ class DecodeRequest:
     newest_arrival: float
     utterance_start_s: float
     voice_end_s: float = 0.0
+    names: NamesInPrompt | None = None
 
 
 @dataclass(frozen=True)
@@ -293,20 +294,21 @@ class StreamSession:
         else:
             self._partial_in_flight = True
         self._last_request_end_s = max(self._last_request_end_s, end_s)
+        plain_prompt = build_prompt(self._prompt, context, self._stream.prompt_chars)
         return DecodeRequest(
             audio=pcm16_to_float(bytes(self._slice(self._window_start_s, end_s))),
             start_s=self._window_start_s,
             end_s=end_s,
-            prompt=" ".join(
-                part
-                for part in (self._names_prompt, build_prompt(self._prompt, context, self._stream.prompt_chars))
-                if part
-            ),
+            prompt=" ".join(part for part in (self._names_prompt, plain_prompt) if part),
             language=self._language,
             final=final,
             newest_arrival=self._arrival_of(end_s),
             utterance_start_s=self._utterance_start_s,
             voice_end_s=voice_end_s,
+            # A final decodes again without the names when they were not heard (see `Transcriber.decode`).
+            names=NamesInPrompt(plain_prompt, self._speller)
+            if final and self._names_prompt and self._speller
+            else None,
         )
 
     def apply(self, request: DecodeRequest, transcript: Transcript, now: float) -> list[Event]:

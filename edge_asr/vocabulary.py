@@ -103,6 +103,12 @@ class NameSpeller:
     def __bool__(self) -> bool:
         return bool(self._targets)
 
+    def names_any(self, texts: Iterable[str]) -> bool:
+        """Whether, spelled, any of these word texts is a name's word."""
+        return any(
+            _stem(word).lower() in self._targets for text in texts for word in _LETTERS.findall(self.spell(text))
+        )
+
     def spell(self, text: str) -> str:
         """`text` with every word close to a name word spelled as that name word; spacing and punctuation kept."""
         if not self._targets:
@@ -111,13 +117,24 @@ class NameSpeller:
 
     def _respell(self, match: re.Match[str]) -> str:
         word = match.group(0)
-        stem, possessive = (word[:-2], word[-2:]) if word.lower().endswith("'s") else (word, "")
+        stem = _stem(word)
+        possessive = word[len(stem) :]
         lowered = stem.lower()
         if len(lowered) < _MIN_WORD_CHARS or lowered in self._targets:
             return self._targets.get(lowered, stem) + possessive
-        needed = _COMMON_SIMILARITY if lowered in self._common else _UNCOMMON_SIMILARITY
+        # A hair under the bound: edit similarities are fractions (0.6 is 3/5) and must not round below it.
+        needed = (_COMMON_SIMILARITY if lowered in self._common else _UNCOMMON_SIMILARITY) - 1e-9
         found = process.extractOne(lowered, self._keys, scorer=Levenshtein.normalized_similarity, score_cutoff=needed)
         return (self._targets[found[0]] if found else stem) + possessive
+
+
+@dataclass(frozen=True)
+class NamesInPrompt:
+    """A decode whose prompt begins with the household's names: `plain` is its prompt without them, and
+    `speller` knows the names' words."""
+
+    plain: str
+    speller: NameSpeller
 
 
 class NamesFile:
@@ -149,3 +166,8 @@ class NamesFile:
             self._stamp = stamp
             _LOGGER.info("model.vocabulary_file: %d names", len(self._names))
         return self._names
+
+
+def _stem(word: str) -> str:
+    """A word without its possessive ("Elowen's" is "Elowen")."""
+    return word[:-2] if word.lower().endswith("'s") else word

@@ -26,6 +26,7 @@ from edge_asr.config import SITE_PATTERN
 from edge_asr.events import Done, Event, Final, Partial, SessionError, SessionInfo
 from edge_asr.metrics import Metrics
 from edge_asr.model import Transcript
+from edge_asr.vocabulary import NamesInPrompt
 
 
 class ScriptedTranscriber:
@@ -47,7 +48,9 @@ class ScriptedTranscriber:
         """Nothing to warm."""
         return 1.0
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> Transcript:
+    def decode(
+        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+    ) -> Transcript:
         """A word per whole second of audio, after `delay_s`; raises when `fail` is set."""
         with self._lock:
             self.concurrent += 1
@@ -88,7 +91,9 @@ class GatedTranscriber:
         """Let the decode whose prompt is `prompt` (running or to come) finish."""
         self._gate(prompt).set()
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> Transcript:
+    def decode(
+        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+    ) -> Transcript:
         """Wait for the gate (10 s at most, so a broken test cannot hang the suite), then hear nothing."""
         with self._lock:
             self.started.append(prompt)

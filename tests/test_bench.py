@@ -65,6 +65,7 @@ from edge_asr.config import ModelSettings, Settings, StreamSettings
 from edge_asr.events import Done, Event, Final, Message, Partial, Ready, SessionError
 from edge_asr.metrics import Metrics
 from edge_asr.model import Transcript as ModelTranscript
+from edge_asr.vocabulary import NamesInPrompt
 
 CHUNK = 640
 T0 = 100.0
@@ -1027,7 +1028,9 @@ class MishearingTranscriber:
     def __init__(self) -> None:
         self.asked: list[tuple[str, bool]] = []
 
-    def decode(self, audio: FloatAudio, prompt: str, language: str, whole: bool = False) -> ModelTranscript:
+    def decode(
+        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+    ) -> ModelTranscript:
         """The same words for any audio."""
         self.asked.append((prompt, whole))
         return ModelTranscript((Word(0.1, 0.4, " Dim"), Word(0.4, 0.9, " Ellowen's"), Word(0.9, 1.2, " lamp.")), 40.0)

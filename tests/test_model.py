@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_asr.audio import pcm16_to_float
+from edge_asr.audio import FloatAudio, pcm16_to_float
 from edge_asr.config import ModelSettings
-from edge_asr.model import ModelError, WhisperTranscriber, bundled_model_dir, languages_of, resolve_model
+from edge_asr.model import ModelError, Transcript, WhisperTranscriber, bundled_model_dir, languages_of, resolve_model
 from edge_asr.vad import VadGate
+from edge_asr.vocabulary import NamesInPrompt, NameSpeller, names_prompt
 
 from .speech import normalise, read_pcm, reference, silence
 
@@ -114,3 +115,39 @@ def test_a_whole_utterance_with_no_word_at_the_short_context_gets_a_second_opini
     assert normalise("".join(word.text for word in final.words)) == "50"
     assert final.encoder_s == 30.0, "the word came from Whisper's own context"
     assert noise.words == ()
+
+
+class DecodeSpy:
+    """Records the prompt of every decode a real transcriber runs."""
+
+    def __init__(self, transcriber: WhisperTranscriber) -> None:
+        self.prompts: list[str] = []
+        real = transcriber._decode
+
+        def decode(audio: FloatAudio, prompt: str, language: str, floor_frames: int) -> Transcript:
+            self.prompts.append(prompt)
+            return real(audio, prompt, language, floor_frames)
+
+        transcriber._decode = decode  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(("names", "decodes"), [(("Zorbeline Quathmire",), 2), (("Participant",), 1)])
+def test_a_final_prompted_with_names_it_does_not_hear_is_decoded_again_without_them(
+    names: tuple[str, ...], decodes: int
+) -> None:
+    transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1))
+    spy = DecodeSpy(transcriber)
+    audio = pcm16_to_float(read_pcm("asterisk_conf-onlyone"))
+    sentence, _ = names_prompt(names, 200)
+    plain = "Earlier words."
+
+    transcript = transcriber.decode(
+        audio, f"{sentence} {plain}", "en", whole=True, names=NamesInPrompt(plain, NameSpeller(names, frozenset()))
+    )
+
+    assert len(spy.prompts) == decodes
+    assert spy.prompts[0] == f"{sentence} {plain}"
+    if decodes == 2:
+        assert spy.prompts[1] == plain
+        assert transcript.words == transcriber.decode(audio, plain, "en", whole=True).words
+    assert normalise("".join(word.text for word in transcript.words)) == normalise(reference("asterisk_conf-onlyone"))

@@ -17,6 +17,7 @@ from edge_asr.metrics import Metrics
 from edge_asr.model import Transcript
 from edge_asr.scheduler import DecodeNeed, DecodeScheduler
 from edge_asr.session import DecodeRequest
+from edge_asr.vocabulary import NamesInPrompt
 
 from .fakes import GatedTranscriber
 from .speech import read_pcm, silence
@@ -144,7 +145,12 @@ async def test_a_session_that_cannot_build_its_request_is_aborted_and_the_others
 async def test_a_decode_that_raises_reaches_its_session_as_no_transcript() -> None:
     class Failing(GatedTranscriber):
         def decode(
-            self, audio: np.typing.NDArray[np.float32], prompt: str, language: str, whole: bool = False
+            self,
+            audio: np.typing.NDArray[np.float32],
+            prompt: str,
+            language: str,
+            whole: bool = False,
+            names: NamesInPrompt | None = None,
         ) -> Transcript:
             raise RuntimeError("the model broke")
 

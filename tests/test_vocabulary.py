@@ -14,7 +14,7 @@ from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 from edge_asr.events import Final, SessionInfo
 from edge_asr.model import Transcript
-from edge_asr.vocabulary import NamesFile, NameSpeller, Vocabulary, names_prompt
+from edge_asr.vocabulary import NamesFile, NamesInPrompt, NameSpeller, Vocabulary, names_prompt
 
 from .fakes import ScriptedTranscriber
 from .speech import read_pcm, silence
@@ -107,9 +107,14 @@ class PromptRecorder(ScriptedTranscriber):
     def __init__(self) -> None:
         super().__init__()
         self.prompts: list[str] = []
+        self.plain_prompts: list[str] = []
 
-    def decode(self, audio: object, prompt: str, language: str, whole: bool = False) -> Transcript:
+    def decode(
+        self, audio: object, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+    ) -> Transcript:
         self.prompts.append(prompt)
+        if names is not None:
+            self.plain_prompts.append(names.plain)
         return Transcript((Word(0.3, 0.8, " Lock"), Word(0.8, 1.2, " the"), Word(1.2, 1.8, " Calaway")), 5.0)
 
 
@@ -141,6 +146,8 @@ async def test_the_engine_merges_request_config_file_and_outside_names_and_tells
     assert transcriber.prompts
     assert all(p.startswith("We have Calloway and Tarrow and Brannoc and Wrenfold.") for p in transcriber.prompts)
     assert "Kestrel" not in transcriber.prompts[0], "the least important name did not fit"
+    assert transcriber.plain_prompts, "a final decode may be decoded again without the names"
+    assert not any("Calloway" in p for p in transcriber.plain_prompts)
     [(info, final)] = seen
     assert final.text == "Lock the Calloway"
     assert info.vocabulary_names == 5
