@@ -49,6 +49,14 @@ MAX_TEXT_BYTES = 64 * 1024
 # How long a vanished client's open utterance may take to be finalised for the listeners.
 ORPHAN_FINISH_S = 10.0
 GRACEFUL_SHUTDOWN_S = 3
+
+
+def protocol_max_bytes(limits: LimitSettings) -> int:
+    """The largest message the WebSocket protocol buffers: above our own limits, so that an oversized frame
+    reaches us and gets its `frame_too_large` event; past this the protocol closes with 1009 unread."""
+    return 2 * limits.max_frame_bytes + MAX_TEXT_BYTES
+
+
 SEND_BUFFER_BYTES = 64 * 1024
 
 
@@ -349,8 +357,7 @@ class HttpAdapter:
             ssl_keyfile=settings.http.tls_key_file or None,
             log_config=None,
             access_log=False,
-            # Larger than our own limit, so that we see an oversized frame and answer it ourselves.
-            ws_max_size=2 * settings.limits.max_frame_bytes + MAX_TEXT_BYTES,
+            ws_max_size=protocol_max_bytes(settings.limits),
             lifespan="off",
             # The drain has let every utterance end; connections still open are closed within this.
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

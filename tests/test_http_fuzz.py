@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from adapters.http import MAX_TEXT_BYTES, HttpAdapter
+from adapters.http import MAX_TEXT_BYTES, HttpAdapter, protocol_max_bytes
 from adapters.wire_json import MAX_JSON_DEPTH
 from edge_asr.config import SITE_PATTERN, build_settings
 
@@ -29,6 +29,8 @@ WAIT_S = 5.0
 MAX_FRAME_BYTES = 4096
 LANGUAGES = ("en", "de")
 CLOSE_INVALID_DATA, CLOSE_TOO_BIG = 1007, 1009
+SETTINGS = build_settings({"http": {"host": "127.0.0.1", "port": 0}, "limits": {"max_frame_bytes": MAX_FRAME_BYTES}})
+PROTOCOL_MAX_BYTES = protocol_max_bytes(SETTINGS.limits)
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,11 @@ def _expected(frame: Frame) -> tuple[str | None, int | None]:
         if len(frame) > MAX_FRAME_BYTES:
             return "frame_too_large", CLOSE_TOO_BIG
         return ("bad_audio" if len(frame) % 2 else None), None
-    if len(frame.encode()) > MAX_TEXT_BYTES:
+    size = len(frame.encode())
+    if size > PROTOCOL_MAX_BYTES:
+        # The protocol refuses it unread: the close code (and its reason) is the whole answer.
+        return None, CLOSE_TOO_BIG
+    if size > MAX_TEXT_BYTES:
         return "frame_too_large", CLOSE_TOO_BIG
     return _text_error(frame), None
 
@@ -154,10 +160,7 @@ def _expected(frame: Frame) -> tuple[str | None, int | None]:
 def url() -> Iterator[str]:
     """The adapter, against a fake engine that checks sites, on its own event loop in a thread (the clients and
     hypothesis are synchronous); one for the whole module, as a service is one for all its clients."""
-    settings = build_settings(
-        {"http": {"host": "127.0.0.1", "port": 0}, "limits": {"max_frame_bytes": MAX_FRAME_BYTES}}
-    )
-    adapter = HttpAdapter(FakeEngine(check_sites=True), settings)
+    adapter = HttpAdapter(FakeEngine(check_sites=True), SETTINGS)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -207,7 +210,7 @@ def _check_frames(url: str, frames: list[Frame]) -> None:
             else:
                 ws.send(frame)
             if close_code is not None:
-                assert _closing_errors(ws) == ([code], close_code)
+                assert _closing_errors(ws) == ([code] if code else [], close_code)
                 return
             probe = f"probe-{number}"
             ws.send(json.dumps({"type": probe}))
