@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from edge_asr.api import SpeechEngine
+from edge_asr.api import SpeechEngine, is_text
 from edge_asr.config import HomeAssistantSettings, Settings
 
 _LOGGER = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _where(url: str) -> str:
 
 def _clean(value: object) -> str:
     """A name as it is used: whitespace runs made one space; "" for anything else than a string of usable length."""
-    if not isinstance(value, str):
+    if not is_text(value):
         return ""
     name = " ".join(value.split())
     return name if len(name) <= MAX_NAME_CHARS else ""
@@ -86,7 +86,7 @@ def _aliases(item: Mapping[str, Any]) -> list[str]:
     aliases = item.get("aliases")
     if not isinstance(aliases, list):
         return []
-    return sorted((alias for alias in aliases if isinstance(alias, str)), key=str.casefold)
+    return sorted((alias for alias in aliases if is_text(alias)), key=str.casefold)
 
 
 def household_names(

@@ -26,6 +26,7 @@ from edge_asr.api import (
     SpeechEngine,
     SpeechSession,
     UnsupportedLanguage,
+    is_text,
     refusal_error,
     request_names,
 )
@@ -248,8 +249,8 @@ class WebSocketStream:
             return
         prompt, language = message.get("prompt", ""), message.get("language", self._session.language)
         site = message.get("site", self._session.site)
-        if not all(isinstance(value, str) for value in (prompt, language, site)):
-            self._session.report_error("bad_config", "prompt, language and site must be strings")
+        if not all(is_text(value) for value in (prompt, language, site)):
+            self._session.report_error("bad_config", "prompt, language and site must be strings of valid Unicode text")
             return
         try:
             names = request_names(message.get("vocabulary"), "vocabulary")

@@ -22,7 +22,15 @@ from wyoming.server import AsyncEventHandler, AsyncServer, AsyncStdioServer
 
 from adapters.wire_json import NotJson, TooDeep, load_json
 from edge_asr import __version__
-from edge_asr.api import AudioFormatError, EngineRefusal, SpeechEngine, SpeechSession, refusal_error, request_names
+from edge_asr.api import (
+    AudioFormatError,
+    EngineRefusal,
+    SpeechEngine,
+    SpeechSession,
+    is_text,
+    refusal_error,
+    request_names,
+)
 from edge_asr.audio import PcmConverter
 from edge_asr.config import ConfigError, Settings, WyomingSettings
 from edge_asr.events import Done, Final, Partial, SessionError, quoted, words_after
@@ -138,10 +146,8 @@ def _optional_text(data: dict[str, Any], key: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ProtocolError("bad_event", f"{key} must be a string")
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: it could never be written back
-        raise ProtocolError("bad_event", f"{key} is not valid Unicode text") from None
+    if not is_text(value):
+        raise ProtocolError("bad_event", f"{key} is not valid Unicode text")
     return value
 
 
@@ -512,10 +518,13 @@ class WyomingHandler(AsyncEventHandler):
     async def _abandon_request(self) -> None:
         """The connection ended mid-request: the listeners (MQTT) still get the final of what was said,
         within ORPHAN_FINISH_S; then the session is freed."""
-        if self._session is not None and self._session.has_open_utterance:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._session.finish(), ORPHAN_FINISH_S)
-        await self._end_request()
+        try:
+            if self._session is not None and self._session.has_open_utterance:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._session.finish(), ORPHAN_FINISH_S)
+        finally:
+            # Whatever the finish raised, the session's slot must not outlive the connection.
+            await self._end_request()
 
     async def _end_request(self) -> None:
         """Free the request's session, then stop its responder (awaited, so that nothing it raised goes unseen)."""

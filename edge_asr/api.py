@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from .events import Event, Final, SessionError, SessionInfo
 from .metrics import Metrics
@@ -67,13 +67,25 @@ MAX_REQUEST_NAMES = 200
 MAX_REQUEST_NAME_CHARS = 100
 
 
+def is_text(value: object) -> TypeGuard[str]:
+    """Whether `value` is a string that is valid Unicode: JSON can carry a lone surrogate (an escape such as
+    "\\ud800"), which no UTF-8 encoder, tokenizer or client can take."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def request_names(value: object, key: str) -> tuple[str, ...]:
     """A client's list of names (Wyoming `transcript_names`/`transcript_terms`, the WebSocket `vocabulary`),
     checked: a list of at most MAX_REQUEST_NAMES strings of at most MAX_REQUEST_NAME_CHARS; else ValueError."""
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ValueError(f"{key} must be a list of strings")
+    if not isinstance(value, list) or not all(is_text(item) for item in value):
+        raise ValueError(f"{key} must be a list of strings of valid Unicode text")
     if len(value) > MAX_REQUEST_NAMES:
         raise ValueError(f"{key} holds more than {MAX_REQUEST_NAMES} names")
     if any(len(item) > MAX_REQUEST_NAME_CHARS for item in value):

@@ -289,8 +289,10 @@ class EngineSession:
 
     def abort(self, reason: str) -> None:
         """Tell the client the session broke, and close it."""
-        self.report_error("internal_error", reason)
-        self.close()
+        try:
+            self.report_error("internal_error", reason)
+        finally:
+            self.close()
 
     def _publish(self, events: list[Event]) -> None:
         if self._closed:

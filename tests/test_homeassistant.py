@@ -554,8 +554,8 @@ def test_names_are_cleaned_deduplicated_and_in_order() -> None:
         exposed=["switch.b", "light.a"],
         entries={"light.a": {"name": None, "original_name": "Orig", "aliases": [7, "A1"]}, "switch.b": None},
         friendly_names={"switch.b": "Bee\n switch", "light.a": "Ay light"},
-        areas=[{"name": "ay LIGHT", "aliases": ["Room"]}, "not an area", {"name": "n" * 101}],
-        floors=[{"name": "  Room ", "aliases": None}, {"name": "Top"}],
+        areas=[{"name": "ay LIGHT", "aliases": ["Room", "Hall \ud800"]}, "not an area", {"name": "n" * 101}],
+        floors=[{"name": "  Room ", "aliases": None}, {"name": "Top"}, {"name": "\udcff"}],
     )
 
     assert names == ["Ay light", "A1", "Bee switch", "Room", "Top"]

@@ -51,9 +51,10 @@ JSON_VALUES = st.recursive(
 CONFIG_MESSAGES = st.fixed_dictionaries(
     {"type": st.just("config")},
     optional={
-        "language": JSON_VALUES | st.sampled_from(["en", "de-DE", "EN_us", "fr", ""]),
-        "prompt": JSON_VALUES,
-        "site": JSON_VALUES | st.sampled_from(["kitchen", "living room", "", "x" * 65, "hall/+/#"]),
+        "language": JSON_VALUES | st.sampled_from(["en", "de-DE", "EN_us", "fr", "", "e\ud800"]),
+        "prompt": JSON_VALUES | st.sampled_from(["Lights \udcff", "Lights."]),
+        "site": JSON_VALUES | st.sampled_from(["kitchen", "living room", "", "x" * 65, "hall/+/#", "\ud800"]),
+        "vocabulary": JSON_VALUES | st.lists(st.text(max_size=12) | st.sampled_from(["\ud800", "x" * 101]), max_size=4),
         "volume": JSON_VALUES,
     },
 )
@@ -113,11 +114,26 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+def _is_text(value: object) -> bool:
+    """A string JSON can carry but UTF-8 cannot (a lone surrogate escape) is not text."""
+    return isinstance(value, str) and not any(0xD800 <= ord(char) <= 0xDFFF for char in value)
+
+
+def _vocabulary_error(vocabulary: object) -> str | None:
+    if vocabulary is None:
+        return None
+    if not isinstance(vocabulary, list) or not all(_is_text(name) and len(name) <= 100 for name in vocabulary):
+        return "bad_config"
+    return None
+
+
 def _config_error(message: dict[str, Any]) -> str | None:
-    if set(message) - {"type", "language", "prompt", "site"}:
+    if set(message) - {"type", "language", "prompt", "site", "vocabulary"}:
         return "bad_config"
     values = [message[key] for key in ("language", "prompt", "site") if key in message]
-    if not all(isinstance(value, str) for value in values):
+    if not all(_is_text(value) for value in values):
+        return "bad_config"
+    if _vocabulary_error(message.get("vocabulary")):
         return "bad_config"
     if "language" in message and message["language"].lower()[:2] not in LANGUAGES:
         return "unsupported_language"
