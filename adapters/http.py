@@ -32,7 +32,7 @@ from edge_asr.api import (
 )
 from edge_asr.audio import SAMPLE_RATE
 from edge_asr.config import ConfigError, LimitSettings, Settings
-from edge_asr.events import Ready, SessionError, quoted
+from edge_asr.events import Final, Ready, SessionError, quoted
 from edge_asr.metrics import CONTENT_TYPE
 
 from .http_gate import AccessGate
@@ -155,7 +155,7 @@ class WebSocketStream:
         self._ws = websocket
         self._session = session
         self._limits = limits
-        self._finishing: asyncio.Task[None] | None = None
+        self._finishing: asyncio.Task[Final | None] | None = None
 
     async def run(self) -> None:
         """Send `ready`, then pump frames in and events out until the client leaves, stops reading, or breaks
@@ -207,7 +207,7 @@ class WebSocketStream:
             if data is not None:
                 self._on_audio(data)
             elif text is not None:
-                self._on_text(text)
+                await self._on_text(text)
 
     def _on_audio(self, data: bytes) -> None:
         try:
@@ -215,7 +215,7 @@ class WebSocketStream:
         except AudioFormatError as err:
             self._refused(err, "; frame dropped (expected s16le mono 16 kHz)")
 
-    def _on_text(self, text: str) -> None:
+    async def _on_text(self, text: str) -> None:
         try:
             message = _json_value(text)
         except BadJson as err:
@@ -223,7 +223,7 @@ class WebSocketStream:
             return
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "end":
-            self._finish_in_background()
+            await self._finish_in_background()
         elif kind == "config":
             self._on_config(message)
         else:
@@ -231,16 +231,12 @@ class WebSocketStream:
                 "unknown_message", f"unknown message type {quoted(kind)}; expected config or end"
             )
 
-    def _finish_in_background(self) -> None:
-        """Finalise without blocking the reader: audio after `end` keeps flowing in."""
-        previous = self._finishing
-
-        async def finish() -> None:
-            if previous is not None:
-                await previous
-            await self._session.finish()
-
-        self._finishing = asyncio.create_task(finish())
+    async def _finish_in_background(self) -> None:
+        """Finalise without blocking the reader: audio after `end` keeps flowing in. An `end` while the one before
+        is still finishing waits for it, so that a flood of them cannot pile up."""
+        if self._finishing is not None:
+            await asyncio.wait((self._finishing,))
+        self._finishing = asyncio.create_task(self._session.finish())
 
     def _on_config(self, message: dict[str, Any]) -> None:
         unknown = sorted(set(message) - {"type", "language", "prompt", "site", "vocabulary"})

@@ -4,8 +4,11 @@ slowloris and header floods), WebSocket faults answered without a traceback, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
+import struct
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -90,7 +93,32 @@ def request_limits_protocol(timeout_s: float) -> type[asyncio.Protocol]:
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's default WebSocket protocol without two of its ERROR log lines that clients can cause at will."""
+    """uvicorn's default WebSocket protocol without two of its ERROR log lines that clients can cause at will, and
+    with a connection that outlives its session cut off."""
+
+    _linger: asyncio.TimerHandle | None = None
+
+    async def run_asgi(self) -> None:
+        """Run the app as uvicorn does, then abort the connection if it is still there after the ping timeout:
+        uvicorn closes it with transport.close(), which waits for the client to take what is unsent, so a client
+        that never reads would keep its socket (and a file descriptor) for as long as it likes."""
+        await super().run_asgi()
+        if not self.disconnected:
+            self._linger = self.loop.call_later(self.config.ws_ping_timeout or 0.0, self._reset)
+
+    def _reset(self) -> None:
+        """Drop the connection and what it never took: a reset, not a close the kernel would go on delivering."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """End the connection as uvicorn does, and the wait for it."""
+        if self._linger is not None:
+            self._linger.cancel()
+        super().connection_lost(exc)
 
     async def send(self, message: ASGISendEvent) -> None:
         """Send as uvicorn does; the end of a denial response (the gate's 401, 403 and 503) completes the handshake,

@@ -152,7 +152,8 @@ class SpeechSession(Protocol):
         """Add 16 kHz mono s16le audio; raises AudioFormatError for a partial sample."""
 
     async def room(self) -> None:
-        """Wait until the session can take more audio (less than `limits.max_buffer_s` waits for a decode)."""
+        """Wait until the session can take more from its client (less than `limits.max_buffer_s` of audio waits
+        for a decode, fewer than `limits.max_queued_events` events wait for the client)."""
 
     async def finish(self) -> Final | None:
         """End of audio: wait for the open utterance's final (None when nothing was said); `Done` follows."""

@@ -200,11 +200,18 @@ class EngineSession:
         self._host.decode_wanted()
 
     async def room(self) -> None:
-        """Wait until less than `limits.max_buffer_s` of audio waits for a decode: a client that sends faster than
-        its speech can be decoded is slowed down instead of filling memory."""
-        while self._state.undecoded_s >= self._limits.max_buffer_s and not self._closed:
+        """Wait until less than `limits.max_buffer_s` of audio waits for a decode and fewer than
+        `limits.max_queued_events` events wait for the client: a client that sends faster than its speech can be
+        decoded, or asks for answers (`end` after `end`) faster than it reads them, is slowed down instead of
+        filling memory."""
+        while self._full() and not self._closed:
             self._changed.clear()
             await self._changed.wait()
+
+    def _full(self) -> bool:
+        return (
+            self._state.undecoded_s >= self._limits.max_buffer_s or len(self._events) >= self._limits.max_queued_events
+        )
 
     async def finish(self) -> Final | None:
         """End of audio: wait for the open utterance's final and return it (None when nothing was said).
@@ -249,6 +256,7 @@ class EngineSession:
             event = await self._events.get()
             if event is None:
                 return
+            self._changed.set()  # room() may be waiting for the client to take its events
             yield event
 
     def close(self) -> None:

@@ -114,3 +114,23 @@ async def test_the_real_model_finishes_audio_fed_faster_than_real_time() -> None
             assert await session.finish() is None
     finally:
         await engine.stop()
+
+
+async def test_a_client_that_asks_for_answers_faster_than_it_reads_them_gets_no_room_until_it_reads() -> None:
+    engine = Engine(_settings(max_queued_events=8), ScriptedTranscriber)
+    await engine.start()
+    try:
+        async with engine.session("test") as session:
+            for _ in range(8):
+                await asyncio.wait_for(session.room(), 1.0)
+                await session.finish()  # nothing said: its answer is a `Done`, which is never dropped
+            waiting = asyncio.create_task(session.room())
+            await asyncio.sleep(0.1)
+            held = not waiting.done()
+            events = session.events()
+            taken = await anext(events)
+            await asyncio.wait_for(waiting, 1.0)
+        assert held, "room() must wait while the client's events fill the queue"
+        assert isinstance(taken, Done)
+    finally:
+        await engine.stop()

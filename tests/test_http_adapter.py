@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -207,10 +208,26 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_session_freed(engi
                 for _ in range(200):
                     await ws.send(bytes(640))
             await asyncio.wait_for(session.gone.wait(), WAIT_S)
+            # The server must not wait for this client to take what it was sent: it resets the connection.
+            reset = await _until_reset(sock, WAIT_S)
     finally:
         await adapter.stop()
 
     assert session.closed
+    assert reset
+
+
+async def _until_reset(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the server resets this connection within `timeout_s` (while the client reads nothing)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0:
+                return True
+        except OSError:  # asyncio met the reset and closed the socket
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 async def test_an_invalid_site_is_bad_config_closing_at_connect_and_keeping_the_session_in_a_config_message(
