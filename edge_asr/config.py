@@ -436,6 +436,9 @@ def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None
         raise ConfigError("stream.min_window_s: must not exceed stream.max_window_s")
     if settings.stream.max_window_s > settings.limits.max_utterance_s:
         raise ConfigError("stream.max_window_s: must not exceed limits.max_utterance_s")
+    if settings.limits.max_buffer_s <= settings.limits.max_utterance_s:
+        # An utterance may hold max_utterance_s that no decode wants (a long pause): the client would be stalled.
+        raise ConfigError("limits.max_buffer_s: must be longer than limits.max_utterance_s")
     if settings.stream.overlap_ms >= settings.stream.min_window_s * 1000:
         raise ConfigError("stream.overlap_ms: must be shorter than stream.min_window_s")
     _check_wyoming_uri(settings.wyoming)
@@ -445,6 +448,7 @@ def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None
     _check_networks("wyoming.trusted_proxies", settings.wyoming.trusted_proxies)
     _check_origins(settings.http.allowed_origins)
     _check_sites(settings.mqtt)
+    _check_vocabulary_file(settings.model.vocabulary_file)
     return dataclasses.replace(
         settings,
         mqtt=_checked_mqtt(settings.mqtt, environ),
@@ -547,6 +551,20 @@ def _topic_part(key: str, value: str) -> str:
     if not part or any(c in part for c in "+#\0"):
         raise ConfigError(f"{key}: {value!r} must be a non-empty topic without '+', '#' or NUL")
     return part
+
+
+def _check_vocabulary_file(path: str) -> None:
+    """A names file that is named must be there and be text at start-up (later, a change is read and a file
+    gone keeps the names it had)."""
+    if not path:
+        return
+    try:
+        with open(path, encoding="utf-8") as file:
+            file.read()
+    except OSError as err:
+        raise ConfigError(f"model.vocabulary_file: cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"model.vocabulary_file: {path} is not UTF-8 text") from None
 
 
 def _credential_path(path: str, environ: Mapping[str, str]) -> str:

@@ -58,6 +58,18 @@ class _Candidate:
     trusted: bool
 
 
+@dataclass(frozen=True)
+class _PendingEnd:
+    """An end of audio that came while the utterance before was waiting for its final: it ends the speech
+    after that one (the VAD changes queued before it, and a voice still going on when it came)."""
+
+    stream_s: float
+    voice_end_s: float
+    wall: float
+    queued_changes: int
+    speaking: bool
+
+
 def repeats_itself(words: tuple[Word, ...] | list[Word]) -> bool:
     """Whether some run of `_LOOP_WORDS` or more words comes twice in a row (a decoding loop)."""
     texts = [text for word in words if (text := normalise(word.text))]
@@ -128,6 +140,7 @@ class StreamSession:
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=_MAX_ARRIVALS)
         self._utterances_emitted = 0
         self._queued_changes: list[VadChange] = []
+        self._pending_end: _PendingEnd | None = None
         # At most one partial and one whole-utterance decode out at a time; they may run side by side.
         self._partial_in_flight = False
         self._final_in_flight = False
@@ -140,7 +153,8 @@ class StreamSession:
         self._window_start_s = start_s or 0.0
         self._agreement = LocalAgreement()
         self._last_request_end_s = start_s or 0.0
-        self._latest_end_s = start_s or 0.0
+        # The end of the newest decode of this utterance: how far back a window must reach not to skip audio.
+        self._heard_end_s = start_s or 0.0
         self._latest_asr_ms = 0.0
         self._latest_arrival: float | None = None
         self._end_at_s: float | None = None
@@ -227,6 +241,10 @@ class StreamSession:
             self._end_at_s = self.stream_s
             self._voice_end_s = self._vad.last_voice_end_s
             self._end_wall = now
+        elif self.ending:
+            self._pending_end = _PendingEnd(
+                self.stream_s, self._vad.last_voice_end_s, now, len(self._queued_changes), self._vad.speaking
+            )
         # What follows the end signal is a new request: speech must start afresh.
         self._vad.reset()
         return self._final_if_ready(now)
@@ -243,11 +261,28 @@ class StreamSession:
         """The end of the last voiced frame of the open utterance."""
         return self._voice_end_s if self.ending else self._vad.last_voice_end_s
 
+    def _final_end_s(self) -> float:
+        """Where a whole decode of the utterance ends: `final_silence_ms` after its last voiced frame."""
+        limit_s = self._end_at_s if self._end_at_s is not None else self.stream_s
+        return min(limit_s, self._voice_end() + self._stream.final_silence_ms / 1000)
+
+    def _catch_up_end_s(self, end_s: float) -> float | None:
+        """Where a decode must stop short of `end_s`, or None: a window of `max_window_s` ending at `end_s`
+        would start after audio no decode has heard yet (it came faster than it was decoded: an upload, a
+        CPU far behind), so the decodes work through it half a window at a time instead of skipping it."""
+        reach_s = self._heard_end_s + self._stream.max_window_s / 2
+        if end_s - self._window_start_s <= self._stream.max_window_s or end_s <= reach_s:
+            return None
+        return reach_s
+
     def _next_kind(self) -> str | None:
         if not self.active:
             return None
         if not self._final_in_flight and self._wants_whole_decode():
-            return "final"
+            if self._catch_up_end_s(self._final_end_s()) is None:
+                return "final"
+            # Even once the utterance has ended, the audio it skipped comes first.
+            return None if self._partial_in_flight else "partial"
         if self._partial_in_flight or self.ending:
             return None
         assert self._utterance_start_s is not None
@@ -283,9 +318,12 @@ class StreamSession:
         """
         assert self._utterance_start_s is not None
         final = self._next_kind() == "final"
-        limit_s = self._end_at_s if self._end_at_s is not None else self.stream_s
         voice_end_s = self._voice_end()
-        end_s = min(limit_s, voice_end_s + self._stream.final_silence_ms / 1000) if final else limit_s
+        if final:
+            end_s = self._final_end_s()
+        else:
+            end_s = self._end_at_s if self._end_at_s is not None else self.stream_s
+            end_s = self._catch_up_end_s(end_s) or end_s
         self._bound_window(end_s)
         prefix = [w for w in self._agreement.committed if w.end <= self._window_start_s + _SAME_TIME_S]
         context = join_words(prefix) if final else f"{self._history} {join_words(prefix)}"
@@ -320,6 +358,7 @@ class StreamSession:
             self._partial_asr_s = transcript.asr_ms / 1000
         if request.utterance_start_s != self._utterance_start_s:
             return []
+        self._heard_end_s = max(self._heard_end_s, request.end_s)
         spell = self._speller.spell if self._speller else str
         words = [Word(w.start + request.start_s, w.end + request.start_s, spell(w.text)) for w in transcript.words]
         # A decode Whisper marks as looping, or that repeats itself, heard nothing worth showing.
@@ -345,7 +384,6 @@ class StreamSession:
 
     def _update_partial(self, request: DecodeRequest, words: list[Word], asr_ms: float, now: float) -> list[Event]:
         self._agreement.update(words, horizon_s=request.end_s - self._stream.commit_margin_ms / 1000)
-        self._latest_end_s = request.end_s
         self._latest_asr_ms = asr_ms
         self._latest_arrival = request.newest_arrival
         text = join_words(self._agreement.committed + self._agreement.tentative)
@@ -432,11 +470,27 @@ class StreamSession:
         # Audio up to the end belongs to this utterance; the next one starts no earlier.
         self._drop_before(end_s)
         queued, self._queued_changes = self._queued_changes, []
+        pending, self._pending_end = self._pending_end, None
         # Forced ends (max_utterance_s) cut running speech: the rest is the next utterance.
         self._reset_utterance(max(end_s, self._buffer_start_s) if self._vad.speaking and not queued else None)
-        for change in queued:
+        before_end = queued if pending is None else queued[: pending.queued_changes]
+        for change in before_end:
+            self._on_vad(change)
+        if pending is not None:
+            self._end_pending(pending, max(end_s, self._buffer_start_s))
+        # Changes after that end are queued again: they belong to the utterance after it.
+        for change in queued[len(before_end) :]:
             self._on_vad(change)
         return events
+
+    def _end_pending(self, pending: _PendingEnd, start_s: float) -> None:
+        """End the speech that came between the last final's end and an end of audio that came meanwhile."""
+        if not self.active and pending.speaking:
+            self._reset_utterance(start_s)
+        if self.active and not self.ending:
+            self._end_at_s = pending.stream_s
+            self._voice_end_s = pending.voice_end_s
+            self._end_wall = pending.wall
 
     def _bound_window(self, end_s: float) -> None:
         """Keep the window under max_window_s by trimming at committed word boundaries."""
@@ -446,7 +500,10 @@ class StreamSession:
             return
         committed = self._agreement.committed
         if not committed or end_s - (committed[-1].end - overlap) > limit:
-            self._agreement.commit_before(end_s - limit / 2)
+            # Words near the end of the newest decode may be cut there: only one that decode heard whole is forced.
+            self._agreement.commit_before(
+                min(end_s - limit / 2, self._heard_end_s - self._stream.commit_margin_ms / 1000)
+            )
             committed = self._agreement.committed
         if committed:
             self._window_start_s = max(self._window_start_s, committed[-1].end - overlap)

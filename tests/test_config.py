@@ -356,6 +356,25 @@ def test_max_window_above_max_utterance_is_rejected() -> None:
     assert "max_utterance_s" in message
 
 
+@pytest.mark.parametrize(("buffer_s", "utterance_s"), [(60.0, 120.0), (30.0, 30.0)])
+def test_a_buffer_no_longer_than_an_utterance_is_rejected(buffer_s: float, utterance_s: float) -> None:
+    message = config_error({"limits": {"max_buffer_s": buffer_s, "max_utterance_s": utterance_s}})
+    assert message.startswith("limits.max_buffer_s:")
+    assert "max_utterance_s" in message
+
+
+def test_a_vocabulary_file_that_is_not_there_or_not_text_stops_start_up(tmp_path: Path) -> None:
+    missing = config_error({"model": {"vocabulary_file": str(tmp_path / "names.txt")}})
+    (tmp_path / "names.bin").write_bytes(b"\xff\xfe\x00names")
+    binary = config_error({"model": {"vocabulary_file": str(tmp_path / "names.bin")}})
+    (tmp_path / "names.txt").write_text("Elowen\n", encoding="utf-8")
+
+    assert missing.startswith("model.vocabulary_file: cannot read")
+    assert binary.startswith("model.vocabulary_file:")
+    assert "UTF-8" in binary
+    assert build_settings({"model": {"vocabulary_file": str(tmp_path / "names.txt")}}).model.vocabulary_file
+
+
 def test_overlap_not_shorter_than_min_window_is_rejected() -> None:
     message = config_error({"stream": {"overlap_ms": 500, "min_window_s": 0.5}})
     assert message.startswith("stream.overlap_ms:")

@@ -242,8 +242,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def test_a_client_flooding_audio_at_50x_real_time_is_slowed_and_a_satellite_is_still_served(tmp_path: Path) -> None:
-    """Reduced here (10 s, 5 s of buffer); `edge-asr bench --soak` runs the long version."""
-    service = start_service(tmp_path, "limits.max_buffer_s=5")
+    """Reduced here (10 s, 5 s of buffer, so utterances of 4 s); `edge-asr bench --soak` runs the long version."""
+    service = start_service(tmp_path, "limits.max_buffer_s=5", "limits.max_utterance_s=4", "stream.max_window_s=4")
     flood_s, speed = 10.0, 50
     speech = read_pcm("asterisk_conf-usermenu")
     baseline_mb = _rss_mb(service.process.pid)

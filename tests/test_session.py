@@ -704,6 +704,77 @@ def test_speech_during_a_pending_final_is_the_next_utterance_not_lost() -> None:
     assert [final.utterance for final in driver.finals()] == [1, 2]
 
 
+def serve_all(driver: Driver) -> None:
+    for _ in range(100):
+        if not driver.session.wants_decode():
+            return
+        driver.apply(driver.request())
+    raise AssertionError("the session keeps wanting decodes")
+
+
+def test_an_end_while_the_final_before_is_pending_ends_the_speech_after_it() -> None:
+    first = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.6)
+    audio = Audio(first.pcm, list(first.script), list(first.texts)).say("asterisk_conf-hasjoin")
+    driver = make_driver(audio.script, auto_decode=False)
+    driver.feed_until(first.seconds - 1.0, audio.pcm)
+    serve_all(driver)
+    while not driver.session.ending:
+        driver.feed_until(driver.session.stream_s + CHUNK_S, audio.pcm)
+    pending = driver.request()
+    driver.feed(audio.pcm[len(driver.fed) :])
+    driver.end()  # right after the second command, before the first one's final is out
+    driver.apply(pending)
+    serve_all(driver)
+
+    assert [final.text for final in driver.finals()] == audio.texts
+    assert not driver.session.active
+
+
+def test_an_end_while_a_forced_final_is_pending_keeps_the_speech_after_the_cut() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").say("cmd_piper_joe_05")
+    driver = make_driver(
+        audio.script,
+        limits=LimitSettings(max_utterance_s=2.0),
+        split_on_silence=False,
+        cut_words=False,
+        auto_decode=False,
+    )
+    while not driver.session.ending:
+        driver.feed_until(driver.session.stream_s + CHUNK_S, audio.pcm)
+        if not driver.session.ending:
+            serve_all(driver)
+    assert driver.session.wants_decode()
+    pending = driver.request()  # the forced final's decode is slow: the speech goes on, then ends
+    driver.feed(audio.pcm[len(driver.fed) :])
+    driver.end()
+    driver.apply(pending)
+    serve_all(driver)
+
+    assert len(driver.finals()) == 2
+    assert " ".join(final.text for final in driver.finals()).split() == " ".join(audio.texts).split()
+    assert not driver.session.active
+
+
+@pytest.mark.parametrize("max_window_s", [2.0, 4.0, 15.0])
+def test_an_utterance_sent_faster_than_it_is_decoded_loses_no_words(max_window_s: float) -> None:
+    audio = Audio().pause(0.3)
+    for index in range(1, 21):
+        if audio.seconds > max_window_s * 1.6:
+            break
+        audio.say(f"cmd_piper_joe_{index:02d}")
+    audio.pause(0.2)
+    assert max_window_s * 1.6 < audio.seconds < LimitSettings().max_utterance_s
+    stream = StreamSettings(max_window_s=max_window_s, min_window_s=min(1.0, max_window_s))
+    driver = make_driver(audio.script, stream=stream, split_on_silence=False, auto_decode=False)
+    driver.feed(audio.pcm)  # all of it before any decode: an upload, or a CPU far behind
+    driver.end()
+    serve_all(driver)
+
+    assert max(r.end_s - r.start_s for r in driver.requests) <= max_window_s + 1e-9
+    [final] = driver.finals()
+    assert final.text.split() == " ".join(audio.texts).split()
+
+
 def test_one_large_frame_with_two_commands_gives_two_finals() -> None:
     audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(1.0).say("asterisk_conf-hasjoin").pause(1.0)
     driver = make_driver(audio.script, cut_words=False)
