@@ -127,6 +127,15 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             self.handshake_complete = True
 
+    def data_received(self, data: bytes) -> None:
+        """Take data as uvicorn does; and answer a handshake websockets refused (a request line or headers too
+        long) with the response it wrote for it (414, 431), which uvicorn would leave unsent."""
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.handshake_complete = self.close_sent = True
+            self.transport.close()
+
     def send_receive_event_to_app(self) -> None:
         """Pass a whole message on as uvicorn does, but answer a text message that is not UTF-8 with `bad_json` and
         close code 1007 where uvicorn would log a traceback."""

@@ -142,3 +142,22 @@ async def test_a_request_flooded_with_headers_is_cut_off_at_once() -> None:
 
     assert closed_after <= SLACK_S
     assert health.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (UPGRADE.replace(b"/ws/stream", b"/ws/stream?site=" + b"k" * 9000), b"414"),
+        (UPGRADE + b"X-Pad: " + b"a" * 9000 + b"\r\n", b"431"),
+    ],
+    ids=["request-line-over-8-KiB", "header-line-over-8-KiB"],
+)
+async def test_a_websocket_handshake_too_long_for_websockets_is_answered_not_left_waiting(
+    port: int, request_head: bytes, status: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_head + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), DEADLINE_S / 2)
+    writer.close()
+
+    assert answer.split(b" ")[1] == status, answer[:80]

@@ -302,13 +302,6 @@ def test_invalid_sites_are_refused_and_finals_still_reach_the_broker(service: Se
     assert service.health()[0] == 200
 
 
-# Fixing it is the HTTP adapter's part: flush `conn.data_to_send()` and close when the handshake does not parse.
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="uvicorn's websockets-sansio protocol never sends the 414 that websockets queues for a request line "
-    "over 8 KiB: the client waits for an answer that never comes",
-)
 def test_a_site_too_long_for_the_websocket_query_is_refused_at_once(service: Service, broker: Broker) -> None:
     try:
         refusal = refused_at_connect(f"{service.ws_url}?site={LONG_SITE}")
