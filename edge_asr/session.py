@@ -27,6 +27,9 @@ _PARTIAL_CPU_SHARE = 0.5
 _SAME_TIME_S = 0.05
 # A run of this many words said twice in a row is a decoding loop, not speech.
 _LOOP_WORDS = 4
+# Whisper's window: the most one decode hears. A whole decode of an utterance this long or shorter hears all of
+# it, with no seam where words committed from a shorter window could be wrong.
+WHOLE_DECODE_MAX_S = 30.0
 _MAX_ARRIVALS = 4096
 
 
@@ -105,8 +108,8 @@ class StreamSession:
 
     Partials come from short, frequent decodes of the window since the last commit; words two of them
     agree on become `stable`. The final of an utterance does not inherit their mistakes: it is a decode
-    of the whole utterance (of everything after the committed prefix, for one longer than
-    `max_window_s`), started as soon as the speaker pauses for `final_silence_ms`, so that its cost hides
+    of the whole utterance (of everything after the committed prefix, for one longer than Whisper's
+    30 s window), started as soon as the speaker pauses for `final_silence_ms`, so that its cost hides
     behind the rest of the silence that ends the utterance. The final may therefore revise committed
     words, and says so (`revised`).
 
@@ -266,6 +269,11 @@ class StreamSession:
         limit_s = self._end_at_s if self._end_at_s is not None else self.stream_s
         return min(limit_s, self._voice_end() + self._stream.final_silence_ms / 1000)
 
+    def _whole_from_start(self, end_s: float) -> bool:
+        """Whether a whole decode ending at `end_s` hears the utterance from its start."""
+        assert self._utterance_start_s is not None
+        return end_s - self._utterance_start_s <= WHOLE_DECODE_MAX_S
+
     def _catch_up_end_s(self, end_s: float) -> float | None:
         """Where a decode must stop short of `end_s`, or None: a window of `max_window_s` ending at `end_s`
         would start after audio no decode has heard yet (it came faster than it was decoded: an upload, a
@@ -279,7 +287,8 @@ class StreamSession:
         if not self.active:
             return None
         if not self._final_in_flight and self._wants_whole_decode():
-            if self._catch_up_end_s(self._final_end_s()) is None:
+            final_end_s = self._final_end_s()
+            if self._whole_from_start(final_end_s) or self._catch_up_end_s(final_end_s) is None:
                 return "final"
             # Even once the utterance has ended, the audio it skipped comes first.
             return None if self._partial_in_flight else "partial"
@@ -312,9 +321,10 @@ class StreamSession:
         """The decode this session wants now (see `wants_decode`).
 
         A whole decode covers the utterance from its start (or from its committed prefix, when longer
-        than `max_window_s`) to `final_silence_ms` after its last voiced frame; its prompt is the client's
-        prompt and that prefix only, so the history of earlier utterances cannot add words to a final.
-        A partial decode covers the same window up to the newest audio, with the history in its prompt.
+        than Whisper's window, WHOLE_DECODE_MAX_S) to `final_silence_ms` after its last voiced frame; its
+        prompt is the client's prompt and that prefix only, so the history of earlier utterances cannot add
+        words to a final.
+        A partial decode covers at most `max_window_s` up to the newest audio, with the history in its prompt.
         """
         assert self._utterance_start_s is not None
         final = self._next_kind() == "final"
@@ -324,8 +334,12 @@ class StreamSession:
         else:
             end_s = self._end_at_s if self._end_at_s is not None else self.stream_s
             end_s = self._catch_up_end_s(end_s) or end_s
-        self._bound_window(end_s)
-        prefix = [w for w in self._agreement.committed if w.end <= self._window_start_s + _SAME_TIME_S]
+        if final and self._whole_from_start(end_s):
+            start_s = self._utterance_start_s
+        else:
+            self._bound_window(end_s)
+            start_s = self._window_start_s
+        prefix = [w for w in self._agreement.committed if w.end <= start_s + _SAME_TIME_S]
         context = join_words(prefix) if final else f"{self._history} {join_words(prefix)}"
         if final:
             self._final_in_flight = True
@@ -334,8 +348,8 @@ class StreamSession:
         self._last_request_end_s = max(self._last_request_end_s, end_s)
         plain_prompt = build_prompt(self._prompt, context, self._stream.prompt_chars)
         return DecodeRequest(
-            audio=pcm16_to_float(bytes(self._slice(self._window_start_s, end_s))),
-            start_s=self._window_start_s,
+            audio=pcm16_to_float(bytes(self._slice(start_s, end_s))),
+            start_s=start_s,
             end_s=end_s,
             prompt=" ".join(part for part in (self._names_prompt, plain_prompt) if part),
             language=self._language,
@@ -509,7 +523,8 @@ class StreamSession:
             self._window_start_s = max(self._window_start_s, committed[-1].end - overlap)
         if end_s - self._window_start_s > limit:
             self._window_start_s = end_s - limit
-        self._drop_before(self._window_start_s)
+        # A whole decode still hears the utterance from its start while Whisper's window holds it.
+        self._drop_before(min(self._window_start_s, end_s - WHOLE_DECODE_MAX_S))
 
     def _slice(self, start_s: float, end_s: float) -> bytes:
         first = max(0, seconds_to_bytes(start_s - self._buffer_start_s))
