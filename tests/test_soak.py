@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from edge_asr.bench.corpus import Clip
 from edge_asr.bench.soak import default_rss_limit_mb, soak_plan
 from edge_asr.bench.soak_clients import ClientKind, ClientRun, ReceivedFinal
 from edge_asr.bench.soak_mqtt import BrokerFinal, read_final
@@ -116,6 +117,13 @@ def test_wyoming_transcripts_match_the_text_of_their_sessions_on_the_broker_per_
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize(
+    ("reference", "has_words"), [("<beep ascending>", False), ("", False), (" ", False), ("Beep.", True)]
+)
+def test_a_clip_owes_a_final_only_when_its_reference_has_words_as_scored(reference: str, has_words: bool) -> None:
+    assert Clip("clip", Path("clip.wav"), reference, 1.0).has_words is has_words
+
+
 def test_rss_growth_is_counted_from_the_end_of_the_warm_up() -> None:
     samples = [(0.0, 200.0), (10.0, 240.0), (20.0, 250.0), (40.0, 251.0), (60.0, 252.0)]
 

@@ -13,6 +13,7 @@ from ..api import MAX_REQUEST_NAME_CHARS, MAX_REQUEST_NAMES
 from ..audio import SAMPLE_RATE, SAMPLE_WIDTH
 from ..vocabulary import Vocabulary
 from .errors import BenchError
+from .scoring import normalize
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ class Clip:
     wav: Path
     reference: str
     duration_s: float
+
+    @property
+    def has_words(self) -> bool:
+        """Whether the reference holds words as scored (a "<beep ascending>" holds none: no final is owed)."""
+        return bool(normalize(self.reference))
 
     def read_pcm(self) -> bytes:
         """The clip's s16le frames."""

@@ -185,9 +185,9 @@ def run_soak(args: argparse.Namespace, settings: Settings) -> int:
         _check_flags(args)
         plan = soak_plan(args.soak, args.max_rss_growth_mb)
         clips = load_corpus(args.corpus, args.match, args.limit)
-        if not any(clip.reference.strip() for clip in clips):
+        if not any(clip.has_words for clip in clips):
             raise BenchError(
-                "--soak needs clips with speech (a non-empty .txt) for its vanishing and never-reading clients"
+                "--soak needs clips with speech (a .txt with words) for its vanishing and never-reading clients"
             )
         config = args.config or (REPO_CONFIG if REPO_CONFIG.is_file() else None)
         directory = Path(tempfile.mkdtemp(prefix="edge-asr-soak-"))
@@ -305,7 +305,7 @@ class _Soak:
     ) -> None:
         self._plan = plan
         self._clips = list(clips)
-        self._spoken = [clip for clip in clips if clip.reference.strip()]
+        self._spoken = [clip for clip in clips if clip.has_words]
         self._settings = settings
         self._service = service
         self._broker = broker
@@ -376,7 +376,7 @@ class _Soak:
             return await speak(url, site, clip.name, pcm, self._replay, started_s, slow=kind == "slow-reader")
         if kind == "vanishing":
             return await vanish(url, site, clip.name, pcm, self._cut(clip, pcm), started_s)
-        return await never_read(url, site, clip.name, pcm, bool(clip.reference.strip()), started_s, self._deadline)
+        return await never_read(url, site, clip.name, pcm, clip.has_words, started_s, self._deadline)
 
     def _cut(self, clip: Clip, pcm: bytes) -> int:
         """Where a vanishing client goes: half-way through the clip's speech (as the service's VAD finds it), in
