@@ -117,6 +117,7 @@ def test_wyoming_transcripts_match_the_text_of_their_sessions_on_the_broker_per_
 
 
 @pytest.mark.fast
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("reference", "has_words"), [("<beep ascending>", False), ("", False), (" ", False), ("Beep.", True)]
 )
