@@ -119,6 +119,8 @@ def test_spelled_and_written_forms_score_alike(reference: str, hypothesis: str) 
         ("", "thank you", WordScore(0, 0, 0, 2, 2, 0)),
         ("Um.", "thank you for watching", WordScore(0, 0, 0, 4, 4, 0)),
         ("", "", WordScore(0, 0, 0, 0, 0, 0)),
+        ("Your.", "your...", WordScore(1, 0, 0, 0, 0, 0)),  # an ellipsis is not a word
+        ("<beep ascending>", "...", WordScore(0, 0, 0, 0, 0, 0)),
     ],
 )
 def test_score_words_counts_substitutions_deletions_and_insertions(

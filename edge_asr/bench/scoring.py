@@ -22,8 +22,10 @@ def _whisper_normalizer() -> Callable[[str], str]:
 
 
 def normalize(text: str) -> str:
-    """Text as scored: Whisper's English normaliser, words separated by single spaces."""
-    return " ".join(_whisper_normalizer()(text).split())
+    """Text as scored: Whisper's English normaliser, words separated by single spaces. Tokens without a letter or
+    digit are not words: the normaliser leaves the "." of an ellipsis ("your..." is "your ."), which would count
+    as a word inserted."""
+    return " ".join(token for token in _whisper_normalizer()(text).split() if any(c.isalnum() for c in token))
 
 
 # The first words of a command ("turn on", "set the") carry its intent; losing one loses the command.
