@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,15 @@ from edge_asr.service import serve as serve_service
 
 from .fakes import FakeEngine
 from .server import free_port
+from .waiting import eventually as eventually_within
 
 pytestmark = pytest.mark.fast
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.long-lived-token-of-the-household"
 HA_VERSION = "2025.6.0"
 WAIT_S = 5.0
+# The adapter answers a fake Home Assistant on loopback: what it should do is done within WAIT_S.
+eventually = functools.partial(eventually_within, timeout_s=WAIT_S)
 # The fake server's own log shows the frames it gets (the token among them): it is not the service's log.
 SERVER_LOGGER = "tests.fake_homeassistant"
 SECRET_NAMES = ("Secret Power Meter", "Garage Switch", "Front Door")
@@ -302,15 +306,6 @@ def state(entity_id: str, friendly_name: str) -> dict[str, Any]:
         "last_updated": "2026-01-31T12:00:00.000000+00:00",
         "context": {"id": "01JCONTEXT", "parent_id": None, "user_id": None},
     }
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    """Wait (letting the adapter work) until `condition` holds; fails after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def component(engine: FakeEngine) -> str:

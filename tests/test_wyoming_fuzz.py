@@ -5,7 +5,6 @@ reaches the log as a traceback, every session is freed, and the next client is s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +15,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event
+from wyoming.event import Event
 
 import adapters.wyoming
 from adapters.wyoming import MAX_CHANNELS, MAX_RATE, MIN_RATE, WIDTHS
@@ -28,6 +27,7 @@ from .wyoming_client import (
     END_MARK,
     assert_answered,
     assert_no_tracebacks,
+    async_exchange,
     json_values,
     serving,
     wire_event,
@@ -68,29 +68,12 @@ async def server() -> AsyncIterator[tuple[FakeEngine, int]]:
 
 async def _exchange(port: int, data: bytes) -> tuple[list[Event], bool]:
     """Send `data`, then END; the events up to END's pong or the server's close, and whether it closed."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    events: list[Event] = []
-
-    async def collect() -> bool:
-        while True:
-            try:
-                event = await async_read_event(reader)
-            except ConnectionError:  # closed with bytes of ours unread: a reset after the events it sent
-                return True
-            if event is None:
-                return True
-            events.append(event)
-            if event.type == "pong" and event.data.get("text") == END_MARK:
-                return False
-
-    try:
-        writer.write(data + END)
-        with contextlib.suppress(ConnectionError):  # the server may close before it read everything
-            await writer.drain()
-        closed = await asyncio.wait_for(collect(), WAIT_S)
-    finally:
-        writer.close()
-    return events, closed
+    return await async_exchange(
+        port,
+        data + END,
+        until=lambda event: event.type == "pong" and event.data.get("text") == END_MARK,
+        timeout_s=WAIT_S,
+    )
 
 
 async def _served(port: int) -> str:

@@ -11,7 +11,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,11 +148,12 @@ def error_codes(port: int, data: bytes, wait_s: float = 5.0) -> tuple[list[str],
 
 
 async def async_exchange(
-    port: int, data: bytes, until: str = "info", timeout_s: float = 5.0
+    port: int, data: bytes, until: str | Callable[[Event], bool] = "info", timeout_s: float = 5.0
 ) -> tuple[list[Event], bool]:
     """Write raw bytes on a new connection (from inside an event loop) and read events back until one of type
-    `until` or the server closing the connection; return them and whether it closed. AssertionError when
-    neither happens within `timeout_s`."""
+    `until` (or one `until` accepts) or the server closing the connection; return them and whether it closed.
+    AssertionError when neither happens within `timeout_s`."""
+    last = until if callable(until) else lambda event: event.type == until
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     events: list[Event] = []
 
@@ -165,7 +166,7 @@ async def async_exchange(
             if event is None:
                 return True
             events.append(event)
-            if event.type == until:
+            if last(event):
                 return False
 
     try:
