@@ -15,8 +15,10 @@ CHUNK_BYTES = 640  # 20 ms of 16 kHz s16le
 
 @contextmanager
 def open_stream(url: str) -> Iterator[tuple[ClientConnection, dict[str, Any]]]:
-    """Connect and read the server's first message."""
-    with connect(url, open_timeout=10, max_size=None) as ws:
+    """Connect and read the server's first message. Like a browser, the client takes every message off the socket
+    as it arrives, also while the test is busy sending: with websockets' flow control it would stop reading, and
+    a send that fails once the server has closed would then drop what the kernel still held for it."""
+    with connect(url, open_timeout=10, max_size=None, max_queue=None) as ws:
         yield ws, json.loads(ws.recv(timeout=10))
 
 
