@@ -1,5 +1,6 @@
 """Decode scheduling against a gated fake model: a freed worker starts the next waiting decode at once,
-finals go first, a broken session does not stop the others. One and two workers."""
+finals go first, partials leave a worker to finals, a broken session does not stop the others. One and two
+workers."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def _scheduler(workers: int, jobs: list[FakeJob], model: GatedTranscriber) -> De
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_a_freed_worker_starts_the_waiting_decode_without_another_kick(workers: int) -> None:
     model = GatedTranscriber()
-    busy = [FakeJob(f"busy{index}") for index in range(workers)]
+    busy = [FakeJob(f"busy{index}", final=True) for index in range(workers)]
     jobs = list(busy)
     scheduler = _scheduler(workers, jobs, model)
     try:
@@ -129,6 +130,28 @@ async def test_finals_go_before_partials_and_the_longest_wait_first() -> None:
         await scheduler.stop()
 
 
+async def test_with_two_workers_partials_leave_one_to_finals() -> None:
+    model = GatedTranscriber()
+    jobs = [FakeJob("partial a", since=1.0), FakeJob("partial b", since=2.0)]
+    scheduler = _scheduler(2, jobs, model)
+    try:
+        await _until(lambda: model.started == ["partial a"], "the first partial")
+        await asyncio.sleep(0.05)
+        assert model.started == ["partial a"], "a second partial would leave no worker for a final"
+
+        jobs.append(FakeJob("final", final=True, since=3.0))
+        scheduler.kick()
+        await _until(lambda: "final" in model.started, "the final, on the worker partials left free")
+        assert "partial b" not in model.started
+
+        model.open("partial a")
+        await _until(lambda: "partial b" in model.started, "the next partial, once the first ended")
+    finally:
+        for job in jobs:
+            model.open(job.name)
+        await scheduler.stop()
+
+
 async def test_a_session_that_cannot_build_its_request_is_aborted_and_the_others_are_served() -> None:
     model = GatedTranscriber()
     broken, healthy = FakeJob("broken", final=True, broken=True), FakeJob("healthy")
@@ -165,19 +188,24 @@ async def test_a_decode_that_raises_reaches_its_session_as_no_transcript() -> No
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_audio_stop_while_every_worker_is_busy_still_gets_its_final(workers: int) -> None:
-    """The satellite case: its partial decode is running (every worker busy), more speech comes, then the
-    end of audio; when that decode ends, the freed worker must take the final decode with no more audio."""
+    """The satellite case: its partial decode is running and every other worker has another speaker's final,
+    more speech comes, then the end of audio; when its decode ends, the freed worker must take the final
+    decode with no more audio."""
     model = GatedTranscriber()
     settings = build_settings({"model": {"threads": 1, "workers": workers}, "stream": {"min_window_s": 0.5}})
     engine = Engine(settings, lambda: model)
     await engine.start()
     speech = silence(0.3) + read_pcm("asterisk_conf-usermenu")
     half = 32000 * 2
+    others = [engine.session("test", prompt=f"other{index}") for index in range(workers - 1)]
+    ending: list[asyncio.Task[object]] = []
     try:
-        sessions = [engine.session("test", prompt=f"other{index}") for index in range(workers - 1)]
         satellite = engine.session("test", prompt="satellite")
-        for session in [*sessions, satellite]:
-            session.feed(speech[:half])
+        satellite.feed(speech[:half])
+        await _until(lambda: model.started == ["satellite"], "the satellite's partial")
+        for other in others:
+            other.feed(speech[:half])
+            ending.append(asyncio.create_task(other.finish()))
         await _until(lambda: len(model.started) == workers, "every worker to be busy")
         satellite.feed(speech[half:])
         finishing = asyncio.create_task(satellite.finish())
@@ -191,4 +219,5 @@ async def test_audio_stop_while_every_worker_is_busy_still_gets_its_final(worker
     finally:
         for name in ("satellite", "other0"):
             model.open(name)
+        await asyncio.gather(*ending, return_exceptions=True)
         await engine.stop()
