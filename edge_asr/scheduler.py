@@ -2,9 +2,10 @@
 
 A session that wants a decode says so (`DecodeJob.decode_need`); whenever that may have changed, and
 whenever a decode ends, `kick()` starts waiting decodes on free workers at once: finals before partials,
-then the session that has waited longest. With two workers or more, partials (for display) leave one worker
-to finals: a final then never waits for a partial to end, so it is still out by the end of the request when
-several people speak at once. Partials come less often then, and cost less CPU.
+then the session that has waited longest. With two workers or more, a partial (for display) starts only where
+it leaves a worker free: a final then never waits for a partial to end, and a final running on a small CPU does
+not share it with more partials, so it is still out by the end of the request when several people speak at
+once. Partials come less often then, and cost less CPU.
 """
 
 from __future__ import annotations
@@ -38,13 +39,6 @@ class DecodeNeed(NamedTuple):
         return (not self.final, self.since)
 
 
-class _Running(NamedTuple):
-    """A decode on a worker."""
-
-    started: float
-    final: bool
-
-
 class DecodeJob(Protocol):
     """What the scheduler asks of a session."""
 
@@ -70,8 +64,9 @@ class DecodeScheduler:
         self._metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._transcriber: Transcriber | None = None
-        # Running decodes, when each started (for the watchdog) and whether it is a final.
-        self._running: dict[asyncio.Task[None], _Running] = {}
+        # Running decodes and when each started, for the watchdog.
+        self._running: dict[asyncio.Task[None], float] = {}
+        # Partials start only while fewer decodes than this run: one worker stays free for finals.
         self._partial_workers = max(1, workers - 1)
         self.decodes = 0
         self.last_decode_at: float | None = None
@@ -101,7 +96,7 @@ class DecodeScheduler:
     def stalled(self, stall_s: float) -> bool:
         """A decode has been running for longer than `stall_s`."""
         now = time.monotonic()
-        return any(now - running.started >= stall_s for running in self._running.values())
+        return any(now - started >= stall_s for started in self._running.values())
 
     def kick(self) -> None:
         """Start waiting decodes while a worker is free; call it whenever a session may want one."""
@@ -115,7 +110,7 @@ class DecodeScheduler:
                 job.abort("the session failed; see the server log")
                 continue
             task = asyncio.create_task(self._decode(self._transcriber, job, request))
-            self._running[task] = _Running(time.monotonic(), request.final)
+            self._running[task] = time.monotonic()
             task.add_done_callback(self._decode_ended)
 
     async def stop(self) -> None:
@@ -127,8 +122,7 @@ class DecodeScheduler:
     def _next(self) -> DecodeJob | None:
         needs = [(need, job) for job in self._jobs() if (need := job.decode_need()) is not None]
         self._metrics.decode_queue.set(len(needs))
-        partials_running = sum(1 for running in self._running.values() if not running.final)
-        if partials_running >= self._partial_workers:
+        if len(self._running) >= self._partial_workers:
             needs = [(need, job) for need, job in needs if need.final]
         if not needs:
             return None

@@ -130,7 +130,7 @@ async def test_finals_go_before_partials_and_the_longest_wait_first() -> None:
         await scheduler.stop()
 
 
-async def test_with_two_workers_partials_leave_one_to_finals() -> None:
+async def test_with_two_workers_a_partial_starts_only_where_it_leaves_a_worker_free() -> None:
     model = GatedTranscriber()
     jobs = [FakeJob("partial a", since=1.0), FakeJob("partial b", since=2.0)]
     scheduler = _scheduler(2, jobs, model)
@@ -145,7 +145,11 @@ async def test_with_two_workers_partials_leave_one_to_finals() -> None:
         assert "partial b" not in model.started
 
         model.open("partial a")
-        await _until(lambda: "partial b" in model.started, "the next partial, once the first ended")
+        await asyncio.sleep(0.05)
+        assert "partial b" not in model.started, "a partial beside the running final would leave no worker free"
+
+        model.open("final")
+        await _until(lambda: "partial b" in model.started, "the next partial, once the final ended")
     finally:
         for job in jobs:
             model.open(job.name)
