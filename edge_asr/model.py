@@ -188,7 +188,7 @@ _M_ARENA_MAX = -8  # mallopt's parameter number in glibc
 
 # Even in two arenas, the buffers of decodes of many lengths stay behind as free memory that glibc does not give
 # back by itself (RSS grew 1.4 MB a minute over a 30-minute soak; in-process, 100 mixed decodes left 120 MB that
-# one malloc_trim returned). Trimming after a decode, at most this often, gives it back for a few ms.
+# one malloc_trim returned). Trimming before a partial decode, at most this often, gives it back for a few ms.
 _TRIM_INTERVAL_S = 10.0
 
 
@@ -210,13 +210,16 @@ class _FreeMemoryTrimmer:
 
     def __init__(self) -> None:
         try:
-            self._trim: Callable[[int], int] | None = ctypes.CDLL(None).malloc_trim
+            trim = ctypes.CDLL(None).malloc_trim
         except (OSError, AttributeError):
-            self._trim = None
+            self._trim: Callable[[int], int] | None = None
+        else:
+            trim.argtypes = [ctypes.c_size_t]
+            self._trim = trim
         self._lock = threading.Lock()
         self._trimmed_at = time.monotonic()
 
-    def after_decode(self) -> None:
+    def trim(self) -> None:
         """Trim, unless it was done less than _TRIM_INTERVAL_S ago (by this thread or another)."""
         if self._trim is None:
             return
@@ -275,6 +278,9 @@ class WhisperTranscriber:
         Whisper's own 30 s: there Whisper's no-speech test drops a lone short word ("fifty", 0.5 s) that the
         full context keeps, and a final must not lose it. Empty windows of noise stay empty at 30 s.
         """
+        if not whole:
+            # Off a final's path, and outside the partial's own time (which paces the partials).
+            self._trimmer.trim()
         transcript = self._decode(audio, prompt, language, self._floor_frames)
         if names is not None and not names.speller.names_any(w.text for w in transcript.words):
             plain = self._decode(audio, names.plain, language, self._floor_frames)
@@ -310,14 +316,12 @@ class WhisperTranscriber:
             or segment.no_speech_prob <= _LATER_PASS_NO_SPEECH
             or segment.avg_logprob >= _LATER_PASS_LOG_PROB
         ]
-        words = tuple(
-            Word(start=float(word.start), end=float(word.end), text=word.word)
-            for segment in kept
-            for word in segment.words or ()
-        )
-        self._trimmer.after_decode()
         return Transcript(
-            words=words,
+            words=tuple(
+                Word(start=float(word.start), end=float(word.end), text=word.word)
+                for segment in kept
+                for word in segment.words or ()
+            ),
             asr_ms=(time.monotonic() - started) * 1000,
             encoder_s=_decode_state.encoded_frames / _FRAMES_PER_SECOND,
             hallucinated=any(segment.compression_ratio > _REPETITIVE_COMPRESSION for segment in kept),

@@ -2,10 +2,11 @@
 
 A session that wants a decode says so (`DecodeJob.decode_need`); whenever that may have changed, and
 whenever a decode ends, `kick()` starts waiting decodes on free workers at once: finals before partials,
-then the session that has waited longest. With two workers or more, a partial (for display) starts only where
-it leaves a worker free: a final then never waits for a partial to end, and a final running on a small CPU does
-not share it with more partials, so it is still out by the end of the request when several people speak at
-once. Partials come less often then, and cost less CPU.
+then the session that has waited longest. A final here is any decode a final waits for: the whole decode of an
+utterance, or one through audio it skipped. With two workers or more, a partial (for display) starts only where
+it leaves a worker free: the next final starts at once, and on a 2-core box it does not share the CPU with
+another partial, so it is still out by the end of the request when several people speak at once. Partials come
+less often then, and cost less CPU.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class DecodeScheduler:
         self._transcriber: Transcriber | None = None
         # Running decodes and when each started, for the watchdog.
         self._running: dict[asyncio.Task[None], float] = {}
-        # Partials start only while fewer decodes than this run: one worker stays free for finals.
+        # Partials start only while fewer decodes than this run: with two workers or more, one stays free for finals.
         self._partial_workers = max(1, workers - 1)
         self.decodes = 0
         self.last_decode_at: float | None = None

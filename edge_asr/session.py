@@ -257,8 +257,9 @@ class StreamSession:
         return self._next_kind() is not None
 
     def wants_final_decode(self) -> bool:
-        """Whether the decode this session wants now is one of a whole utterance (for its final)."""
-        return self._next_kind() == "final"
+        """Whether a final waits for the decode this session wants now: the whole decode of the utterance, or a
+        decode through audio no decode has heard yet that must come before it (see `_catch_up_end_s`)."""
+        return self._next_kind() in ("final", "catch_up")
 
     def _voice_end(self) -> float:
         """The end of the last voiced frame of the open utterance."""
@@ -291,7 +292,7 @@ class StreamSession:
             if self._whole_from_start(final_end_s) or self._catch_up_end_s(final_end_s) is None:
                 return "final"
             # Even once the utterance has ended, the audio it skipped comes first.
-            return None if self._partial_in_flight else "partial"
+            return None if self._partial_in_flight else "catch_up"
         if self._partial_in_flight or self.ending:
             return None
         assert self._utterance_start_s is not None
