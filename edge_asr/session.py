@@ -348,8 +348,13 @@ class StreamSession:
             self._partial_in_flight = True
         self._last_request_end_s = max(self._last_request_end_s, end_s)
         plain_prompt = build_prompt(self._prompt, context, self._stream.prompt_chars)
+        pcm = self._slice(start_s, end_s)
+        if final:
+            # Whisper ends its last segment on silence: without any, it leaves the last words to a later pass of
+            # their own, which may drop them. Audio that stops with the voice gets the silence a pause would have.
+            pcm += bytes(max(0, seconds_to_bytes(voice_end_s + self._stream.final_silence_ms / 1000 - end_s)))
         return DecodeRequest(
-            audio=pcm16_to_float(bytes(self._slice(start_s, end_s))),
+            audio=pcm16_to_float(pcm),
             start_s=start_s,
             end_s=end_s,
             prompt=" ".join(part for part in (self._names_prompt, plain_prompt) if part),

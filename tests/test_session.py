@@ -106,6 +106,7 @@ class Driver:
     script: Script
     cut_words: bool = True
     auto_decode: bool = True
+    final_silence_s: float = StreamSettings().final_silence_ms / 1000
     now: float = 1000.0
     fed: bytes = b""
     log: list[Emitted] = field(default_factory=list)
@@ -147,7 +148,7 @@ class Driver:
     def request(self) -> DecodeRequest:
         request = self.session.next_request()
         self.requests.append(request)
-        check_window(request, self.fed)
+        check_window(request, self.fed, self.final_silence_s)
         return request
 
     def apply(
@@ -185,13 +186,19 @@ class Driver:
         return [event for event in self.events if isinstance(event, Partial)]
 
 
-def check_window(request: DecodeRequest, fed: bytes) -> None:
-    """The request's audio is exactly the stream's audio from start_s to end_s."""
+def check_window(request: DecodeRequest, fed: bytes, final_silence_s: float) -> None:
+    """The request's audio is exactly the stream's audio from start_s to end_s, and for a final that stops before
+    `final_silence_s` after the voice, digital silence up to there."""
     first = round(request.start_s * RATE) * 2
     last = round(request.end_s * RATE) * 2
     assert 0 <= request.start_s < request.end_s <= len(fed) / BYTES_PER_S + 1e-9
     assert request.audio.dtype == np.float32
-    assert np.array_equal(request.audio, pcm16_to_float(fed[first:last]))
+    heard = pcm16_to_float(fed[first:last])
+    assert np.array_equal(request.audio[: len(heard)], heard)
+    padding = request.audio[len(heard) :]
+    short_s = request.voice_end_s + final_silence_s - request.end_s
+    assert len(padding) == (max(0, round(short_s * RATE)) if request.final else 0)
+    assert not padding.any()
 
 
 def make_driver(
@@ -207,7 +214,8 @@ def make_driver(
     session = StreamSession(
         stream or StreamSettings(), limits or LimitSettings(), split_on_silence=split_on_silence, prompt=prompt
     )
-    return Driver(session, script, cut_words=cut_words, auto_decode=auto_decode)
+    final_silence_s = (stream or StreamSettings()).final_silence_ms / 1000
+    return Driver(session, script, cut_words=cut_words, auto_decode=auto_decode, final_silence_s=final_silence_s)
 
 
 def by_utterance(events: Iterable[Event]) -> dict[int, list[Event]]:
@@ -488,6 +496,25 @@ def test_end_of_audio_gives_the_final() -> None:
     assert final.end >= 0.3 + len(speech) / BYTES_PER_S - CHUNK_S
     assert not driver.session.active
     assert driver.session.end_of_audio(driver.now) == []
+
+
+def test_audio_that_stops_with_the_voice_gets_the_silence_of_a_pause_in_its_final_decode() -> None:
+    """Whisper ends its last segment on silence; a client that stops right after the speech must get the same
+    final window as one that sends a pause, or the last words go to a later pass that may drop them."""
+    speech = Audio().pause(0.3).say("cmd_piper_joe_03")
+    final_silence_s = StreamSettings().final_silence_ms / 1000
+    paused = make_driver(speech.script)
+    paused.feed(speech.pcm + silence(1.0))
+    stopped = make_driver(speech.script)
+    stopped.feed(speech.pcm[: len(speech.pcm) // CHUNK_BYTES * CHUNK_BYTES])
+    stopped.end()
+
+    [with_pause] = [r for r in paused.requests if r.final][-1:]
+    [at_the_stop] = [r for r in stopped.requests if r.final]
+    assert at_the_stop.end_s < at_the_stop.voice_end_s + final_silence_s, "the audio stops before a pause"
+    heard_s = len(at_the_stop.audio) / RATE  # the silence it lacked is added (what, is checked by check_window)
+    assert heard_s == pytest.approx(at_the_stop.voice_end_s + final_silence_s - at_the_stop.start_s, abs=1 / RATE)
+    assert len(at_the_stop.audio) == pytest.approx(len(with_pause.audio), abs=0.1 * RATE)
 
 
 def test_end_of_audio_of_a_covered_hypothesis_needs_no_decode() -> None:
