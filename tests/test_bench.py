@@ -1184,11 +1184,13 @@ def test_bench_with_a_vocabulary_sends_the_names_decodes_with_them_and_counts_na
     assert (rows["streaming"]["names right"], rows["offline"]["names right"]) == ("names 2/3", "names 3/3")
 
 
-def exposition(websocket: int, wyoming: int = 0) -> str:
-    """A node's /metrics text, rendered by the service's own metrics, with this many sessions opened so far."""
+def exposition(websocket: int, wyoming: int = 0, audio_s: float = 0.0) -> str:
+    """A node's /metrics text, rendered by the service's own metrics, with this many sessions opened and this much
+    audio received so far."""
     metrics = Metrics()
     metrics.sessions_total.labels("websocket").inc(websocket)
     metrics.sessions_total.labels("wyoming").inc(wyoming)
+    metrics.audio_seconds_total.inc(audio_s)
     return metrics.render().decode()
 
 
@@ -1231,20 +1233,21 @@ def test_bench_through_a_balancer_reports_the_sessions_each_node_opened_during_t
 
     # node1 also served two Wyoming sessions meanwhile: only the bench's protocol counts.
     with (
-        fake_node([exposition(5, wyoming=1), exposition(7, wyoming=3)]) as node1,
-        fake_node([exposition(0), exposition(1)]) as node2,
+        fake_node([exposition(5, wyoming=1, audio_s=30.0), exposition(7, wyoming=3, audio_s=41.0)]) as node1,
+        fake_node([exposition(0), exposition(1, audio_s=3.0)]) as node2,
         scripted_server(scripts) as url,
     ):
         status = bench(tmp_path, url, "--no-offline", "--json", "-", "--nodes", f"{node1},{node2}/")
 
     assert status == 0
     captured = capsys.readouterr()
-    line = f"websocket sessions per node (3 of the bench's 3): {node1} 2, {node2} 1"
+    # The audio counts every protocol's: it is the load the balancer spread.
+    line = f"websocket sessions per node (3 of the bench's 3): {node1} 2 (11 s of audio), {node2} 1 (3 s of audio)"
     assert line in captured.err.splitlines()
     assert list(table_rows(captured.err)) == ["streaming"]
     assert json.loads(captured.out)["nodes"] == [
-        {"node": node1, "sessions": 2, "problem": None},
-        {"node": node2, "sessions": 1, "problem": None},
+        {"node": node1, "sessions": 2, "problem": None, "audio_s": 11.0},
+        {"node": node2, "sessions": 1, "problem": None, "audio_s": 3.0},
     ]
 
 
@@ -1258,7 +1261,7 @@ def test_a_node_that_restarted_or_went_away_during_the_run_is_reported_without_a
     with (
         fake_node([exposition(9), exposition(1)]) as restarted,
         fake_node([exposition(4), 503]) as gone,
-        fake_node([exposition(0), exposition(2)]) as node3,
+        fake_node([exposition(0), exposition(2, audio_s=6.0)]) as node3,
         scripted_server(scripts) as url,
     ):
         status = bench(tmp_path, url, "--no-offline", "--runs", "2", "--nodes", f"{restarted},{gone},{node3}")
@@ -1268,7 +1271,7 @@ def test_a_node_that_restarted_or_went_away_during_the_run_is_reported_without_a
     [line] = [line for line in lines if line.startswith("websocket sessions per node")]
     assert line == (
         f"websocket sessions per node (2 of the bench's 2): {restarted} n/a (restarted during the run),"
-        f" {gone} n/a (unreadable after the run: cannot read {gone}/metrics: HTTP 503), {node3} 2"
+        f" {gone} n/a (unreadable after the run: cannot read {gone}/metrics: HTTP 503), {node3} 2 (6 s of audio)"
     )
     assert lines[-1].startswith("same final text"), "the node line comes under the rows, before stability"
 
@@ -1307,12 +1310,14 @@ def test_an_unreachable_node_before_the_run_stops_the_bench(tmp_path: Path, caps
 
 @pytest.mark.fast
 def test_the_nodes_count_the_sessions_of_the_wyoming_protocol_when_the_bench_speaks_it() -> None:
-    with fake_node([exposition(3, wyoming=10), exposition(8, wyoming=14)]) as node:
+    with fake_node([exposition(3, wyoming=10, audio_s=40.0), exposition(8, wyoming=14, audio_s=52.0)]) as node:
         before = read_all([node])
         counted = sessions_during([node], before, "wyoming")
 
-    assert counted == (NodeSessions(node, 4),)
-    assert format_nodes(counted, "wyoming", 6) == f"wyoming sessions per node (4 of the bench's 6): {node} 4"
+    assert counted == (NodeSessions(node, 4, audio_s=12.0),)
+    assert format_nodes(counted, "wyoming", 6) == (
+        f"wyoming sessions per node (4 of the bench's 6): {node} 4 (12 s of audio)"
+    )
 
 
 @pytest.mark.fast
