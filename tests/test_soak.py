@@ -117,7 +117,6 @@ def test_wyoming_transcripts_match_the_text_of_their_sessions_on_the_broker_per_
 
 
 @pytest.mark.fast
-@pytest.mark.fast
 @pytest.mark.parametrize(
     ("reference", "has_words"), [("<beep ascending>", False), ("", False), (" ", False), ("Beep.", True)]
 )
@@ -125,6 +124,7 @@ def test_a_clip_owes_a_final_only_when_its_reference_has_words_as_scored(referen
     assert Clip("clip", Path("clip.wav"), reference, 1.0).has_words is has_words
 
 
+@pytest.mark.fast
 def test_rss_growth_is_counted_from_the_end_of_the_warm_up() -> None:
     samples = [(0.0, 200.0), (10.0, 240.0), (20.0, 250.0), (40.0, 251.0), (60.0, 252.0)]
 
