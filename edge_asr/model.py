@@ -192,16 +192,20 @@ _M_ARENA_MAX = -8  # mallopt's parameter number in glibc
 _TRIM_INTERVAL_S = 10.0
 
 
+def _glibc_function(name: str) -> Any:
+    """A function of the C library this process runs on, or None where it has none of that name (no glibc)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def _limit_malloc_arenas() -> None:
     """Cap glibc's malloc arenas for the threads started from now on, unless MALLOC_ARENA_MAX says otherwise (and
     where there is no glibc, do nothing)."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
+    mallopt = _glibc_function("mallopt")
+    if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
 
 
 class _FreeMemoryTrimmer:
@@ -209,13 +213,10 @@ class _FreeMemoryTrimmer:
     glibc); called on the decode threads, never on the event loop."""
 
     def __init__(self) -> None:
-        try:
-            trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            self._trim: Callable[[int], int] | None = None
-        else:
+        trim = _glibc_function("malloc_trim")
+        if trim is not None:
             trim.argtypes = [ctypes.c_size_t]
-            self._trim = trim
+        self._trim: Callable[[int], int] | None = trim
         self._lock = threading.Lock()
         self._trimmed_at = time.monotonic()
 
