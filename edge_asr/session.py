@@ -265,10 +265,16 @@ class StreamSession:
         """The end of the last voiced frame of the open utterance."""
         return self._voice_end_s if self.ending else self._vad.last_voice_end_s
 
+    def _pause_end_s(self) -> float:
+        """`final_silence_ms` after the last voiced frame: where a whole decode of the utterance ends, when the
+        audio reaches that far."""
+        return self._voice_end() + self._stream.final_silence_ms / 1000
+
     def _final_end_s(self) -> float:
-        """Where a whole decode of the utterance ends: `final_silence_ms` after its last voiced frame."""
+        """Where a whole decode of the utterance ends: `final_silence_ms` after its last voiced frame, or the end of
+        the audio before that."""
         limit_s = self._end_at_s if self._end_at_s is not None else self.stream_s
-        return min(limit_s, self._voice_end() + self._stream.final_silence_ms / 1000)
+        return min(limit_s, self._pause_end_s())
 
     def _whole_from_start(self, end_s: float) -> bool:
         """Whether a whole decode ending at `end_s` hears the utterance from its start."""
@@ -352,7 +358,7 @@ class StreamSession:
         if final:
             # Whisper ends its last segment on silence: without any, it leaves the last words to a later pass of
             # their own, which may drop them. Audio that stops with the voice gets the silence a pause would have.
-            pcm += bytes(max(0, seconds_to_bytes(voice_end_s + self._stream.final_silence_ms / 1000 - end_s)))
+            pcm += bytes(max(0, seconds_to_bytes(self._pause_end_s() - end_s)))
         return DecodeRequest(
             audio=pcm16_to_float(pcm),
             start_s=start_s,
