@@ -22,7 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-from edge_asr.bench.nodes import read_sessions
+from edge_asr.bench.nodes import read_counters
 
 from .haproxy import Balancer, NodePorts, balancer, shipped_servers
 from .server import START_TIMEOUT_S, Service, start_service
@@ -63,7 +63,7 @@ class Cluster:
 
     def sessions(self, source: str) -> dict[str, int]:
         """Sessions each running node has opened so far from `source`, read from its /metrics."""
-        return {name: read_sessions(node.base_url).get(source, 0) for name, node in self.running().items()}
+        return {name: read_counters(node.base_url).sessions.get(source, 0) for name, node in self.running().items()}
 
     def settle(self) -> None:
         """Wait until no running node holds a session and the balancer has every running node UP and every other

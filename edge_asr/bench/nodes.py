@@ -37,11 +37,6 @@ class NodeCounters:
     audio_s: float
 
 
-def read_sessions(node: str) -> dict[str, int]:
-    """Sessions a node has opened since it started, by source (`websocket`, `wyoming`), from its /metrics."""
-    return read_counters(node).sessions
-
-
 def read_counters(node: str) -> NodeCounters:
     """A node's session and audio counters, from its /metrics; BenchError when they cannot be read."""
     try:
