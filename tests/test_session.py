@@ -104,9 +104,9 @@ class Driver:
 
     session: StreamSession
     script: Script
+    final_silence_s: float  # the session's stream.final_silence_ms, in seconds
     cut_words: bool = True
     auto_decode: bool = True
-    final_silence_s: float = StreamSettings().final_silence_ms / 1000
     now: float = 1000.0
     fed: bytes = b""
     log: list[Emitted] = field(default_factory=list)
@@ -211,11 +211,9 @@ def make_driver(
     cut_words: bool = True,
     auto_decode: bool = True,
 ) -> Driver:
-    session = StreamSession(
-        stream or StreamSettings(), limits or LimitSettings(), split_on_silence=split_on_silence, prompt=prompt
-    )
-    final_silence_s = (stream or StreamSettings()).final_silence_ms / 1000
-    return Driver(session, script, cut_words=cut_words, auto_decode=auto_decode, final_silence_s=final_silence_s)
+    stream = stream or StreamSettings()
+    session = StreamSession(stream, limits or LimitSettings(), split_on_silence=split_on_silence, prompt=prompt)
+    return Driver(session, script, stream.final_silence_ms / 1000, cut_words=cut_words, auto_decode=auto_decode)
 
 
 def by_utterance(events: Iterable[Event]) -> dict[int, list[Event]]:
@@ -502,12 +500,12 @@ def test_audio_that_stops_with_the_voice_gets_the_silence_of_a_pause_in_its_fina
     """Whisper ends its last segment on silence; a client that stops right after the speech must get the same
     final window as one that sends a pause, or the last words go to a later pass that may drop them."""
     speech = Audio().pause(0.3).say("cmd_piper_joe_03")
-    final_silence_s = StreamSettings().final_silence_ms / 1000
     paused = make_driver(speech.script)
     paused.feed(speech.pcm + silence(1.0))
     stopped = make_driver(speech.script)
     stopped.feed(speech.pcm[: len(speech.pcm) // CHUNK_BYTES * CHUNK_BYTES])
     stopped.end()
+    final_silence_s = stopped.final_silence_s
 
     [with_pause] = [r for r in paused.requests if r.final][-1:]
     [at_the_stop] = [r for r in stopped.requests if r.final]
