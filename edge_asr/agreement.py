@@ -14,11 +14,13 @@ _ALIGN_TOLERANCE_S = 0.5
 
 @dataclass(frozen=True)
 class Word:
-    """A word with its times in seconds of the session's audio; `text` keeps Whisper's leading space."""
+    """A word with its times in seconds of the session's audio; `text` keeps Whisper's leading space, and
+    `probability` is the decoder's confidence in it (1.0 where none was given)."""
 
     start: float
     end: float
     text: str
+    probability: float = 1.0
 
 
 def normalise(text: str) -> str:

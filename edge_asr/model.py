@@ -20,7 +20,7 @@ import numpy as np
 from .agreement import Word, normalise
 from .audio import SAMPLE_RATE, FloatAudio
 from .config import ModelSettings
-from .vocabulary import NamesInPrompt
+from .vocabulary import NamesInPrompt, is_unsure, splice_names
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -273,7 +273,9 @@ class WhisperTranscriber:
 
         A prompt full of names conditions everything the decoder writes, not only the names: measured on
         the bench corpus with 50 invented names, it changes words nobody said a name in. So a decode with
-        `names` in its prompt that names none of them is decoded again without them, and that one counts.
+        `names` (a final) is decoded first without them; only where that decode was unsure of a word is it
+        decoded again with the names, and only the names it then heard replace the unsure words
+        (`vocabulary.splice_names`).
 
         A whole utterance in which the shortened encoder context hears no word gets a second opinion at
         Whisper's own 30 s: there Whisper's no-speech test drops a lone short word ("fifty", 0.5 s) that the
@@ -282,10 +284,18 @@ class WhisperTranscriber:
         if not whole:
             # Off a final's path, and outside the partial's own time (which paces the partials).
             self._trimmer.trim()
-        transcript = self._decode(audio, prompt, language, self._floor_frames)
-        if names is not None and not names.speller.names_any(w.text for w in transcript.words):
-            plain = self._decode(audio, names.plain, language, self._floor_frames)
-            transcript = dataclasses.replace(plain, asr_ms=transcript.asr_ms + plain.asr_ms)
+        if names is None:
+            transcript = self._decode(audio, prompt, language, self._floor_frames)
+        else:
+            transcript = self._decode(audio, names.plain, language, self._floor_frames)
+            if is_unsure(transcript.words):
+                named = self._decode(audio, prompt, language, self._floor_frames)
+                words = (
+                    transcript.words
+                    if named.hallucinated
+                    else splice_names(transcript.words, named.words, names.speller)
+                )
+                transcript = dataclasses.replace(transcript, words=words, asr_ms=transcript.asr_ms + named.asr_ms)
             prompt = names.plain
         if not whole or self._floor_frames >= _WHISPER_FRAMES or any(normalise(w.text) for w in transcript.words):
             return transcript
@@ -319,7 +329,7 @@ class WhisperTranscriber:
         ]
         return Transcript(
             words=tuple(
-                Word(start=float(word.start), end=float(word.end), text=word.word)
+                Word(start=float(word.start), end=float(word.end), text=word.word, probability=float(word.probability))
                 for segment in kept
                 for word in segment.words or ()
             ),

@@ -369,7 +369,7 @@ class StreamSession:
             newest_arrival=self._arrival_of(end_s),
             utterance_start_s=self._utterance_start_s,
             voice_end_s=voice_end_s,
-            # A final decodes again without the names when they were not heard (see `Transcriber.decode`).
+            # A final is decoded without the names first; names replace only words it was unsure of (see `decode`).
             names=NamesInPrompt(plain_prompt, self._speller)
             if final and self._names_prompt and self._speller
             else None,

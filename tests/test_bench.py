@@ -1023,7 +1023,7 @@ async def test_the_wyoming_transport_without_names_leaves_them_out_of_transcribe
 
 class MishearingTranscriber:
     """Stands in for the model of the whole-clip decode: hears every clip as "Dim Ellowen's lamp." and records
-    the prompt and `whole` of each decode."""
+    the prompt of each decode and whether it was told the prompt holds names."""
 
     common_words = frozenset({"dim", "lamp"})
 
@@ -1034,7 +1034,7 @@ class MishearingTranscriber:
         self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
     ) -> ModelTranscript:
         """The same words for any audio."""
-        self.asked.append((prompt, whole))
+        self.asked.append((prompt, names is not None))
         return ModelTranscript((Word(0.1, 0.4, " Dim"), Word(0.4, 0.9, " Ellowen's"), Word(0.9, 1.2, " lamp.")), 40.0)
 
 
@@ -1064,7 +1064,7 @@ def test_the_whole_clip_decode_prompts_with_the_names_and_spells_them_as_the_ser
 
     clips, summary = runner.decode_whole(load_corpus(tmp_path), Settings(), names)
 
-    assert model.asked == [(prompt, False)]
+    assert model.asked == [(prompt, bool(names))]
     assert [(clip.hypothesis, clip.names_found, clip.names_expected) for clip in clips] == [(hypothesis, *named)]
     assert (summary.names_found, summary.names_expected) == named
 

@@ -10,7 +10,7 @@ from edge_asr.audio import FloatAudio, pcm16_to_float
 from edge_asr.config import ModelSettings
 from edge_asr.model import ModelError, Transcript, WhisperTranscriber, bundled_model_dir, languages_of, resolve_model
 from edge_asr.vad import VadGate
-from edge_asr.vocabulary import NamesInPrompt, NameSpeller, names_prompt
+from edge_asr.vocabulary import NamesInPrompt, NameSpeller, is_unsure, names_prompt
 
 from .speech import normalise, read_pcm, reference, silence
 
@@ -131,23 +131,26 @@ class DecodeSpy:
         transcriber._decode = decode  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize(("names", "decodes"), [(("Zorbeline Quathmire",), 2), (("Participant",), 1)])
-def test_a_final_prompted_with_names_it_does_not_hear_is_decoded_again_without_them(
-    names: tuple[str, ...], decodes: int
-) -> None:
+def test_a_final_with_names_is_decoded_without_them_and_again_with_them_only_where_that_was_unsure() -> None:
     transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1))
     spy = DecodeSpy(transcriber)
-    audio = pcm16_to_float(read_pcm("asterisk_conf-onlyone"))
+    names = ("Zorbeline Quathmire",)
     sentence, _ = names_prompt(names, 200)
     plain = "Earlier words."
+    unsure_seen = set()
 
-    transcript = transcriber.decode(
-        audio, f"{sentence} {plain}", "en", whole=True, names=NamesInPrompt(plain, NameSpeller(names, frozenset()))
-    )
+    for clip in ("asterisk_conf-onlyone", "asterisk_conf-hasjoin", "asterisk_conf-getconfno"):
+        audio = pcm16_to_float(read_pcm(clip))
+        without = transcriber.decode(audio, plain, "en", whole=True)
+        spy.prompts.clear()
 
-    assert len(spy.prompts) == decodes
-    assert spy.prompts[0] == f"{sentence} {plain}"
-    if decodes == 2:
-        assert spy.prompts[1] == plain
-        assert transcript.words == transcriber.decode(audio, plain, "en", whole=True).words
-    assert normalise("".join(word.text for word in transcript.words)) == normalise(reference("asterisk_conf-onlyone"))
+        transcript = transcriber.decode(
+            audio, f"{sentence} {plain}", "en", whole=True, names=NamesInPrompt(plain, NameSpeller(names, frozenset()))
+        )
+
+        unsure = is_unsure(without.words)
+        unsure_seen.add(unsure)
+        assert spy.prompts == [plain, f"{sentence} {plain}"] if unsure else [plain]
+        assert transcript.words == without.words, "a name nobody said, and unlike any word heard, replaces none"
+        assert normalise("".join(word.text for word in transcript.words)) == normalise(reference(clip))
+    assert unsure_seen == {True, False}, "the clips cover a decode without names that is sure and one that is not"

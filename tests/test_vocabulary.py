@@ -1,5 +1,6 @@
 """The household's names: merged in priority order, put in the prompt within a budget, heard words spelled
-as names, the file read again when it changes; and the engine passing them to decodes and to listeners."""
+as names, let into a final only where the decode without them was unsure, the file read again when it
+changes; and the engine passing them to decodes and to listeners."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 from edge_asr.events import Final, SessionInfo
 from edge_asr.model import Transcript
-from edge_asr.vocabulary import NamesFile, NamesInPrompt, NameSpeller, Vocabulary, names_prompt
+from edge_asr.vocabulary import NamesFile, NamesInPrompt, NameSpeller, Vocabulary, is_unsure, names_prompt, splice_names
 
 from .fakes import ScriptedTranscriber
 from .speech import read_pcm, silence
@@ -80,6 +81,61 @@ def test_common_words_in_names_are_not_targets() -> None:
     assert speller.spell(" Turn on the fun") == " Turn on the fun"
     assert speller.spell(" the Quilo fan") == " the Quillo fan"
     assert not NameSpeller(["the lamp"], COMMON)
+
+
+def _text(words: tuple[Word, ...]) -> str:
+    return "".join(word.text for word in words)
+
+
+def test_a_name_replaces_the_words_the_decode_without_names_was_unsure_of() -> None:
+    speller = NameSpeller(["Calloway", "Nimbrel"], COMMON)
+    plain = (
+        Word(0.0, 0.4, " Lock", 0.9),
+        Word(0.4, 0.6, " the", 0.95),
+        Word(0.6, 0.9, " cat", 0.05),
+        Word(0.9, 1.0, " the", 0.33),
+        Word(1.0, 1.4, " way", 0.94),
+        Word(1.4, 1.9, " gate", 0.97),
+    )
+    named = (
+        Word(0.0, 0.4, " Lock", 0.9),
+        Word(0.4, 0.6, " the", 0.9),
+        Word(0.6, 1.4, " Calloway", 0.03),
+        Word(1.4, 1.9, " gate", 0.97),
+    )
+
+    assert _text(splice_names(plain, named, speller)) == " Lock the Calloway gate"
+    assert is_unsure(plain)
+
+    looks_alike = (Word(0.0, 0.5, " Dim", 0.99), Word(0.5, 1.2, " Embryl", 0.43), Word(1.2, 1.6, " lamp", 0.9))
+    named_alike = (Word(0.0, 0.5, " Dim", 0.99), Word(0.5, 1.3, " Nimbrel", 0.23), Word(1.3, 1.6, " lamp", 0.9))
+    assert _text(splice_names(looks_alike, named_alike, speller)) == " Dim Nimbrel lamp"
+
+
+@pytest.mark.parametrize(
+    ("plain", "named"),
+    [
+        # Sure of its word: a name nobody said, written because the prompt is full of names.
+        ((Word(0.0, 0.6, " second.", 0.95),), (Word(0.0, 0.6, " Brannoc.", 0.2),)),
+        ((Word(0.0, 0.3, " Dial", 0.79), Word(0.3, 0.6, " 2,", 0.97)), (Word(0.0, 0.6, " Faolan", 0.65),)),
+        # Sure enough of a word much like the name.
+        ((Word(0.0, 0.5, " allow", 0.75),), (Word(0.0, 0.5, " Allowyn", 0.3),)),
+        # Unsure, but of a word that looks nothing like the name.
+        (
+            (Word(0.0, 0.3, " add", 0.63), Word(0.3, 0.7, " milk", 0.57)),
+            (Word(0.0, 0.3, " And", 0.6), Word(0.3, 0.7, " Maelis", 0.3)),
+        ),
+        # The decode without names heard nothing there, or already a name.
+        ((Word(0.0, 0.4, " Lights", 0.9),), (Word(0.0, 0.4, " Lights", 0.9), Word(0.6, 1.0, " Brannoc", 0.1))),
+        ((Word(0.0, 0.6, " Brannock", 0.3),), (Word(0.0, 0.6, " Faolan", 0.4),)),
+    ],
+)
+def test_a_name_leaves_what_the_decode_without_names_was_sure_of_or_did_not_hear(
+    plain: tuple[Word, ...], named: tuple[Word, ...]
+) -> None:
+    speller = NameSpeller(["Brannoc", "Faolan", "Maelis", "Allowyn"], COMMON)
+
+    assert splice_names(plain, named, speller) == plain
 
 
 def test_the_names_file_is_read_again_when_it_changes_and_kept_when_it_goes(

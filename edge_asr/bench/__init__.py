@@ -15,8 +15,9 @@ after `ready` and before the audio, on Wyoming as `transcribe`'s `transcript_nam
 
 The offline row (on by default, `--no-offline` skips it; `--offline` is still accepted): each clip decoded
 whole, once, by the same model with the local settings (also with `--url`/`--wyoming`), padded to 30 s, with
-no prompt but the names' (the service's own `names_prompt` within `stream.names_chars`, each word then spelled
-by its `NameSpeller`): what a non-streaming server would give, to tell streaming losses from model errors.
+no prompt but the names' (the service's own `names_prompt` within `stream.names_chars`, used as its finals use
+it, each word then spelled by its `NameSpeller`): what a non-streaming server would give, to tell streaming
+losses from model errors.
 
 How the numbers are measured (all times from `time.monotonic()` in this process):
 

@@ -19,7 +19,7 @@ from ..config import Settings
 from ..engine import Engine
 from ..events import SessionError
 from ..model import ModelError, WhisperTranscriber
-from ..vocabulary import NameSpeller, names_prompt
+from ..vocabulary import NamesInPrompt, NameSpeller, names_prompt
 from .corpus import Clip
 from .errors import BenchError
 from .report import OfflineClip, OfflineSummary
@@ -115,7 +115,8 @@ def decode_whole(
     clips: Sequence[Clip], settings: Settings, names: tuple[str, ...] = ()
 ) -> tuple[list[OfflineClip], OfflineSummary]:
     """Decode every clip whole with the same model, padded to 30 s as Whisper was trained, with no prompt but the
-    household's `names` (as the service tells them to its decoder, and spelled as it spells them).
+    household's `names`, which it uses as the service's finals do (decoded without them first, names let in
+    only where that was unsure, and spelled as the service spells them).
 
     The baseline is the standard whole-utterance decode (what a non-streaming server does), whatever
     `model.encoder_floor_s` the streaming run uses.
@@ -128,12 +129,15 @@ def decode_whole(
     if left_out:
         _LOGGER.warning("%d of %d names did not fit in the decoder prompt (stream.names_chars)", left_out, len(names))
     speller = NameSpeller(names, transcriber.common_words)
+    in_prompt = NamesInPrompt("", speller) if prompt else None
     process = psutil.Process()
     cpu = cpu_seconds(process)
     results: list[OfflineClip] = []
     words = no_text = 0
     for clip in clips:
-        transcript = transcriber.decode(pcm16_to_float(clip.read_pcm()), prompt, settings.model.language)
+        transcript = transcriber.decode(
+            pcm16_to_float(clip.read_pcm()), prompt, settings.model.language, names=in_prompt
+        )
         text = join_words([Word(word.start, word.end, speller.spell(word.text)) for word in transcript.words])
         score = score_words(clip.reference, text)
         named = score_names(clip.reference, text, names)
