@@ -161,8 +161,8 @@ def splice_names(plain: Sequence[Word], named: Sequence[Word], speller: NameSpel
     enough like the name (see UNSURE_PROBABILITY).
 
     The prompted decode is not taken whole: a prompt full of names changes words nobody said a name in. A name
-    covers the plain words whose middle falls in its time (or the one it overlaps most); a name where the plain
-    decode heard nothing, or already heard a name, changes nothing.
+    covers the plain words whose middle falls in its time (or the one it overlaps most) and replaces those with
+    letters; a name where the plain decode heard nothing, or already heard a name, changes nothing.
     """
     words = list(plain)
     for name in named:
@@ -173,16 +173,18 @@ def splice_names(plain: Sequence[Word], named: Sequence[Word], speller: NameSpel
             overlaps = [(min(w.end, name.end) - max(w.start, name.start), index) for index, w in enumerate(words)]
             best = max(overlaps, default=(0.0, -1))
             covered = [words[best[1]]] if best[0] > 0 else []
-        if not covered or speller.names_any(w.text for w in covered):
+        # Numbers and punctuation are no name's sound: they neither count as doubt nor give way to the name.
+        spoken = [w for w in covered if _letters(w.text)]
+        if not spoken or speller.names_any(w.text for w in spoken):
             continue
-        doubt = 1.0 - min(w.probability for w in covered)
+        doubt = 1.0 - min(w.probability for w in spoken)
         likeness = Levenshtein.normalized_similarity(
-            _letters("".join(w.text for w in covered)), _letters(speller.spell(name.text))
+            _letters("".join(w.text for w in spoken)), _letters(speller.spell(name.text))
         )
         if doubt <= 1.0 - UNSURE_PROBABILITY or doubt + likeness < _NAME_EVIDENCE:
             continue
         at = words.index(covered[0])
-        words[at : at + len(covered)] = [name]
+        words[at : at + len(covered)] = [name if w is spoken[0] else w for w in covered if w not in spoken[1:]]
     return tuple(words)
 
 

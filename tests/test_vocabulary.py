@@ -111,6 +111,10 @@ def test_a_name_replaces_the_words_the_decode_without_names_was_unsure_of() -> N
     named_alike = (Word(0.0, 0.5, " Dim", 0.99), Word(0.5, 1.3, " Nimbrel", 0.23), Word(1.3, 1.6, " lamp", 0.9))
     assert _text(splice_names(looks_alike, named_alike, speller)) == " Dim Nimbrel lamp"
 
+    with_number = (Word(0.0, 0.3, " Dow", 0.2), Word(0.3, 0.6, " 1,", 0.3), Word(0.6, 1.0, " please", 0.9))
+    named_number = (Word(0.0, 0.6, " Calloway,", 0.1), Word(0.6, 1.0, " please", 0.9))
+    assert _text(splice_names(with_number, named_number, speller)) == " Calloway, 1, please"
+
 
 @pytest.mark.parametrize(
     ("plain", "named"),
@@ -118,6 +122,8 @@ def test_a_name_replaces_the_words_the_decode_without_names_was_unsure_of() -> N
         # Sure of its word: a name nobody said, written because the prompt is full of names.
         ((Word(0.0, 0.6, " second.", 0.95),), (Word(0.0, 0.6, " Brannoc.", 0.2),)),
         ((Word(0.0, 0.3, " Dial", 0.79), Word(0.3, 0.6, " 2,", 0.97)), (Word(0.0, 0.6, " Faolan", 0.65),)),
+        # Sure of its word; the number it heard beside it is no name's sound, however unsure.
+        ((Word(0.0, 0.3, " Dial", 0.8), Word(0.3, 0.6, " 1,", 0.3)), (Word(0.0, 0.6, " Faolan,", 0.2),)),
         # Sure enough of a word much like the name.
         ((Word(0.0, 0.5, " allow", 0.75),), (Word(0.0, 0.5, " Allowyn", 0.3),)),
         # Unsure, but of a word that looks nothing like the name.
