@@ -208,7 +208,7 @@ async def test_the_engine_merges_request_config_file_and_outside_names_and_tells
     assert transcriber.prompts
     assert all(p.startswith("We have Calloway and Tarrow and Brannoc and Wrenfold.") for p in transcriber.prompts)
     assert "Kestrel" not in transcriber.prompts[0], "the least important name did not fit"
-    assert transcriber.plain_prompts, "a final decode may be decoded again without the names"
+    assert transcriber.plain_prompts, "a final is told its prompt without the names, to decode first"
     assert not any("Calloway" in p for p in transcriber.plain_prompts)
     [(info, final)] = seen
     assert final.text == "Lock the Calloway"
