@@ -37,7 +37,7 @@ _DIGEST_CHARS = 12
 # less sure it was, the less alike they need be (doubt plus likeness at least _NAME_EVIDENCE; at the bound, 60 %
 # of the letters; below 0.1, none). Measured with tiny.en: where a name was said, the decode without names wrote
 # other words at 0.05-0.66 ("the rain-filled" for "Wrenfold"); where the names prompt wrote a name nobody said
-# ("Dial" as a name, four times in one prompt; "second" as one), the decode without names had been sure of
+# ("Dial" as a name, four times in one prompt; "milk" as "Maelis"), the decode without names had been sure of
 # its word, or it looked nothing like the name.
 UNSURE_PROBABILITY = 0.7
 _NAME_EVIDENCE = 0.9
@@ -152,7 +152,7 @@ class NamesInPrompt:
 
 def is_unsure(words: Iterable[Word]) -> bool:
     """Whether a decode without the names wrote any word a name could replace (see `splice_names`)."""
-    return any(word.probability < UNSURE_PROBABILITY for word in words)
+    return any(word.probability < UNSURE_PROBABILITY and _letters(word.text) for word in words)
 
 
 def splice_names(plain: Sequence[Word], named: Sequence[Word], speller: NameSpeller) -> tuple[Word, ...]:

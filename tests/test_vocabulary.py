@@ -106,6 +106,7 @@ def test_a_name_replaces_the_words_the_decode_without_names_was_unsure_of() -> N
 
     assert _text(splice_names(plain, named, speller)) == " Lock the Calloway gate"
     assert is_unsure(plain)
+    assert not is_unsure((Word(0.0, 0.3, " Dial", 0.8), Word(0.3, 0.6, " 1,", 0.3))), "a number is no name's sound"
 
     looks_alike = (Word(0.0, 0.5, " Dim", 0.99), Word(0.5, 1.2, " Embryl", 0.43), Word(1.2, 1.6, " lamp", 0.9))
     named_alike = (Word(0.0, 0.5, " Dim", 0.99), Word(0.5, 1.3, " Nimbrel", 0.23), Word(1.3, 1.6, " lamp", 0.9))
