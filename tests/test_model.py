@@ -150,7 +150,7 @@ def test_a_final_with_names_is_decoded_without_them_and_again_with_them_only_whe
 
         unsure = is_unsure(without.words)
         unsure_seen.add(unsure)
-        assert spy.prompts == [plain, f"{sentence} {plain}"] if unsure else [plain]
+        assert spy.prompts == ([plain, f"{sentence} {plain}"] if unsure else [plain])
         assert transcript.words == without.words, "a name nobody said, and unlike any word heard, replaces none"
         assert normalise("".join(word.text for word in transcript.words)) == normalise(reference(clip))
     assert unsure_seen == {True, False}, "the clips cover a decode without names that is sure and one that is not"
