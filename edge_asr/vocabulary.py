@@ -177,14 +177,17 @@ def splice_names(plain: Sequence[Word], named: Sequence[Word], speller: NameSpel
         spoken = [w for w in covered if _letters(w.text)]
         if not spoken or speller.names_any(w.text for w in spoken):
             continue
+        if not is_unsure(spoken):
+            continue
         doubt = 1.0 - min(w.probability for w in spoken)
         likeness = Levenshtein.normalized_similarity(
             _letters("".join(w.text for w in spoken)), _letters(speller.spell(name.text))
         )
-        if doubt <= 1.0 - UNSURE_PROBABILITY or doubt + likeness < _NAME_EVIDENCE:
+        if doubt + likeness < _NAME_EVIDENCE:
             continue
-        at = words.index(covered[0])
-        words[at : at + len(covered)] = [name if w is spoken[0] else w for w in covered if w not in spoken[1:]]
+        words[words.index(spoken[0])] = name
+        for word in spoken[1:]:
+            words.remove(word)
     return tuple(words)
 
 

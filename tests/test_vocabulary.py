@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_asr.agreement import Word
+from edge_asr.agreement import Word, join_words
 from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 from edge_asr.events import Final, SessionInfo
@@ -83,10 +83,6 @@ def test_common_words_in_names_are_not_targets() -> None:
     assert not NameSpeller(["the lamp"], COMMON)
 
 
-def _text(words: tuple[Word, ...]) -> str:
-    return "".join(word.text for word in words)
-
-
 def test_a_name_replaces_the_words_the_decode_without_names_was_unsure_of() -> None:
     speller = NameSpeller(["Calloway", "Nimbrel"], COMMON)
     plain = (
@@ -104,17 +100,17 @@ def test_a_name_replaces_the_words_the_decode_without_names_was_unsure_of() -> N
         Word(1.4, 1.9, " gate", 0.97),
     )
 
-    assert _text(splice_names(plain, named, speller)) == " Lock the Calloway gate"
+    assert join_words(splice_names(plain, named, speller)) == "Lock the Calloway gate"
     assert is_unsure(plain)
     assert not is_unsure((Word(0.0, 0.3, " Dial", 0.8), Word(0.3, 0.6, " 1,", 0.3))), "a number is no name's sound"
 
     looks_alike = (Word(0.0, 0.5, " Dim", 0.99), Word(0.5, 1.2, " Embryl", 0.43), Word(1.2, 1.6, " lamp", 0.9))
     named_alike = (Word(0.0, 0.5, " Dim", 0.99), Word(0.5, 1.3, " Nimbrel", 0.23), Word(1.3, 1.6, " lamp", 0.9))
-    assert _text(splice_names(looks_alike, named_alike, speller)) == " Dim Nimbrel lamp"
+    assert join_words(splice_names(looks_alike, named_alike, speller)) == "Dim Nimbrel lamp"
 
     with_number = (Word(0.0, 0.3, " Dow", 0.2), Word(0.3, 0.6, " 1,", 0.3), Word(0.6, 1.0, " please", 0.9))
     named_number = (Word(0.0, 0.6, " Calloway,", 0.1), Word(0.6, 1.0, " please", 0.9))
-    assert _text(splice_names(with_number, named_number, speller)) == " Calloway, 1, please"
+    assert join_words(splice_names(with_number, named_number, speller)) == "Calloway, 1, please"
 
 
 @pytest.mark.parametrize(
