@@ -132,6 +132,7 @@ class EngineSession:
         self._closed = False
         self._last_decoded_at = time.monotonic()
         self._events = _EventQueue(limits.max_queued_events, host.event_dropped)
+        self._sending = False
         self._limits = limits
         self._changed = asyncio.Event()
         self._finals = 0
@@ -181,8 +182,8 @@ class EngineSession:
 
     @property
     def undelivered(self) -> int:
-        """Events not yet taken by the client's writer."""
-        return len(self._events)
+        """Events the client's writer has not sent yet (queued, or taken and being sent)."""
+        return len(self._events) + self._sending
 
     @property
     def audio_s(self) -> float:
@@ -251,13 +252,18 @@ class EngineSession:
         self._publish([SessionError(code, message)])
 
     async def events(self) -> AsyncIterator[Event]:
-        """Events in order, until the session closes."""
+        """Events in order, until the session closes; an event counts as delivered once the writer asks for the
+        next one (it has sent this one), so a shutdown waits for the send itself, not just for the taking."""
         while True:
             event = await self._events.get()
             if event is None:
                 return
             self._changed.set()  # room() may be waiting for the client to take its events
-            yield event
+            self._sending = True
+            try:
+                yield event
+            finally:
+                self._sending = False
 
     def close(self) -> None:
         """Release the session; a decode still running for it is dropped."""

@@ -134,3 +134,24 @@ async def test_a_client_that_asks_for_answers_faster_than_it_reads_them_gets_no_
         assert isinstance(taken, Done)
     finally:
         await engine.stop()
+
+
+async def test_an_event_the_writer_took_counts_as_undelivered_until_it_asks_for_the_next() -> None:
+    engine = Engine(_settings(), ScriptedTranscriber)
+    await engine.start()
+    try:
+        async with engine.session("test") as session:
+            events = session.events()
+            session.report_error("bad_json", "one")
+            taken = await anext(events)
+            sending = not await engine.delivered(0.05)  # a shutdown must not close the socket under this send
+            asking: asyncio.Future[Event] = asyncio.ensure_future(anext(events))
+            sent = await engine.delivered(1.0)
+            session.close()
+            with pytest.raises(StopAsyncIteration):  # the stream ends at close
+                await asking
+        assert isinstance(taken, SessionError)
+        assert sending, "delivered() must wait while the writer is still sending the event it took"
+        assert sent, "asking for the next event means the one before was sent"
+    finally:
+        await engine.stop()
