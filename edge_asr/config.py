@@ -93,7 +93,7 @@ class StreamSettings:
     cycle_ms: int = _setting(250, low=50, high=5_000)
     overlap_ms: int = _setting(150, low=0, high=1_000)
     commit_margin_ms: int = _setting(1000, low=0, high=5_000)
-    final_silence_ms: int = _setting(120, low=30, high=2_000)
+    final_silence_ms: int = _setting(60, low=30, high=2_000)
     preroll_ms: int = _setting(300, low=0, high=1_000)
     min_window_s: float = _setting(1.0, low=0.2, high=10.0)
     max_window_s: float = _setting(15.0, low=2.0, high=30.0)

@@ -27,6 +27,10 @@ _PARTIAL_CPU_SHARE = 0.5
 _SAME_TIME_S = 0.05
 # A run of this many words said twice in a row is a decoding loop, not speech.
 _LOOP_WORDS = 4
+# Whisper ends its last segment on silence; without enough of it, it leaves the last words to a later pass of their
+# own, which may drop them. A final's audio ends on at least this much: where the pause that started its decode
+# was shorter (`final_silence_ms`), or the audio stopped with the voice, digital silence makes up the rest.
+FINAL_TAIL_S = 0.12
 # Whisper's window: the most one decode hears. A whole decode of an utterance this long or shorter hears all of
 # it, with no seam where words committed from a shorter window could be wrong.
 WHOLE_DECODE_MAX_S = 30.0
@@ -164,6 +168,8 @@ class StreamSession:
         self._end_wall = 0.0
         self._voice_end_s = 0.0
         self._candidate: _Candidate | None = None
+        # The last voiced frame the newest whole decode heard (None: none yet, or it failed).
+        self._whole_voice_end_s: float | None = None
         # The voiced end whose whole decode failed: not retried until more speech or the end comes.
         self._failed_voice_end_s: float | None = None
         self._last_partial = ("", "")
@@ -311,6 +317,9 @@ class StreamSession:
         # No new speech since the last decode: another one could not change a word.
         if self._vad.last_voice_end_s + COVER_MARGIN_S <= self._last_request_end_s:
             return None
+        # Nor since a whole decode started: it hears the utterance to its end, even after a pause shorter than that.
+        if self._whole_voice_end_s is not None and self._vad.last_voice_end_s <= self._whole_voice_end_s:
+            return None
         return "partial"
 
     def _wants_whole_decode(self) -> bool:
@@ -350,15 +359,15 @@ class StreamSession:
         context = join_words(prefix) if final else f"{self._history} {join_words(prefix)}"
         if final:
             self._final_in_flight = True
+            self._whole_voice_end_s = voice_end_s
         else:
             self._partial_in_flight = True
         self._last_request_end_s = max(self._last_request_end_s, end_s)
         plain_prompt = build_prompt(self._prompt, context, self._stream.prompt_chars)
         pcm = self._slice(start_s, end_s)
         if final:
-            # Whisper ends its last segment on silence: without any, it leaves the last words to a later pass of
-            # their own, which may drop them. Audio that stops with the voice gets the silence a pause would have.
-            pcm += bytes(max(0, seconds_to_bytes(self._pause_end_s() - end_s)))
+            tail_end_s = voice_end_s + max(self._stream.final_silence_ms / 1000, FINAL_TAIL_S)
+            pcm += bytes(max(0, seconds_to_bytes(tail_end_s - end_s)))
         return DecodeRequest(
             audio=pcm16_to_float(pcm),
             start_s=start_s,
@@ -404,6 +413,8 @@ class StreamSession:
                 return self._emit_final(now)
             words = list(heard)
         if not trusted:
+            if request.final:
+                self._whole_voice_end_s = None  # the partials' path stands in: it may still need their decodes
             return self._final_if_ready(now)
         # A trusted decode of either kind is the newest hypothesis of the partial stream.
         return self._update_partial(request, words, transcript.asr_ms, now) + self._final_if_ready(now)
@@ -443,6 +454,7 @@ class StreamSession:
             self._partial_in_flight = False
         if request.utterance_start_s != self._utterance_start_s or not request.final:
             return []
+        self._whole_voice_end_s = None  # the partials' path stands in: it may still need their decodes
         if not self.ending:
             self._failed_voice_end_s = request.voice_end_s
             return []
