@@ -962,6 +962,29 @@ def test_speech_that_resumes_after_a_pause_gets_a_new_whole_decode_of_all_of_it(
     assert whole[0].end_s < whole[1].end_s
 
 
+@pytest.mark.parametrize("outcome", ["failed", "untrusted", "trusted"])
+def test_after_a_whole_decode_partials_wait_for_new_voice_unless_it_failed_or_was_untrusted(outcome: str) -> None:
+    """A whole decode hears the utterance to its end: a partial after it could add nothing. One that failed or was
+    not trusted leaves the final to the partials' path, which may still need a decode through the last words."""
+    audio = one_command()
+    voiced_end = last_voiced_end(audio.pcm)
+    # The utterance stays open through the check (the VAD would end it after 350 ms).
+    driver = make_driver(audio.script, stream=StreamSettings(silence_ms=2000), cut_words=False)
+    driver.feed_until(voiced_end, audio.pcm)
+    driver.auto_decode = False
+    driver.feed_until(voiced_end + driver.final_silence_s, audio.pcm)
+    request = driver.request()
+    assert request.final
+    if outcome == "failed":
+        driver.session.decode_failed(request, driver.now)
+    else:
+        driver.apply(request, hallucinated=outcome == "untrusted")
+    driver.feed_until(voiced_end + 0.6, audio.pcm)
+
+    assert driver.session.wants_decode() == (outcome != "trusted")
+    assert not driver.session.wants_final_decode()
+
+
 def test_a_failed_whole_decode_is_not_retried_for_the_same_speech_and_the_end_falls_back() -> None:
     audio = one_command()
     voiced_end = last_voiced_end(audio.pcm)
