@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -22,15 +20,12 @@ from .config import (
     load_settings,
     parse_assignments,
 )
+from .memory import limit_malloc_arenas
 
 _LOGGER = logging.getLogger(__name__)
 # The exit status of a start-up that configuration must fix (systemd's RestartPreventExitStatus=).
 EXIT_CONFIG = 2
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# glibc's mallopt parameter number for M_ARENA_MAX, and the cap (measured: 306 → 292 MB peak RSS
-# with four Wyoming satellites on two decode threads).
-_M_ARENA_MAX = -8
-_MALLOC_ARENAS = 2
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, listeners: bool) -> None:
@@ -46,17 +41,6 @@ def _add_config_flags(parser: argparse.ArgumentParser, listeners: bool) -> None:
         parser.add_argument("--port", type=int, help="HTTP/WebSocket port")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any other setting")
-
-
-def _limit_malloc_arenas() -> None:
-    """Cap glibc's malloc arenas: each decode thread otherwise keeps its own, and RSS grows with them."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
-    except (OSError, AttributeError):  # not glibc: nothing to cap
-        _LOGGER.debug("mallopt is not available; malloc arenas left as they are")
 
 
 def _pin_thread_pools(argv: list[str] | None) -> None:
@@ -129,7 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    _limit_malloc_arenas()
+    limit_malloc_arenas()  # before numpy and CTranslate2 start their threads
     _pin_thread_pools(argv)
     args = build_parser().parse_args(argv)
     try:

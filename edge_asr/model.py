@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import logging
-import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,6 +17,7 @@ import numpy as np
 from .agreement import Word, normalise
 from .audio import SAMPLE_RATE, FloatAudio
 from .config import ModelSettings
+from .memory import EncoderBudget, FreeMemoryTrimmer, limit_malloc_arenas
 from .vocabulary import NamesInPrompt, is_unsure, splice_names
 
 if TYPE_CHECKING:
@@ -84,6 +82,10 @@ class Transcriber(Protocol):
 
     def warm_up(self) -> float:
         """Run a first decode so the first real one pays no start-up cost; return its ms."""
+        ...
+
+    def release_memory(self) -> None:
+        """Give the memory the decodes freed back to the system; blocking, called on a decode thread."""
         ...
 
     def decode(
@@ -180,65 +182,13 @@ def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:
         raise ModelError(f"model.name: cannot load {settings.name!r} ({location}): {err}") from err
 
 
-# glibc gives each thread that allocates its own malloc arena (up to 8 per core); CTranslate2's threads and the
-# decode workers each kept theirs full of freed buffers. Two arenas: peak RSS 330 -> 300 MB on 60 bench clips.
-_MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # mallopt's parameter number in glibc
-
-
-# Even in two arenas, the buffers of decodes of many lengths stay behind as free memory that glibc does not give
-# back by itself (RSS grew 1.4 MB a minute over a 30-minute soak; in-process, 100 mixed decodes left 120 MB that
-# one malloc_trim returned). Trimming before a partial decode, at most this often, gives it back for a few ms.
-_TRIM_INTERVAL_S = 10.0
-
-
-def _glibc_function(name: str) -> Any:
-    """A function of the C library this process runs on, or None where it has none of that name (no glibc)."""
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def _limit_malloc_arenas() -> None:
-    """Cap glibc's malloc arenas for the threads started from now on, unless MALLOC_ARENA_MAX says otherwise (and
-    where there is no glibc, do nothing)."""
-    mallopt = _glibc_function("mallopt")
-    if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ:
-        mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
-
-
-class _FreeMemoryTrimmer:
-    """Gives glibc's free memory back to the system at most every _TRIM_INTERVAL_S (nothing where there is no
-    glibc); called on the decode threads, never on the event loop."""
-
-    def __init__(self) -> None:
-        trim = _glibc_function("malloc_trim")
-        if trim is not None:
-            trim.argtypes = [ctypes.c_size_t]
-        self._trim: Callable[[int], int] | None = trim
-        self._lock = threading.Lock()
-        self._trimmed_at = time.monotonic()
-
-    def trim(self) -> None:
-        """Trim, unless it was done less than _TRIM_INTERVAL_S ago (by this thread or another)."""
-        if self._trim is None:
-            return
-        with self._lock:
-            now = time.monotonic()
-            if now - self._trimmed_at < _TRIM_INTERVAL_S:
-                return
-            self._trimmed_at = now
-        self._trim(0)
-
-
 class WhisperTranscriber:
     """faster-whisper with int8 weights, greedy decoding, word timestamps and no temperature fallback."""
 
     def __init__(self, settings: ModelSettings) -> None:
         threads = settings.effective_threads
         started = time.monotonic()
-        _limit_malloc_arenas()  # before CTranslate2 starts its threads
+        limit_malloc_arenas()  # before CTranslate2 starts its threads
         self._settings = settings
         self._model = _new_whisper(settings, threads)
         self.name = settings.name
@@ -249,7 +199,8 @@ class WhisperTranscriber:
             if token.startswith(_WORD_START) and token[1:].isalpha()
         )
         self._floor_frames = int(settings.encoder_floor_s * _FRAMES_PER_SECOND)
-        self._trimmer = _FreeMemoryTrimmer()
+        self._trimmer = FreeMemoryTrimmer()
+        self._budget = EncoderBudget(_WHISPER_FRAMES)
         _LOGGER.info(
             "Loaded model %s (%s, %d threads) in %.0f ms",
             self.name,
@@ -257,6 +208,10 @@ class WhisperTranscriber:
             threads,
             (time.monotonic() - started) * 1000,
         )
+
+    def release_memory(self) -> None:
+        """Give the memory the decodes freed back to the system; blocking, called on a decode thread."""
+        self._trimmer.trim_now()
 
     def warm_up(self) -> float:
         """Decode a little dummy audio so the first real request pays no first-call cost."""
@@ -303,30 +258,36 @@ class WhisperTranscriber:
         return dataclasses.replace(second, asr_ms=transcript.asr_ms + second.asr_ms)
 
     def _decode(self, audio: FloatAudio, prompt: str, language: str, floor_frames: int) -> Transcript:
-        started = time.monotonic()
         duration = len(audio) / SAMPLE_RATE
         content_frames = int(duration * _FRAMES_PER_SECOND) + 1
-        _decode_state.encoder_frames = min(_WHISPER_FRAMES, max(floor_frames, content_frames))
-        _decode_state.encoded_frames = 0
-        segments, _info = self._model.transcribe(
-            audio,
-            language=language if language in self.languages else self.languages[0],
-            beam_size=self._settings.beam_size,
-            temperature=0.0,
-            initial_prompt=prompt or None,
-            condition_on_previous_text=False,
-            word_timestamps=True,
-            vad_filter=False,
-            without_timestamps=False,
-            max_new_tokens=min(_MAX_NEW_TOKENS, max(_MIN_NEW_TOKENS, int(duration * _TOKENS_PER_SECOND))),
-        )
-        kept = [
-            segment
-            for segment in segments
-            if segment.seek == 0
-            or segment.no_speech_prob <= _LATER_PASS_NO_SPEECH
-            or segment.avg_logprob >= _LATER_PASS_LOG_PROB
-        ]
+        frames = min(_WHISPER_FRAMES, max(floor_frames, content_frames))
+        # The decodes in flight encode at most Whisper's own 30 s between them (EncoderBudget says why).
+        with self._budget.admit(frames) as alone:
+            if alone and frames > self._floor_frames:
+                # The longest decodes start on the memory the decodes before them freed, not beside it.
+                self._trimmer.trim_now()
+            started = time.monotonic()
+            _decode_state.encoder_frames = frames
+            _decode_state.encoded_frames = 0
+            segments, _info = self._model.transcribe(
+                audio,
+                language=language if language in self.languages else self.languages[0],
+                beam_size=self._settings.beam_size,
+                temperature=0.0,
+                initial_prompt=prompt or None,
+                condition_on_previous_text=False,
+                word_timestamps=True,
+                vad_filter=False,
+                without_timestamps=False,
+                max_new_tokens=min(_MAX_NEW_TOKENS, max(_MIN_NEW_TOKENS, int(duration * _TOKENS_PER_SECOND))),
+            )
+            kept = [
+                segment
+                for segment in segments
+                if segment.seek == 0
+                or segment.no_speech_prob <= _LATER_PASS_NO_SPEECH
+                or segment.avg_logprob >= _LATER_PASS_LOG_PROB
+            ]
         return Transcript(
             words=tuple(
                 Word(start=float(word.start), end=float(word.end), text=word.word, probability=float(word.probability))

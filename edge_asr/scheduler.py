@@ -1,4 +1,4 @@
-"""Decode scheduling: a few worker threads shared by every session. The only module that touches threads.
+"""Decode scheduling: a few worker threads shared by every session. The only module that starts threads.
 
 A session that wants a decode says so (`DecodeJob.decode_need`); whenever that may have changed, and
 whenever a decode ends, `kick()` starts waiting decodes on free workers at once: finals before partials,
@@ -6,7 +6,8 @@ then the session that has waited longest. A final here is any decode a final wai
 utterance, or one through audio it skipped. With two workers or more, a partial (for display) starts only where
 it leaves a worker free: the next final starts at once, and on a 2-core box it does not share the CPU with
 another partial, so it is still out by the end of the request when several people speak at once. Partials come
-less often then, and cost less CPU.
+less often then, and cost less CPU. Once no decode has run for IDLE_RELEASE_S, the model gives the memory its
+decodes freed back to the system, on a decode thread.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
 # A failing model fails every decode: after the first traceback, one summary line per interval.
 _FAILURE_LOG_INTERVAL_S = 60.0
+# Once no decode has run for this long, the memory the decodes freed goes back to the system, so a service waiting
+# for the next command holds only what it uses. Decoding seldom pauses this long within a conversation, so its next
+# decodes do not pay for memory handed back and faulted in again.
+IDLE_RELEASE_S = 1.0
 
 
 class DecodeNeed(NamedTuple):
@@ -59,14 +64,23 @@ class DecodeJob(Protocol):
 class DecodeScheduler:
     """Runs decodes of many sessions on `workers` threads, never more than one per session at a time."""
 
-    def __init__(self, workers: int, jobs: Callable[[], Iterable[DecodeJob]], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        workers: int,
+        jobs: Callable[[], Iterable[DecodeJob]],
+        metrics: Metrics,
+        idle_release_s: float = IDLE_RELEASE_S,
+    ) -> None:
         self.workers = workers
         self._jobs = jobs
         self._metrics = metrics
+        self._idle_release_s = idle_release_s
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._transcriber: Transcriber | None = None
         # Running decodes and when each started, for the watchdog.
         self._running: dict[asyncio.Task[None], float] = {}
+        self._release_timer: asyncio.TimerHandle | None = None
+        self._releasing: asyncio.Task[None] | None = None
         # Partials start only while fewer decodes than this run: with two workers or more, one stays free for finals.
         self._partial_workers = max(1, workers - 1)
         self.decodes = 0
@@ -89,6 +103,7 @@ class DecodeScheduler:
         """Schedule decodes on `transcriber` from now on."""
         self._transcriber = transcriber
         self.kick()
+        self._release_when_idle()
 
     def waiting(self) -> int:
         """How many sessions wait for a decode."""
@@ -117,7 +132,10 @@ class DecodeScheduler:
     async def stop(self) -> None:
         """Stop scheduling, let running decodes end and stop the threads."""
         self._transcriber = None
-        await asyncio.gather(*self._running, return_exceptions=True)
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+        releasing = [self._releasing] if self._releasing is not None else []
+        await asyncio.gather(*self._running, *releasing, return_exceptions=True)
         await asyncio.to_thread(self._executor.shutdown, True)
 
     def _next(self) -> DecodeJob | None:
@@ -149,6 +167,27 @@ class DecodeScheduler:
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("Decode bookkeeping failed: %r", task.exception())
         self.kick()
+        self._release_when_idle()
+
+    def _release_when_idle(self) -> None:
+        """Give the decodes' freed memory back IDLE_RELEASE_S after the last decode, if none has started since."""
+        if self._running or self._transcriber is None:
+            return
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+        self._release_timer = asyncio.get_running_loop().call_later(self._idle_release_s, self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        self._release_timer = None
+        if self._running or self._transcriber is None:
+            return  # the running decode's end arms the timer again
+        self._releasing = asyncio.create_task(self._release_memory(self._transcriber))
+
+    async def _release_memory(self, transcriber: Transcriber) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, transcriber.release_memory)
+        except Exception:  # memory stays with the process; decoding goes on
+            _LOGGER.exception("Could not give the decoders' free memory back")
 
     async def _decode(self, transcriber: Transcriber, job: DecodeJob, request: DecodeRequest) -> None:
         loop = asyncio.get_running_loop()

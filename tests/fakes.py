@@ -48,6 +48,9 @@ class ScriptedTranscriber:
         """Nothing to warm."""
         return 1.0
 
+    def release_memory(self) -> None:
+        """Nothing to give back."""
+
     def decode(
         self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
     ) -> Transcript:
@@ -76,12 +79,18 @@ class GatedTranscriber:
 
     def __init__(self) -> None:
         self.started: list[str] = []
+        # The threads release_memory was called on, in order.
+        self.released_on: list[str] = []
         self._gates: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     def warm_up(self) -> float:
         """Nothing to warm."""
         return 1.0
+
+    def release_memory(self) -> None:
+        """Record the thread it was called on."""
+        self.released_on.append(threading.current_thread().name)
 
     def _gate(self, prompt: str) -> threading.Event:
         with self._lock:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edge_asr.audio import FloatAudio, pcm16_to_float
 from edge_asr.config import ModelSettings
+from edge_asr.memory import EncoderBudget
 from edge_asr.model import ModelError, Transcript, WhisperTranscriber, bundled_model_dir, languages_of, resolve_model
 from edge_asr.vad import VadGate
 from edge_asr.vocabulary import NamesInPrompt, NameSpeller, is_unsure, names_prompt
@@ -115,6 +118,35 @@ def test_a_whole_utterance_with_no_word_at_the_short_context_gets_a_second_opini
     assert normalise("".join(word.text for word in final.words)) == "50"
     assert final.encoder_s == 30.0, "the word came from Whisper's own context"
     assert noise.words == ()
+
+
+class BudgetSpy(EncoderBudget):
+    """An encoder budget that records the frames each decode asked it for."""
+
+    def __init__(self, frames: int) -> None:
+        super().__init__(frames)
+        self.asked: list[int] = []
+
+    @contextlib.contextmanager
+    def admit(self, frames: int) -> Iterator[bool]:
+        """Record, then admit as the budget does."""
+        self.asked.append(frames)
+        with super().admit(frames) as alone:
+            yield alone
+
+
+def test_every_pass_of_a_decode_holds_the_frames_it_encodes_in_the_encoder_budget() -> None:
+    transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1, encoder_floor_s=15.0))
+    spy = BudgetSpy(3000)
+    transcriber._budget = spy
+    clip = read_pcm("asterisk_conf-onlyone")
+
+    transcriber.decode(pcm16_to_float(clip), "", "en")
+    transcriber.decode(pcm16_to_float(silence(16.0) + clip), "", "en")
+    transcriber.decode(pcm16_to_float(read_pcm("noise_hiss_3s")), "", "en", whole=True)
+
+    longer = int((16.0 + len(clip) / 32000) * 100) + 1
+    assert spy.asked == [1500, longer, 1500, 3000], "floor, beyond the floor, then a no-word whole decode at 30 s"
 
 
 class DecodeSpy:

@@ -225,3 +225,33 @@ async def test_audio_stop_while_every_worker_is_busy_still_gets_its_final(worker
             model.open(name)
         await asyncio.gather(*ending, return_exceptions=True)
         await engine.stop()
+
+
+async def test_the_freed_memory_goes_back_on_a_decode_thread_once_decoding_pauses_and_not_before() -> None:
+    model = GatedTranscriber()
+    jobs = [FakeJob("first")]
+    scheduler = DecodeScheduler(2, lambda: jobs, Metrics(), idle_release_s=0.2)
+    scheduler.start(model)
+    try:
+        await _until(lambda: model.started == ["first"], "the first decode")
+        await asyncio.sleep(0.4)
+        assert model.released_on == []  # a decode is running
+
+        for name in ("second", "third"):  # the next decode starts within the pause: still nothing given back
+            jobs.append(FakeJob(name))
+            model.open(model.started[-1])
+            await asyncio.sleep(0.1)
+            scheduler.kick()
+            await _until(partial(list.__contains__, model.started, name), f"the {name} decode")
+        assert model.released_on == []
+
+        model.open("third")
+
+        await _until(lambda: len(model.released_on) == 1, "the memory to be given back")
+        assert model.released_on[0].startswith("decode")
+        await asyncio.sleep(0.4)
+        assert len(model.released_on) == 1  # once a pause
+    finally:
+        for job in jobs:
+            model.open(job.name)
+        await scheduler.stop()
