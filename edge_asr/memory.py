@@ -80,7 +80,7 @@ class EncoderBudget:
     """
 
     def __init__(self, frames: int) -> None:
-        self.frames = frames
+        self._frames = frames
         self._in_flight = 0
         self._waiting: deque[object] = deque()
         self._changed = threading.Condition()
@@ -88,13 +88,11 @@ class EncoderBudget:
     @contextlib.contextmanager
     def admit(self, frames: int) -> Iterator[bool]:
         """Hold `frames` while the block runs, once they fit and every decode that asked before was admitted;
-        yields whether this decode runs alone."""
+        yields whether nothing else was in flight when it was admitted."""
         ticket = object()
         with self._changed:
             self._waiting.append(ticket)
-            self._changed.wait_for(
-                lambda: self._waiting[0] is ticket and (self._in_flight == 0 or self._in_flight + frames <= self.frames)
-            )
+            self._changed.wait_for(lambda: self._waiting[0] is ticket and self._fits(frames))
             self._waiting.popleft()
             alone = self._in_flight == 0
             self._in_flight += frames
@@ -105,3 +103,6 @@ class EncoderBudget:
             with self._changed:
                 self._in_flight -= frames
                 self._changed.notify_all()
+
+    def _fits(self, frames: int) -> bool:
+        return self._in_flight == 0 or self._in_flight + frames <= self._frames
