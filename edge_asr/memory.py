@@ -19,7 +19,7 @@ _M_ARENA_MAX = -8  # mallopt's parameter number in glibc
 # Even in two arenas, the buffers of decodes of many lengths stay behind as free memory that glibc does not give
 # back by itself (RSS grew 1.4 MB a minute over a 30-minute soak; in-process, 100 mixed decodes left 120 MB that
 # one malloc_trim returned). Trimming before a partial decode, at most this often, gives it back for a few ms.
-TRIM_INTERVAL_S = 10.0
+_TRIM_INTERVAL_S = 10.0
 
 
 def _glibc_function(name: str) -> Any:
@@ -51,21 +51,23 @@ class FreeMemoryTrimmer:
         self._trimmed_at = time.monotonic()
 
     def trim(self) -> None:
-        """Trim, unless it was done less than TRIM_INTERVAL_S ago (by this thread or another)."""
+        """Trim, unless it was done less than _TRIM_INTERVAL_S ago (by this thread or another)."""
         with self._lock:
             now = time.monotonic()
-            if now - self._trimmed_at < TRIM_INTERVAL_S:
+            if now - self._trimmed_at < _TRIM_INTERVAL_S:
                 return
             self._trimmed_at = now
-        self.trim_now()
+        self._release()
 
     def trim_now(self) -> None:
         """Trim at once."""
-        if self._trim is None:
-            return
         with self._lock:
             self._trimmed_at = time.monotonic()
-        self._trim(0)
+        self._release()
+
+    def _release(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
 
 
 class EncoderBudget:
