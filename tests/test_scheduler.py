@@ -255,3 +255,27 @@ async def test_the_freed_memory_goes_back_on_a_decode_thread_once_decoding_pause
         for job in jobs:
             model.open(job.name)
         await scheduler.stop()
+
+
+async def test_memory_that_cannot_be_given_back_is_logged_and_decoding_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Unreleasing(GatedTranscriber):
+        def release_memory(self) -> None:
+            raise OSError("malloc_trim broke")
+
+    model = Unreleasing()
+    jobs = [FakeJob("first")]
+    scheduler = DecodeScheduler(1, lambda: jobs, Metrics(), idle_release_s=0.05)
+    scheduler.start(model)
+    try:
+        model.open("first")
+        await _until(lambda: "Could not give" in caplog.text, "the failed release to be logged")
+        jobs.append(FakeJob("after"))
+        scheduler.kick()
+        model.open("after")
+        await _until(lambda: bool(jobs[-1].results), "the next decode to end")
+    finally:
+        for job in jobs:
+            model.open(job.name)
+        await scheduler.stop()
