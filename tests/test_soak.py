@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from edge_asr.bench.corpus import Clip
-from edge_asr.bench.soak import default_rss_limit_mb, soak_plan
+from edge_asr.bench.soak import REST_S, default_rss_limit_mb, soak_plan
 from edge_asr.bench.soak_clients import ClientKind, ClientRun, ReceivedFinal
 from edge_asr.bench.soak_mqtt import BrokerFinal, read_final
 from edge_asr.bench.soak_processes import parse_metrics
@@ -125,12 +125,12 @@ def test_a_clip_owes_a_final_only_when_its_reference_has_words_as_scored(referen
 
 
 @pytest.mark.fast
-def test_rss_growth_is_counted_from_the_end_of_the_warm_up() -> None:
+def test_rss_growth_is_counted_between_the_readings_at_rest_and_the_peak_under_load_beside_it() -> None:
     samples = [(0.0, 200.0), (10.0, 240.0), (20.0, 250.0), (40.0, 251.0), (60.0, 252.0)]
 
-    rss = rss_tally(samples, warmup_s=20.0, end_mb=252.5, limit_mb=5.0, step_s=30.0)
+    rss = rss_tally(samples, warmup_s=20.0, after_warmup_mb=230.0, end_mb=233.5, limit_mb=5.0, step_s=30.0)
 
-    assert (rss.after_warmup_mb, rss.growth_mb, rss.peak_mb) == (250.0, 2.5, 252.5)
+    assert (rss.after_warmup_mb, rss.growth_mb, rss.peak_mb) == (230.0, 3.5, 252.0)
     assert rss.trend_mb_per_min == pytest.approx(3.0)
     assert rss.timeline == ((0.0, 200.0), (40.0, 251.0))
 
@@ -176,8 +176,17 @@ def test_a_one_minute_soak_loses_no_final_and_leaves_nothing_open(tmp_path: Path
     assert report["subscriber_connects"] > len(report["broker_restarts"]), output
     assert finals["vanished_on_broker"] >= 1, output
     assert report["never_readers"]["cut_off"] >= 1, output
+    assert_the_lanes_rested_for_the_reading_after_the_warm_up(report)
     assert report["service_exit_code"] == 0, output
     assert result.returncode == 0, output
+
+
+def assert_the_lanes_rested_for_the_reading_after_the_warm_up(report: dict[str, Any]) -> None:
+    """No client started between the end of the warm-up and the reading at rest, and clients started after it."""
+    rest_ends_s = report["rss"]["warmup_s"] + REST_S
+    started = [run["started_s"] for run in report["clients"]]
+    assert not [at for at in started if report["rss"]["warmup_s"] <= at < rest_ends_s], started
+    assert [at for at in started if at >= rest_ends_s], started
 
 
 def assert_every_final_arrived(report: dict[str, Any]) -> None:

@@ -20,10 +20,12 @@ Wyoming), so the broker's finals can be told apart. At 1/3 and 2/3 of the run th
 and started again on the same port; the soak's MQTT subscriber (fixed client id, clean_session False, QoS 1)
 gets what was published meanwhile once it is back.
 
-Measured: the service's RSS every second (by pid, with psutil): after the warm-up (the first sixth of the run, at
-least 30 s) and at the end, once every client is gone; their difference is the growth, held against
-`--max-rss-growth-mb` (default 20 MB for runs under 10 minutes, 5 MB up to 30 minutes, 5 MB per 30 minutes
-beyond). Sessions still open
+Measured: the service's RSS every second (by pid, with psutil), and twice at rest: when the warm-up ends (the
+first sixth of the run, at least 30 s) every lane finishes its clip and waits, the service settles and rests
+REST_S, its RSS is read and the lanes go on (the run is longer by that rest); at the end, once every client is
+gone, the same. The difference of the two readings at rest is the growth, held against `--max-rss-growth-mb`
+(default 20 MB for runs under 10 minutes, 5 MB up to 30 minutes, 5 MB per 30 minutes beyond); the peak under load
+is reported beside it. Sessions still open
 (/health) and event-loop tasks (`edge_asr_event_loop_tasks` in /metrics, when present) once every client is gone
 (waiting up to SETTLE_TIMEOUT_S for them to settle), against the tasks before the first client. Finals: what the
 clients got, what the broker delivered (matched as `soak_report.account` says) and the service's own count of the
@@ -50,6 +52,7 @@ import psutil
 
 from ..audio import BYTES_PER_SECOND
 from ..config import Settings
+from ..scheduler import IDLE_RELEASE_S
 from .corpus import Clip, load_corpus
 from .errors import BenchError
 from .soak_clients import ClientKind, ClientRun, never_read, satellite, speak, vanish
@@ -102,6 +105,10 @@ RSS_GROWTH_MB_PER_30_MIN = 5.0
 SHORT_RUN_MINUTES = 10.0
 SHORT_RUN_RSS_GROWTH_MB = 20.0
 RSS_SAMPLE_S = 1.0
+# RSS is compared at rest: under load a reading lands wherever the decodes in flight happen to be (tens of MB
+# apart from one second to the next), and the service gives back what its decodes freed once decoding has paused
+# for IDLE_RELEASE_S. The soak waits that, and a few seconds more, before each reading at rest.
+REST_S = IDLE_RELEASE_S + 4.0
 TIMELINE_STEP_S = 10.0
 # After the last client: how long sessions and tasks may take to settle, and the broker to get the last finals.
 SETTLE_TIMEOUT_S = 30.0
@@ -255,7 +262,14 @@ async def _soak(
         minutes=plan.minutes,
         service_pid=service.pid,
         send_timeout_s=settings.limits.send_timeout_s,
-        rss=rss_tally(soak.samples, plan.warmup_s, measured.end_rss_mb, plan.max_rss_growth_mb, TIMELINE_STEP_S),
+        rss=rss_tally(
+            soak.samples,
+            plan.warmup_s,
+            measured.warmup_rss_mb,
+            measured.end_rss_mb,
+            plan.max_rss_growth_mb,
+            TIMELINE_STEP_S,
+        ),
         sessions_left=measured.sessions_left,
         event_loop_tasks_before=start.event_loop_tasks,
         event_loop_tasks_after=measured.tasks_after,
@@ -286,6 +300,7 @@ class _Measured:
     metrics_end: ServiceMetrics
     sessions_left: int | None
     tasks_after: int | None
+    warmup_rss_mb: float
     end_rss_mb: float
     cpu_s: float
 
@@ -314,6 +329,13 @@ class _Soak:
         self._cuts: dict[str, int] = {}
         # Set when the clients start.
         self._t0 = self._deadline = 0.0
+        self._tasks_before: int | None = None
+        # Cleared while the lanes rest after the warm-up; how many clients play meanwhile.
+        self._lanes_go = asyncio.Event()
+        self._lanes_go.set()
+        self._playing = 0
+        self._played = asyncio.Condition()
+        self._warmup_rss_mb: float | None = None
         self.clients: list[ClientRun] = []
         # Each restart: seconds into the soak, and the outage from stop to start as seconds since the epoch.
         self.restarts: list[tuple[float, tuple[float, float]]] = []
@@ -326,11 +348,14 @@ class _Soak:
         """Run every lane and the broker restarts until the time is up, then let the service settle and measure."""
         metrics_start = await self._service.metrics()
         cpu_start = self._service.cpu_s()
+        self._tasks_before = metrics_start.event_loop_tasks
         self._t0 = time.monotonic()
         self._deadline = self._t0 + self._plan.duration_s
         lanes = [(kind, number) for kind, count in LANES for number in range(1, count + 1)]
         work = asyncio.gather(
-            *(self._lane(kind, number, index) for index, (kind, number) in enumerate(lanes)), self._restart_broker()
+            *(self._lane(kind, number, index) for index, (kind, number) in enumerate(lanes)),
+            self._restart_broker(),
+            self._rest_after_warmup(),
         )
         watcher = asyncio.create_task(self._watch())
         try:
@@ -346,12 +371,18 @@ class _Soak:
                 await watcher
             with contextlib.suppress(asyncio.CancelledError):
                 await work
-        sessions_left, tasks_after = await self._settle(metrics_start.event_loop_tasks)
-        end_rss_mb = self._service.rss_mb()
-        self.samples.append((self._now_s(), end_rss_mb))
+        sessions_left, tasks_after = await self._settle()
+        end_rss_mb = await self._rss_at_rest()
         metrics_end = await self._broker_settled(metrics_start.finals)
+        warmup_rss_mb = end_rss_mb if self._warmup_rss_mb is None else self._warmup_rss_mb
         return _Measured(
-            metrics_start, metrics_end, sessions_left, tasks_after, end_rss_mb, self._service.cpu_s() - cpu_start
+            metrics_start,
+            metrics_end,
+            sessions_left,
+            tasks_after,
+            warmup_rss_mb,
+            end_rss_mb,
+            self._service.cpu_s() - cpu_start,
         )
 
     async def _lane(self, kind: ClientKind, number: int, index: int) -> None:
@@ -360,11 +391,45 @@ class _Soak:
         clips = self._spoken if kind in ("vanishing", "never-reader") else self._clips
         position = index * LANE_CLIP_OFFSET
         await asyncio.sleep(index * LANE_STAGGER_S)
-        while time.monotonic() < self._deadline:
+        while True:
+            await self._lanes_go.wait()
+            if time.monotonic() >= self._deadline:
+                return
             clip = clips[position % len(clips)]
             position += 1
-            self.clients.append(await self._play(kind, site, clip))
+            self._playing += 1
+            try:
+                self.clients.append(await self._play(kind, site, clip))
+            finally:
+                async with self._played:
+                    self._playing -= 1
+                    self._played.notify_all()
             await asyncio.sleep(VANISHED_PAUSE_S if kind == "vanishing" else LANE_PAUSE_S)
+
+    async def _rest_after_warmup(self) -> None:
+        """When the warm-up ends, hold the lanes once their clients are done, read the service's RSS at rest, and let
+        them go on for as long as the rest took."""
+        await asyncio.sleep(max(0.0, self._t0 + self._plan.warmup_s - time.monotonic()))
+        if time.monotonic() >= self._deadline:
+            return
+        resting_since = time.monotonic()
+        self._lanes_go.clear()
+        try:
+            async with self._played:
+                await self._played.wait_for(lambda: self._playing == 0)
+            await self._settle()
+            self._warmup_rss_mb = await self._rss_at_rest()
+            _LOGGER.info("Soak: RSS at rest after the warm-up %.1f MB", self._warmup_rss_mb)
+        finally:
+            self._deadline += time.monotonic() - resting_since
+            self._lanes_go.set()
+
+    async def _rss_at_rest(self) -> float:
+        """The service's RSS after REST_S with no client."""
+        await asyncio.sleep(REST_S)
+        rss_mb = self._service.rss_mb()
+        self.samples.append((self._now_s(), rss_mb))
+        return rss_mb
 
     async def _play(self, kind: ClientKind, site: str, clip: Clip) -> ClientRun:
         """One client of `kind` speaking `clip`."""
@@ -391,6 +456,7 @@ class _Soak:
         """Stop the broker at each restart time for BROKER_DOWN_S, then start it again on the same port."""
         for at_s in self._plan.restarts_at_s:
             await asyncio.sleep(max(0.0, self._t0 + at_s - time.monotonic()))
+            await self._lanes_go.wait()  # not while the service rests for a reading
             stopped_s, stopped_at = self._now_s(), time.time()
             _LOGGER.info("Soak: stopping the broker at %.0f s", stopped_s)
             await self._broker.stop()
@@ -421,10 +487,11 @@ class _Soak:
                 )
             await asyncio.sleep(RSS_SAMPLE_S)
 
-    async def _settle(self, tasks_before: int | None) -> tuple[int | None, int | None]:
+    async def _settle(self) -> tuple[int | None, int | None]:
         """Wait until no session is open and no more tasks run than before the first client, up to
         SETTLE_TIMEOUT_S; the sessions and tasks then."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        tasks_before = self._tasks_before
         while True:
             sessions = await self._service.sessions()
             tasks = (await self._service.metrics()).event_loop_tasks

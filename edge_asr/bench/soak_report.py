@@ -157,8 +157,9 @@ def account(clients: Sequence[ClientRun], broker: Sequence[BrokerFinal], made_by
 
 @dataclass(frozen=True)
 class RssTally:
-    """The service's resident memory in MiB: after the warm-up, at the end (every client gone), the growth between
-    them against its limit, the peak, the trend after the warm-up, and (seconds into the soak, MiB) samples."""
+    """The service's resident memory in MiB: at rest after the warm-up and at the end (every client gone), the
+    growth between them against its limit, the peak, the trend after the warm-up, and (seconds into the soak, MiB)
+    samples."""
 
     warmup_s: float
     after_warmup_mb: float
@@ -171,10 +172,15 @@ class RssTally:
 
 
 def rss_tally(
-    samples: Sequence[tuple[float, float]], warmup_s: float, end_mb: float, limit_mb: float, step_s: float
+    samples: Sequence[tuple[float, float]],
+    warmup_s: float,
+    after_warmup_mb: float,
+    end_mb: float,
+    limit_mb: float,
+    step_s: float,
 ) -> RssTally:
-    """Summarise RSS samples (seconds into the soak, MiB); the timeline keeps one sample per `step_s`."""
-    after = next((mb for at, mb in samples if at >= warmup_s), samples[-1][1] if samples else end_mb)
+    """Summarise RSS samples (seconds into the soak, MiB) around the two readings at rest; the timeline keeps one
+    sample per `step_s`."""
     later = [(at, mb) for at, mb in samples if at >= warmup_s]
     trend = None
     if len(later) >= 2 and later[0][0] != later[-1][0]:
@@ -185,9 +191,9 @@ def rss_tally(
             timeline.append((at, mb))
     return RssTally(
         warmup_s=warmup_s,
-        after_warmup_mb=after,
+        after_warmup_mb=after_warmup_mb,
         end_mb=end_mb,
-        growth_mb=end_mb - after,
+        growth_mb=end_mb - after_warmup_mb,
         limit_mb=limit_mb,
         peak_mb=max([end_mb, *(mb for _, mb in samples)]),
         trend_mb_per_min=trend,
@@ -375,8 +381,8 @@ def format_soak(report: SoakReport) -> str:
         f" {finals.vanished_on_broker} ({finals.vanished_owed} owed after a partial)",
         f"never-reading clients: {never.started}, {cut_off} (limits.send_timeout_s {report.send_timeout_s:g} s),"
         f" {never.not_cut_off} not cut off, {never.open_at_end} still connected when the run ended",
-        f"RSS: {rss.after_warmup_mb:.1f} MB after the warm-up ({rss.warmup_s:.0f} s), {rss.end_mb:.1f} MB at the end:"
-        f" {rss.growth_mb:+.1f} MB (limit {rss.limit_mb:g} MB); peak {rss.peak_mb:.1f} MB;"
+        f"RSS at rest: {rss.after_warmup_mb:.1f} MB after the warm-up ({rss.warmup_s:.0f} s), {rss.end_mb:.1f} MB at"
+        f" the end: {rss.growth_mb:+.1f} MB (limit {rss.limit_mb:g} MB); peak under load {rss.peak_mb:.1f} MB;"
         f" trend {_optional(rss.trend_mb_per_min, '+.2f')} MB/min",
         f"sessions left open: {_optional(report.sessions_left)}; {tasks}",
         f"CPU: {report.cpu_s:.1f} s for {report.audio_s:.1f} s of audio sent;"
