@@ -30,9 +30,9 @@ BUNDLED_MODEL_NAME = "tiny.en"
 _FRAMES_PER_SECOND = 100
 _WHISPER_FRAMES = 3000
 # A window longer than the floor is encoded to the next whole second. oneDNN compiles and keeps the encoder's
-# convolutions for every input width it meets (up to 1024 widths): with the window's own width, memory at rest
-# grew with each new utterance length (+14 MB over 70 lengths of 15-30 s, against +4 MB with oneDNN's cache off).
-# Whole seconds leave at most 16 widths; the frames added are the padding Whisper sees in every 30 s window.
+# convolutions for every input width it meets (up to 1024 widths): in-process, 80 decodes of 15-30 s windows,
+# each its own width, left 32 MB more at rest; 1 MB with whole seconds, which leave at most 16 widths. The frames
+# added are the padding Whisper sees in every 30 s window.
 _ENCODER_FRAME_STEP = 100
 # Speech runs at about 3 words (5 tokens) a second; twice that plus timestamps bounds a loop.
 _TOKENS_PER_SECOND = 12
