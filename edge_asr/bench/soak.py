@@ -329,7 +329,6 @@ class _Soak:
         self._cuts: dict[str, int] = {}
         # Set when the clients start.
         self._t0 = self._deadline = 0.0
-        self._tasks_before: int | None = None
         # Cleared while the lanes rest after the warm-up; how many clients play meanwhile.
         self._lanes_go = asyncio.Event()
         self._lanes_go.set()
@@ -348,14 +347,13 @@ class _Soak:
         """Run every lane and the broker restarts until the time is up, then let the service settle and measure."""
         metrics_start = await self._service.metrics()
         cpu_start = self._service.cpu_s()
-        self._tasks_before = metrics_start.event_loop_tasks
         self._t0 = time.monotonic()
         self._deadline = self._t0 + self._plan.duration_s
         lanes = [(kind, number) for kind, count in LANES for number in range(1, count + 1)]
         work = asyncio.gather(
             *(self._lane(kind, number, index) for index, (kind, number) in enumerate(lanes)),
             self._restart_broker(),
-            self._rest_after_warmup(),
+            self._rest_after_warmup(metrics_start.event_loop_tasks),
         )
         watcher = asyncio.create_task(self._watch())
         try:
@@ -371,7 +369,7 @@ class _Soak:
                 await watcher
             with contextlib.suppress(asyncio.CancelledError):
                 await work
-        sessions_left, tasks_after = await self._settle()
+        sessions_left, tasks_after = await self._settle(metrics_start.event_loop_tasks)
         end_rss_mb = await self._rss_at_rest()
         metrics_end = await self._broker_settled(metrics_start.finals)
         warmup_rss_mb = end_rss_mb if self._warmup_rss_mb is None else self._warmup_rss_mb
@@ -406,7 +404,7 @@ class _Soak:
                     self._played.notify_all()
             await asyncio.sleep(VANISHED_PAUSE_S if kind == "vanishing" else LANE_PAUSE_S)
 
-    async def _rest_after_warmup(self) -> None:
+    async def _rest_after_warmup(self, tasks_before: int | None) -> None:
         """When the warm-up ends, hold the lanes once their clients are done, read the service's RSS at rest, and let
         them go on for as long as the rest took."""
         await asyncio.sleep(max(0.0, self._t0 + self._plan.warmup_s - time.monotonic()))
@@ -417,7 +415,7 @@ class _Soak:
         try:
             async with self._played:
                 await self._played.wait_for(lambda: self._playing == 0)
-            await self._settle()
+            await self._settle(tasks_before)
             self._warmup_rss_mb = await self._rss_at_rest()
             _LOGGER.info("Soak: RSS at rest after the warm-up %.1f MB", self._warmup_rss_mb)
         finally:
@@ -487,11 +485,10 @@ class _Soak:
                 )
             await asyncio.sleep(RSS_SAMPLE_S)
 
-    async def _settle(self) -> tuple[int | None, int | None]:
+    async def _settle(self, tasks_before: int | None) -> tuple[int | None, int | None]:
         """Wait until no session is open and no more tasks run than before the first client, up to
         SETTLE_TIMEOUT_S; the sessions and tasks then."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        tasks_before = self._tasks_before
         while True:
             sessions = await self._service.sessions()
             tasks = (await self._service.metrics()).event_loop_tasks
