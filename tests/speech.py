@@ -1,22 +1,23 @@
-"""The shared speech corpus (`../shared/speech`, or $SHARED_SPEECH_DIR) and text comparison for the tests."""
+"""The speech corpus shipped with edge-asr (`edge_asr/bench/speech`) and text comparison for the tests."""
 
 from __future__ import annotations
 
-import os
 import re
 import wave
 from functools import cache
 from pathlib import Path
 
+from edge_asr.bench.arguments import SHIPPED_CORPUS
+
 REPO = Path(__file__).resolve().parent.parent
-SPEECH_DIR = Path(os.environ.get("SHARED_SPEECH_DIR", REPO.parent / "shared" / "speech"))
+SPEECH_DIR = SHIPPED_CORPUS
 RATE = 16_000
 BYTES_PER_S = RATE * 2
 
 
 @cache
 def read_pcm(name: str) -> bytes:
-    """The s16le 16 kHz mono frames of a clip in the shared speech corpus."""
+    """The s16le 16 kHz mono frames of a clip in the shipped speech corpus."""
     with wave.open(str(SPEECH_DIR / f"{name}.wav"), "rb") as wav:
         assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (RATE, 2, 1)
         return wav.readframes(wav.getnframes())

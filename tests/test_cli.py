@@ -85,7 +85,7 @@ def test_a_port_in_use_exits_2_naming_the_key() -> None:
 
 
 def _corpus(tmp_path: Path, *names: str) -> Path:
-    """A corpus directory of links to clips of the shared speech corpus."""
+    """A corpus directory of links to clips of the shipped speech corpus."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name in names:
@@ -116,6 +116,21 @@ def test_bench_replays_a_corpus_and_reports_json(tmp_path: Path) -> None:
     assert data["resources"]["peak_rss_mb"] > 0
     assert data["resources"]["start_to_ready_s"] > 0
     assert "streaming" in result.stderr + result.stdout
+
+
+def test_bench_with_no_corpus_argument_replays_the_shipped_corpus(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    clips = "asterisk_digits_*"
+
+    result = _edge_asr("bench", "--match", clips, "--fast", "--no-offline", "--json", str(report), "--threads", "1")
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["corpus"] == str(SPEECH_DIR)
+    assert sorted(clip["name"] for clip in data["clips"]) == sorted(
+        path.stem for path in SPEECH_DIR.glob(f"{clips}.wav")
+    )
+    assert data["streaming"]["reference_words"] > 0
 
 
 def test_bench_measures_a_wyoming_server(tmp_path: Path) -> None:

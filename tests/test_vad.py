@@ -1,4 +1,4 @@
-"""Unit tests for the webrtcvad speech gate in edge_asr.vad, on real speech from ../shared/speech."""
+"""Unit tests for the webrtcvad speech gate in edge_asr.vad, on real speech from the shipped corpus."""
 
 from __future__ import annotations
 

@@ -6,6 +6,10 @@ import argparse
 from pathlib import Path
 from urllib.parse import urlsplit
 
+# Real and synthetic speech shipped with the package, the bench's default corpus (its README names sources
+# and licences).
+SHIPPED_CORPUS = Path(__file__).resolve().parent / "speech"
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -43,7 +47,14 @@ def _node_urls(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's flags and its CORPUS argument."""
-    parser.add_argument("corpus", type=Path, metavar="CORPUS", help="directory of 16 kHz mono .wav + .txt pairs")
+    parser.add_argument(
+        "corpus",
+        type=Path,
+        nargs="?",
+        default=SHIPPED_CORPUS,
+        metavar="CORPUS",
+        help="directory of 16 kHz mono .wav + .txt pairs (default: the corpus shipped with edge-asr)",
+    )
     server = parser.add_mutually_exclusive_group()
     server.add_argument("--url", help="replay through a running server, e.g. ws://127.0.0.1:8787/ws/stream")
     server.add_argument("--wyoming", metavar="URI", help="replay through a Wyoming STT server, e.g. tcp://HOST:10300")
