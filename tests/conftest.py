@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from . import image
 from .server import STARTED, Service, start_service
+from .speech import REPO
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +27,21 @@ def stop_what_the_test_started() -> Iterator[None]:
     for service in STARTED[before:]:
         service.stop()
     del STARTED[before:]
+
+
+@pytest.fixture(scope="session")
+def service_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The root Dockerfile built on the mmdebstrap bookworm base (tests/image.py), once per session."""
+    image.remove_stale_containers()
+    base = image.base_image(tmp_path_factory.mktemp("image-base"))
+    return image.build_image(REPO, image.SERVICE_IMAGE, {"BUILD_FROM": base})
+
+
+@pytest.fixture(autouse=True)
+def stop_the_containers_the_test_started() -> Iterator[None]:
+    """Containers a test started are stopped and removed when it ends, also when it fails half way."""
+    before = len(image.RUNNING)
+    yield
+    for running in image.RUNNING[before:]:
+        running.stop(timeout_s=5)
+    del image.RUNNING[before:]

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import http.client
+import importlib.metadata
 import io
 import ipaddress
 import json
 import re
+import shlex
 import shutil
 import socket
 import socketserver
@@ -31,10 +33,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_asr.config import Settings, build_settings
+from edge_asr import __version__
+from edge_asr.config import Settings, build_settings, load_settings
 from edge_asr.events import Final, Partial, SessionError
 from edge_asr.metrics import Metrics
 
+from .image import dockerfile_stages, final_stage
 from .speech import REPO
 
 DEPLOY = REPO / "deploy"
@@ -46,6 +50,8 @@ DASHBOARD = DEPLOY / "grafana" / "edge-asr.json"
 KUBERNETES = DEPLOY / "kubernetes"
 AVAHI = DEPLOY / "avahi" / "edge-asr.service"
 UNIT = REPO / "systemd" / "edge-asr.service"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
 
 # Metrics the alerts may use besides the service's own, and who exports them (scrape.yml has a job for each).
 OTHER_EXPORTERS = {
@@ -755,6 +761,110 @@ def test_the_service_and_the_budget_select_the_pods() -> None:
         defaults().http.port: defaults().http.port,
         wyoming_port(defaults()): wyoming_port(defaults()),
     }
+
+
+# The image the pods run: the root Dockerfile (built and run by test_image.py). The manifests must run it as what it
+# is: its user, its ports, its entrypoint, its writable directories.
+
+
+def image_env() -> dict[str, str]:
+    """The ENV of the Dockerfile's last stage (values as written, unexpanded)."""
+    env: dict[str, str] = {}
+    for arguments in final_stage(DOCKERFILE).get("ENV", []):
+        for item in shlex.split(arguments):
+            name, _, value = item.partition("=")
+            env[name] = value
+    return env
+
+
+def image_user() -> tuple[str, int, int]:
+    """The Dockerfile's USER with the uid and gid its useradd gives it."""
+    final = final_stage(DOCKERFILE)
+    [user] = final["USER"]
+    for run in final["RUN"]:
+        for command in re.split(r"&&|;", run):
+            words = shlex.split(command)
+            if words and words[0] == "useradd" and words[-1] == user:
+                return user, int(words[words.index("--uid") + 1]), int(words[words.index("--gid") + 1])
+    raise AssertionError(f"the Dockerfile creates no user {user!r} with useradd --uid --gid")
+
+
+@pytest.mark.fast
+def test_the_deployment_runs_the_dockerfiles_image_as_its_user_on_its_ports_with_its_entrypoint() -> None:
+    final = final_stage(DOCKERFILE)
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    spec = container()
+    _user, uid, gid = image_user()
+    [entrypoint], [cmd], [exposed] = final["ENTRYPOINT"], final["CMD"], final["EXPOSE"]
+
+    assert uid != 0
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (uid, gid)
+    assert sorted(port["containerPort"] for port in spec["ports"]) == sorted(int(port) for port in exposed.split())
+    # The pod keeps the image's entrypoint, the console script, and runs its command.
+    assert "command" not in spec
+    assert json.loads(entrypoint) == ["edge-asr"]
+    assert importlib.metadata.entry_points(group="console_scripts", name="edge-asr")
+    assert spec["args"][0] == json.loads(cmd)[0] == "serve"
+    # Built and tagged as deployment.yaml says, with no registry of ours in the name.
+    assert spec["image"] == f"edge-asr:{__version__}"
+
+
+@pytest.mark.fast
+def test_the_image_is_labelled_with_the_package_version_and_stops_and_checks_health_as_the_pods_do() -> None:
+    final = final_stage(DOCKERFILE)
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    versions = [
+        arguments.partition("=")[2]
+        for stage in dockerfile_stages(DOCKERFILE)
+        for instruction, arguments in stage
+        if instruction == "ARG" and arguments.startswith("EDGE_ASR_VERSION=")
+    ]
+    [healthcheck] = final["HEALTHCHECK"]
+    stop_timeout = re.search(r"--stop-timeout (\d+)", DOCKERFILE.read_text())
+
+    assert versions, "no ARG EDGE_ASR_VERSION"
+    assert set(versions) == {__version__}, "the image's version label is not the package's"
+    assert 'org.opencontainers.image.version="${EDGE_ASR_VERSION}"' in " ".join(final["LABEL"])
+    assert final["STOPSIGNAL"] == ["SIGTERM"]
+    # Docker's default of 10 s would cut the drain short: the Dockerfile tells the pods' grace period.
+    assert stop_timeout, "the Dockerfile does not say what stop timeout to give"
+    assert int(stop_timeout.group(1)) == pod["terminationGracePeriodSeconds"]
+    assert container()["readinessProbe"]["httpGet"]["path"] in healthcheck
+    assert f"'EDGE_ASR_HTTP_PORT', '{defaults().http.port}'" in healthcheck
+    assert "CMD [" in healthcheck, "not in exec form: the health check would need a shell"
+    assert final["FROM"] == ["${BUILD_FROM}"]
+    assert "ARG BUILD_FROM=debian:bookworm-slim" in DOCKERFILE.read_text()
+
+
+@pytest.mark.fast
+def test_every_directory_the_image_writes_is_a_volume_of_the_read_only_pod() -> None:
+    spec = container()
+    env = {**image_env(), **{item["name"]: item["value"] for item in spec.get("env", [])}}
+    [workdir] = final_stage(DOCKERFILE)["WORKDIR"]
+    mounts = {mount["mountPath"] for mount in spec["volumeMounts"] if not mount.get("readOnly")}
+
+    assert spec["securityContext"]["readOnlyRootFilesystem"] is True
+    for path in (workdir, env["HOME"], env["HF_HOME"], env["EDGE_ASR_MODEL_DOWNLOAD_DIR"], "/tmp"):
+        assert any(path == mount or path.startswith(f"{mount}/") for mount in mounts), f"{path} is read-only"
+    # The variable is the setting's real name: the service takes it (an unknown one would stop it).
+    assert load_settings(None, environ=env).model.download_dir == env["EDGE_ASR_MODEL_DOWNLOAD_DIR"]
+
+
+@pytest.mark.fast
+def test_the_build_context_leaves_out_the_venv_and_the_tests_but_not_what_the_image_copies() -> None:
+    ignored = {line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip()}
+    copied = [
+        source
+        for stage in dockerfile_stages(DOCKERFILE)
+        for instruction, arguments in stage
+        if instruction == "COPY" and not arguments.startswith("--from=")
+        for source in arguments.split()[:-1]
+    ]
+
+    assert {".venv", ".git", "tests"} <= ignored
+    assert {"pyproject.toml", "README.md", "edge_asr", "adapters"} <= set(copied)
+    assert not ignored & set(copied)
 
 
 # --- Avahi --------------------------------------------------------------------------------------------------------
