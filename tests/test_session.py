@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import webrtcvad
 
-from edge_asr.agreement import Word
 from edge_asr.audio import pcm16_to_float
 from edge_asr.config import LimitSettings, StreamSettings
+from edge_asr.decode_policy import WHOLE_DECODE_MAX_S
 from edge_asr.events import Event, Final, Partial
-from edge_asr.model import Transcript
-from edge_asr.session import FINAL_TAIL_S, WHOLE_DECODE_MAX_S, DecodeRequest, StreamSession
+from edge_asr.session import FINAL_TAIL_S, DecodeRequest, StreamSession
+from edge_asr.transcript import Transcript, Word
 from edge_asr.vad import FRAME_BYTES, VadGate
 
 from .speech import BYTES_PER_S, RATE, read_pcm, reference, silence
