@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from edge_asr.api import SpeechEngine, is_text
 from edge_asr.config import HomeAssistantSettings, Settings
+from edge_asr.vocabulary import MAX_NAME_CHARS, MAX_NAMES
 
 _LOGGER = logging.getLogger(__name__)
 # websockets logs every frame at DEBUG, and these frames carry the token and the household's names: its logger for
@@ -38,8 +39,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_QUEUED = 2
 # Closing waits this long for Home Assistant's close frame, so stop() is prompt against one that never answers.
 CLOSE_WAIT_S = 1.0
-MAX_NAME_CHARS = 100
-MAX_NAMES = 1000
+# stop() cancels the connection task again after this long if a cancellation was swallowed.
+STOP_RETRY_S = 1.0
 # Device renames change the friendly names of their entities, so they count as changes too.
 CHANGE_EVENTS = (
     "entity_registry_updated",
@@ -264,9 +265,13 @@ class HomeAssistantAdapter:
         """Stop asking Home Assistant; the names fetched last stay with the engine."""
         self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            # wait() rather than awaiting the task: its CancelledError is not stop()'s own cancellation.
-            await asyncio.wait([self._task])
+            # On Python 3.11 asyncio.wait_for may swallow a cancellation that meets a result (and the connection
+            # library may too, while it closes): a task that goes on is cancelled again rather than awaited for
+            # as long as its refresh period. wait() rather than awaiting the task: its CancelledError is not
+            # stop()'s own cancellation.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=STOP_RETRY_S)
             self._task = None
         self._engine.set_component(COMPONENT, "stopped", False)
 

@@ -37,6 +37,7 @@ from edge_asr.metrics import CONTENT_TYPE
 
 from .http_gate import AccessGate
 from .http_server import WebSocketProtocol, redact_secrets_in_logs, request_limits_protocol
+from .pump import SessionPump, limit_send_buffer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ CLOSE_TOO_BIG = 1009
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
 MAX_TEXT_BYTES = 64 * 1024
-# How long a vanished client's open utterance may take to be finalised for the listeners.
-ORPHAN_FINISH_S = 10.0
 GRACEFUL_SHUTDOWN_S = 3
 
 
@@ -56,9 +55,6 @@ def protocol_max_bytes(limits: LimitSettings) -> int:
     """The largest message the WebSocket protocol buffers: above our own limits, so that an oversized frame
     reaches us and gets its `frame_too_large` event; past this the protocol closes with 1009 unread."""
     return 2 * limits.max_frame_bytes + MAX_TEXT_BYTES
-
-
-SEND_BUFFER_BYTES = 64 * 1024
 
 
 def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
@@ -123,9 +119,8 @@ def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
                 peer=websocket.client.host if websocket.client is not None else None,
             )
         except EngineRefusal as err:
-            await _send_now(websocket, refusal_error(err), settings.limits.send_timeout_s)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(websocket.close(_refusal_close_code(err)), settings.limits.send_timeout_s)
+            pump = SessionPump(settings.limits, "WebSocket client")
+            await _close_with(pump, websocket, refusal_error(err), _refusal_close_code(err))
             return
         async with session:
             await WebSocketStream(websocket, session, settings.limits).run()
@@ -133,10 +128,12 @@ def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
     return app
 
 
-async def _send_now(websocket: WebSocket, error: SessionError, timeout_s: float) -> None:
-    """Send an error outside any session's event order (before a session exists or after it ends)."""
+async def _close_with(pump: SessionPump, websocket: WebSocket, error: SessionError, code: int) -> None:
+    """Send an error outside any session's event order (before a session exists or after it ends), then close."""
+    with contextlib.suppress(Exception):  # the client is gone
+        await pump.send(websocket.send_text(error.to_json()))
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(websocket.send_text(error.to_json()), timeout_s)
+        await pump.send(websocket.close(code))
 
 
 def _refusal_close_code(refusal: EngineRefusal) -> int:
@@ -155,6 +152,7 @@ class WebSocketStream:
         self._ws = websocket
         self._session = session
         self._limits = limits
+        self._pump = SessionPump(limits, f"Session {session.id}")
         self._finishing: asyncio.Task[Final | None] | None = None
 
     async def run(self) -> None:
@@ -171,10 +169,7 @@ class WebSocketStream:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                 await reader
-            if self._session.has_open_utterance:
-                # The client is gone (or stopped reading), but listeners (MQTT) still get the final of what it said.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._session.finish(), ORPHAN_FINISH_S)
+            await self._pump.finish_orphan(self._session)
             if self._finishing is not None:
                 self._finishing.cancel()
             self._session.close()
@@ -183,9 +178,7 @@ class WebSocketStream:
     async def _read_frames(self) -> None:
         while True:
             try:
-                # A client that sends faster than its speech can be decoded is not read until there is room.
-                await asyncio.wait_for(self._session.room(), self._limits.idle_timeout_s)
-                message = await asyncio.wait_for(self._ws.receive(), self._limits.idle_timeout_s)
+                message = await self._pump.receive(self._session, self._ws.receive, self._limits.idle_timeout_s)
             except asyncio.TimeoutError:
                 await self._close_with(
                     SessionError("idle_timeout", f"no message for {self._limits.idle_timeout_s:g} s"), CLOSE_NORMAL
@@ -270,9 +263,7 @@ class WebSocketStream:
 
     async def _close_with(self, error: SessionError, code: int) -> None:
         self._session.close()
-        await _send_now(self._ws, error, self._limits.send_timeout_s)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._ws.close(code), self._limits.send_timeout_s)
+        await _close_with(self._pump, self._ws, error, code)
 
     async def _write_events(self) -> None:
         """Send the session's events until it closes; stop at a client that does not take them."""
@@ -285,18 +276,10 @@ class WebSocketStream:
     async def _send(self, text: str) -> bool:
         """Send one message within `limits.send_timeout_s`; False when the client is gone or does not read."""
         try:
-            await asyncio.wait_for(self._ws.send_text(text), self._limits.send_timeout_s)
-        except asyncio.TimeoutError:
-            _LOGGER.info(
-                "Session %d: the client took nothing for %g s; closing it",
-                self._session.id,
-                self._limits.send_timeout_s,
-            )
-            return False
+            return await self._pump.send(self._ws.send_text(text))
         except Exception:  # the client is gone
             _LOGGER.debug("Session %d: dropped an event for a closed socket", self._session.id)
             return False
-        return True
 
 
 class BadJson(ValueError):
@@ -324,9 +307,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
         raise ConfigError(f"http.host: cannot listen on {host!r}: {err.strerror or err}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit it: a client that does not read stalls the writer (and meets
-        # limits.send_timeout_s) after this much, instead of after the megabytes the kernel would buffer.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        limit_send_buffer(sock)
         sock.bind(address)
     except OSError as err:
         sock.close()

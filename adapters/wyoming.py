@@ -8,8 +8,9 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
@@ -37,15 +38,13 @@ from edge_asr.events import Done, Final, Partial, SessionError, quoted, words_af
 
 from .access import IPAddress, network_allowed, parse_address, parse_networks
 from .proxy_protocol import ProxyHeaderError, read_proxy_header
+from .pump import SessionPump, limit_send_buffer
 
 _LOGGER = logging.getLogger(__name__)
 
 # A client that announced data or a payload must send it promptly; a stalled one is cut off.
 PAYLOAD_TIMEOUT_S = 1.0
 MAX_DATA_BYTES = 64 * 1024
-# How long a vanished client's open utterance may take to be finalised for the listeners.
-ORPHAN_FINISH_S = 10.0
-SEND_BUFFER_BYTES = 64 * 1024
 # Converted audio may be this many times `limits.max_frame_bytes` (8-bit 1 kHz becomes 32 times its size).
 MAX_EXPANSION = 32
 # The audio formats taken: rates in Hz, sample widths in bytes, channel counts.
@@ -55,6 +54,7 @@ MAX_CHANNELS = 32
 # edge-asr has no home page of its own yet; Home Assistant shows the name.
 _ATTRIBUTION = Attribution(name="edge-asr", url="")
 _WHISPER = Attribution(name="OpenAI", url="https://github.com/openai/whisper")
+_Audio = TypeVar("_Audio", AudioStart, AudioChunk)
 
 
 class ProtocolError(Exception):
@@ -139,9 +139,8 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _optional_text(data: dict[str, Any], key: str) -> str | None:
-    """`data[key]`: a string, or None when absent or null; ProtocolError `bad_event` for anything else."""
-    value = data.get(key)
+def _optional_text(value: object, key: str) -> str | None:
+    """A field that is a string, or None when absent or null; ProtocolError `bad_event` for anything else."""
     if value is None:
         return None
     if not isinstance(value, str):
@@ -151,16 +150,48 @@ def _optional_text(data: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def _audio_format(data: dict[str, Any]) -> tuple[int, int, int]:
-    """`rate`, `width` and `channels` of an audio-start or audio-chunk; ProtocolError `bad_event` if unusable."""
-    rate, width, channels = data.get("rate"), data.get("width"), data.get("channels")
+@dataclass(frozen=True)
+class _Request:
+    """What a `transcribe` asks of the requests that follow: their language, site and names (Wyoming 1.10's
+    transcript_names, then transcript_terms, bias the transcription)."""
+
+    language: str | None = None
+    site: str | None = None
+    names: tuple[str, ...] = ()
+    terms: tuple[str, ...] = ()
+
+
+def _request_of(event: Event) -> _Request:
+    """A `transcribe`, parsed by the library and checked where it checks nothing; ProtocolError `bad_event`."""
+    transcribe = Transcribe.from_event(event)
+    language = _optional_text(transcribe.language, "language")
+    context: object = {} if transcribe.context is None else transcribe.context
+    if not isinstance(context, dict):
+        raise ProtocolError("bad_event", "context must be a JSON object")
+    site = _optional_text(context.get("site"), "site")
+    try:
+        names = request_names(transcribe.transcript_names, "transcript_names")
+        terms = request_names(transcribe.transcript_terms, "transcript_terms")
+    except ValueError as err:
+        raise ProtocolError("bad_event", str(err)) from None
+    return _Request(language or None, site or None, names, terms)
+
+
+def _audio_of(kind: type[_Audio], event: Event) -> _Audio:
+    """An audio-start or audio-chunk, parsed by the library, whose format the adapter can convert; ProtocolError
+    `bad_event` for one it cannot."""
+    # The library checks none of the fields, and takes a missing one for a bug (KeyError): it is refused here.
+    audio = kind.from_event(
+        Event(event.type, {"rate": None, "width": None, "channels": None, **event.data}, event.payload)
+    )
+    rate, width, channels = audio.rate, audio.width, audio.channels
     if not (_is_int(rate) and MIN_RATE <= rate <= MAX_RATE):
         raise ProtocolError("bad_event", f"rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz")
     if not (_is_int(width) and width in WIDTHS):
         raise ProtocolError("bad_event", f"width must be one of {', '.join(map(str, WIDTHS))} bytes")
     if not (_is_int(channels) and 1 <= channels <= MAX_CHANNELS):
         raise ProtocolError("bad_event", f"channels must be an integer from 1 to {MAX_CHANNELS}")
-    return rate, width, channels
+    return audio
 
 
 async def _last_resort(step: Awaitable[None]) -> None:
@@ -196,9 +227,10 @@ class _Gate:
         self.limit = settings.max_connections
         self._open: set[WyomingHandler] = set()
 
-    def allows(self, address: IPAddress) -> bool:
-        """Whether a client at this address may be served."""
-        return network_allowed(address, self._allowed)
+    def check_allowed(self, client: IPAddress) -> None:
+        """ProtocolError `forbidden` for a client that may not be served."""
+        if not network_allowed(client, self._allowed):
+            raise ProtocolError("forbidden", f"{client} is not in wyoming.allowed_networks")
 
     def trusts(self, address: IPAddress) -> bool:
         """Whether a peer at this address is a balancer that sends a PROXY header first."""
@@ -269,6 +301,7 @@ class WyomingHandler(AsyncEventHandler):
         self._settings = settings
         self._gate = gate
         self._events = EventReader(reader, settings.limits.max_frame_bytes)
+        self._pump = SessionPump(settings.limits, "Wyoming client")
         self._last_event_at = time.monotonic()
         # A connected client must send its first event (after the PROXY header, if any) by then; stdio has no
         # client that connects.
@@ -276,18 +309,12 @@ class WyomingHandler(AsyncEventHandler):
         connection = writer.get_extra_info("socket")
         if connection is not None:
             self._handshake_deadline = self._last_event_at + self._limits.handshake_timeout_s
-            # A client that does not read stalls our writes (and meets limits.send_timeout_s) after this much,
-            # instead of after the megabytes the kernel would buffer for it.
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            limit_send_buffer(connection)
         # The client's address (the peer's, or the one a trusted balancer's PROXY header names); None when local.
         self._client: IPAddress | None = None
-        self._language: str | None = None
-        self._site: str | None = None
-        # The names that should bias the transcription (Wyoming 1.10: transcript_names, then transcript_terms).
-        self._names: tuple[str, ...] = ()
-        self._terms: tuple[str, ...] = ()
+        self._request = _Request()
         self._session: SpeechSession | None = None
-        self._responder: asyncio.Task[None] | None = None
+        self._responder: asyncio.Task[bool] | None = None
         self._converter = PcmConverter()
         # The open request was refused: its audio is ignored and its audio-stop answered with an empty transcript.
         self._refused = False
@@ -338,7 +365,7 @@ class WyomingHandler(AsyncEventHandler):
         peer = _peer_address(self.writer)
         trusted = peer is not None and self._gate.trusts(peer)
         if peer is not None and not trusted:
-            self._check_allowed(peer)
+            self._gate.check_allowed(peer)
         if not self._gate.admit(self):
             raise ProtocolError("too_many_connections", f"all {self._gate.limit} connections are in use")
         if peer is None or not trusted:
@@ -351,26 +378,18 @@ class WyomingHandler(AsyncEventHandler):
         except asyncio.TimeoutError:
             raise self._handshake_expired() from None
         self._client = peer if carried is None else carried
-        self._check_allowed(self._client)
-
-    def _check_allowed(self, client: IPAddress) -> None:
-        if not self._gate.allows(client):
-            raise ProtocolError("forbidden", f"{client} is not in wyoming.allowed_networks")
+        self._gate.check_allowed(self._client)
 
     async def _next_event(self) -> Event | None:
         """The next event within `limits.idle_timeout_s`, the first one within `limits.handshake_timeout_s` of
         the connection; None at the end of the stream."""
-        if self._session is not None:
-            try:
-                # A client that sends faster than its speech can be decoded is not read until there is room.
-                await asyncio.wait_for(self._session.room(), self._limits.idle_timeout_s)
-            except asyncio.TimeoutError:
-                raise self._idle_expired() from None
-        timeout, expired = self._limits.idle_timeout_s, self._idle_expired()
+        timeout = self._limits.idle_timeout_s
+        expired = ProtocolError("idle_timeout", f"no event for {timeout:g} s")
         if self._handshake_deadline is not None and self._handshake_left() < timeout:
+            # Before the first event there is no session, so only the read can meet this deadline.
             timeout, expired = self._handshake_left(), self._handshake_expired()
         try:
-            event = await asyncio.wait_for(self._events.read(), timeout)
+            event = await self._pump.receive(self._session, self._events.read, timeout)
         except asyncio.TimeoutError:
             raise expired from None
         self._handshake_deadline = None
@@ -384,9 +403,6 @@ class WyomingHandler(AsyncEventHandler):
     def _handshake_expired(self) -> ProtocolError:
         return ProtocolError("handshake_timeout", f"no event within {self._limits.handshake_timeout_s:g} s")
 
-    def _idle_expired(self) -> ProtocolError:
-        return ProtocolError("idle_timeout", f"no event for {self._limits.idle_timeout_s:g} s")
-
     async def handle_event(self, event: Event) -> bool:
         """Answer one event; a malformed or misplaced one gets an error event and the connection goes on."""
         try:
@@ -399,51 +415,34 @@ class WyomingHandler(AsyncEventHandler):
         if Describe.is_type(event.type):
             await self._write(model_info(self._settings, self._engine.languages).event())
         elif Ping.is_type(event.type):
-            await self._write(Pong(text=_optional_text(event.data, "text")).event())
+            await self._write(Pong(text=_optional_text(Ping.from_event(event).text, "text")).event())
         elif Transcribe.is_type(event.type):
-            self._transcribe(event.data)
+            self._request = _request_of(event)
         elif AudioStart.is_type(event.type):
-            await self._start_request(event.data)
+            await self._start_request(event)
         elif AudioChunk.is_type(event.type):
-            await self._audio(event.data, event.payload or b"")
+            await self._audio(event)
         elif AudioStop.is_type(event.type):
             await self._stop_request()
         else:
             raise ProtocolError("unknown_event", f"unexpected event type {quoted(event.type)}")
 
-    def _transcribe(self, data: dict[str, Any]) -> None:
-        """The language and site of the requests that follow."""
-        language = _optional_text(data, "language")
-        context = data.get("context")
-        if context is None:
-            context = {}
-        elif not isinstance(context, dict):
-            raise ProtocolError("bad_event", "context must be a JSON object")
-        site = _optional_text(context, "site")
-        try:
-            names = request_names(data.get("transcript_names"), "transcript_names")
-            terms = request_names(data.get("transcript_terms"), "transcript_terms")
-        except ValueError as err:
-            raise ProtocolError("bad_event", str(err)) from None
-        self._language = language or None
-        self._site = site or None
-        self._names, self._terms = names, terms
-
-    async def _start_request(self, data: dict[str, Any]) -> None:
+    async def _start_request(self, event: Event) -> None:
         await self._end_request()
         self._converter = PcmConverter()
         # Until a session takes the request, it is refused: its audio-stop still gets a transcript.
         self._refused = True
-        _audio_format(data)  # each chunk announces its own format; a bad one here refuses the request
+        _audio_of(AudioStart, event)  # each chunk announces its own format; a bad one here refuses the request
+        request = self._request
         try:
             session = self._engine.session(
                 source="wyoming",
-                language=self._language,
+                language=request.language,
                 split_on_silence=False,
-                site=self._site,
+                site=request.site,
                 peer=None if self._client is None else str(self._client),
-                names=self._names,
-                terms=self._terms,
+                names=request.names,
+                terms=request.terms,
             )
         except EngineRefusal as err:
             await self._refusal(err)
@@ -453,18 +452,18 @@ class WyomingHandler(AsyncEventHandler):
         await self._write(TranscriptStart(language=session.language).event())
         self._responder = asyncio.create_task(self._respond(session))
 
-    async def _audio(self, data: dict[str, Any], pcm: bytes) -> None:
+    async def _audio(self, event: Event) -> None:
         """Convert a chunk (in the format it announces) to 16 kHz mono and feed it; a bad chunk is dropped."""
         if self._session is None:
             if self._refused:
                 return
             raise ProtocolError("no_audio_start", "audio-chunk before audio-start")
-        rate, width, channels = _audio_format(data)
+        chunk = _audio_of(AudioChunk, event)
         limit = self._limits.max_frame_bytes * MAX_EXPANSION
-        if PcmConverter.converted_size(len(pcm), rate, width, channels) > limit:
+        if PcmConverter.converted_size(len(chunk.audio), chunk.rate, chunk.width, chunk.channels) > limit:
             raise ProtocolError("too_large", f"audio-chunk converts to more than {limit} bytes; dropped")
         try:
-            pcm16 = self._converter.convert(pcm, rate, width, channels)
+            pcm16 = self._converter.convert(chunk.audio, chunk.rate, chunk.width, chunk.channels)
         except ValueError as err:  # not whole frames
             raise ProtocolError("bad_audio", f"audio-chunk dropped: {err}") from None
         try:
@@ -478,16 +477,24 @@ class WyomingHandler(AsyncEventHandler):
                 raise ProtocolError("no_audio_start", "audio-stop before audio-start")
             self._refused = False
             # Home Assistant ignores the error and waits for a transcript: it gets an empty one at once.
-            await self._write(Transcript(text="", language=self._language).event())
-            await self._write(TranscriptStop().event())
+            await self._answer("", self._request.language)
             return
-        await self._session.finish()
-        if self._responder is not None:
-            await self._responder
+        session = self._session
+        await session.finish()
+        if self._responder is not None and not await self._responder:
+            # The engine closed the session mid-request (it broke, after an error event): Home Assistant still waits
+            # for a transcript, and an empty one tells it that nothing was understood.
+            await self._answer("", session.language)
         await self._end_request()
 
-    async def _respond(self, session: SpeechSession) -> None:
-        """Committed text as transcript-chunks while audio flows, then transcript and transcript-stop."""
+    async def _answer(self, text: str, language: str | None) -> None:
+        """End a request: its transcript, then transcript-stop."""
+        await self._write(Transcript(text=text, language=language).event())
+        await self._write(TranscriptStop().event())
+
+    async def _respond(self, session: SpeechSession) -> bool:
+        """Committed text as transcript-chunks while audio flows, then transcript and transcript-stop; whether it
+        got that far (it does not when the session closes before its `Done`)."""
         sent = ""  # committed text of the open utterance already sent as chunks
         finals: list[str] = []
         async for event in session.events():
@@ -506,22 +513,19 @@ class WyomingHandler(AsyncEventHandler):
                 # The request is over: free its session slot before the satellite, told so, opens the next one
                 # (a satellite that is quick to ask again must not find its own slot still taken).
                 session.close()
-                text = " ".join(text for text in finals if text)
-                await self._write(Transcript(text=text, language=session.language).event())
-                await self._write(TranscriptStop().event())
-                return
+                await self._answer(" ".join(text for text in finals if text), session.language)
+                return True
+        return False
 
     async def _chunk(self, words: str, first: bool) -> None:
         """Send words that follow what was sent, so that the chunks add up to the text."""
         await self._write(TranscriptChunk(text=words if first else f" {words}").event())
 
     async def _abandon_request(self) -> None:
-        """The connection ended mid-request: the listeners (MQTT) still get the final of what was said,
-        within ORPHAN_FINISH_S; then the session is freed."""
+        """The connection ended mid-request: finish what was said for the listeners, then free the session."""
         try:
-            if self._session is not None and self._session.has_open_utterance:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._session.finish(), ORPHAN_FINISH_S)
+            if self._session is not None:
+                await self._pump.finish_orphan(self._session)
         finally:
             # Whatever the finish raised, the session's slot must not outlive the connection.
             await self._end_request()
@@ -550,9 +554,8 @@ class WyomingHandler(AsyncEventHandler):
         if self.writer.transport.is_closing():
             return
         try:
-            await asyncio.wait_for(async_write_event(event, self.writer), self._limits.send_timeout_s)
-        except asyncio.TimeoutError:
-            self._cut_off()
+            if not await self._pump.send(async_write_event(event, self.writer)):
+                self._cut_off()
         except OSError:
             _LOGGER.debug("Wyoming client went away before an event reached it")
 
@@ -565,17 +568,15 @@ class WyomingHandler(AsyncEventHandler):
             # Without a high-water mark, drain waits for an empty buffer.
             transport.set_write_buffer_limits(high=0)
             try:
-                await asyncio.wait_for(self.writer.drain(), self._limits.send_timeout_s)
-            except asyncio.TimeoutError:
-                self._cut_off()
-                return
+                if not await self._pump.send(self.writer.drain()):
+                    self._cut_off()
+                    return
             except OSError:
                 _LOGGER.debug("Wyoming client went away before its last events reached it")
         self.writer.close()
 
     def _cut_off(self) -> None:
         """Drop a client that does not read: its buffered events, its connection, and (as it ends) its session."""
-        _LOGGER.debug("Wyoming client took no events for %g s: cut off", self._limits.send_timeout_s)
         self.writer.transport.abort()
         # Sockets see their end through the transport; this also ends a stdio reader.
         self.reader.feed_eof()
