@@ -5,22 +5,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from .transcript import Word
 
 _NON_WORD = re.compile(r"[^\w']+")
 # Word timestamps of the same word move by up to a few hundred ms between passes.
 _ALIGN_TOLERANCE_S = 0.5
-
-
-@dataclass(frozen=True)
-class Word:
-    """A word with its times in seconds of the session's audio; `text` keeps Whisper's leading space, and
-    `probability` is the decoder's confidence in it (1.0 where none was given)."""
-
-    start: float
-    end: float
-    text: str
-    probability: float = 1.0
 
 
 def normalise(text: str) -> str:

@@ -31,11 +31,13 @@ from .api import (
 )
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH
 from .config import SITE_PATTERN, ConfigError, LimitSettings, Settings
+from .decoding import WhisperTranscriber
 from .events import Done, Event, Final, Partial, SessionError, SessionInfo, quoted
 from .metrics import Metrics
-from .model import Transcriber, Transcript, WhisperTranscriber, languages_of
+from .model import languages_of
 from .scheduler import DecodeNeed, DecodeScheduler
 from .session import DecodeRequest, StreamSession
+from .transcript import Transcriber, Transcript
 from .vocabulary import NamesFile, NameSpeller, Vocabulary, names_prompt
 
 _LOGGER = logging.getLogger(__name__)

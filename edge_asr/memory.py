@@ -38,15 +38,21 @@ def limit_malloc_arenas() -> None:
         mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
 
 
-class FreeMemoryTrimmer:
-    """Gives glibc's free memory back to the system (nothing where there is no glibc); called on the decode
-    threads, never on the event loop."""
+def free_memory_release() -> Callable[[], None]:
+    """A call that gives glibc's free memory back to the system (malloc_trim), or does nothing without glibc."""
+    trim = _glibc_function("malloc_trim")
+    if trim is None:
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
 
-    def __init__(self) -> None:
-        trim = _glibc_function("malloc_trim")
-        if trim is not None:
-            trim.argtypes = [ctypes.c_size_t]
-        self._trim: Callable[[int], int] | None = trim
+
+class FreeMemoryTrimmer:
+    """Gives free memory back to the system through `release`, at once or at most every _TRIM_INTERVAL_S; called on
+    the decode threads, never on the event loop."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
         self._lock = threading.Lock()
         self._trimmed_at = time.monotonic()
 
@@ -64,10 +70,6 @@ class FreeMemoryTrimmer:
         with self._lock:
             self._trimmed_at = time.monotonic()
         self._release()
-
-    def _release(self) -> None:
-        if self._trim is not None:
-            self._trim(0)
 
 
 class EncoderBudget:

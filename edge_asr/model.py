@@ -1,24 +1,22 @@
-"""The one home of faster-whisper and CTranslate2: model resolution, loading, warm-up and decoding."""
+"""The one home of faster-whisper and CTranslate2: model resolution, loading, warm-up, giving memory back and
+transcribing at a given encoder input. What to decode, and how often, is the decode policy's (decoding.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .agreement import Word, normalise
 from .audio import SAMPLE_RATE, FloatAudio
 from .config import ModelSettings
-from .memory import EncoderBudget, FreeMemoryTrimmer, limit_malloc_arenas
-from .vocabulary import NamesInPrompt, is_unsure, splice_names
+from .memory import free_memory_release, limit_malloc_arenas
+from .transcript import Transcript, Word
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -27,13 +25,8 @@ _LOGGER = logging.getLogger(__name__)
 
 BUNDLED_MODEL_NAME = "tiny.en"
 # Whisper's encoder sees 100 mel frames per second of audio, 30 s at most.
-_FRAMES_PER_SECOND = 100
-_WHISPER_FRAMES = 3000
-# A window longer than the floor is encoded to the next whole second. oneDNN compiles and keeps the encoder's
-# convolutions for every input width it meets (up to 1024 widths): in-process, 80 decodes of 15-30 s windows,
-# each its own width, left 32 MB more at rest; 1 MB with whole seconds, which leave at most 16 widths. The frames
-# added are the padding Whisper sees in every 30 s window.
-_ENCODER_FRAME_STEP = 100
+FRAMES_PER_SECOND = 100
+WHISPER_FRAMES = 3000
 # Speech runs at about 3 words (5 tokens) a second; twice that plus timestamps bounds a loop.
 _TOKENS_PER_SECOND = 12
 _MIN_NEW_TOKENS = 16
@@ -56,50 +49,12 @@ _LATER_PASS_LOG_PROB = -0.5
 _REPETITIVE_COMPRESSION = 2.4
 
 
-# Per decode thread: how many encoder frames this thread's current decode may use, and used.
+# Per decode thread: how many encoder frames this thread's current transcription may use, and used.
 _decode_state = threading.local()
 
 
 class ModelError(RuntimeError):
     """The model could not be found or loaded."""
-
-
-@dataclass(frozen=True)
-class Transcript:
-    """One decode: words with times relative to the start of the decoded audio.
-
-    `encoder_s` is the encoder input the decode used, in seconds (Whisper's own is 30). `hallucinated` is
-    Whisper's own verdict on the text: a segment so repetitive that it compresses more than 2.4 times.
-    """
-
-    words: tuple[Word, ...]
-    asr_ms: float
-    encoder_s: float = 0.0
-    hallucinated: bool = False
-
-
-class Transcriber(Protocol):
-    """What the engine needs of a speech model."""
-
-    languages: tuple[str, ...]
-    # Words the model's tokenizer has whole (lower case): likely said when heard, not misheard names.
-    common_words: frozenset[str]
-
-    def warm_up(self) -> float:
-        """Run a first decode so the first real one pays no start-up cost; return its ms."""
-        ...
-
-    def release_memory(self) -> None:
-        """Give the memory the decodes freed back to the system; blocking, called on a decode thread."""
-        ...
-
-    def decode(
-        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
-    ) -> Transcript:
-        """Transcribe a window of 16 kHz float audio, with text that came before it as prompt; `whole` says the
-        window is a whole utterance whose transcript may become its final; `names` that its prompt names the
-        household's names."""
-        ...
 
 
 def bundled_model_dir() -> Path | None:
@@ -165,17 +120,17 @@ def _vocabulary(location: Path) -> list[str] | None:
 def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:
     from faster_whisper import WhisperModel
 
-    class _FlooredWhisper(WhisperModel):  # type: ignore[misc]
-        """Encodes only as many mel frames as needed, down to a floor, instead of always 30 s."""
+    class _ShortenedWhisper(WhisperModel):  # type: ignore[misc]
+        """Encodes as many mel frames as the transcription on this thread was told, instead of always 30 s."""
 
         def encode(self, features: np.ndarray) -> Any:
-            frames = min(features.shape[-1], getattr(_decode_state, "encoder_frames", _WHISPER_FRAMES))
+            frames = min(features.shape[-1], getattr(_decode_state, "encoder_frames", WHISPER_FRAMES))
             _decode_state.encoded_frames = frames
             return super().encode(features[..., :frames])
 
     location = resolve_model(settings.name)
     try:
-        return _FlooredWhisper(
+        return _ShortenedWhisper(
             location,
             device="cpu",
             compute_type=settings.compute_type,
@@ -187,8 +142,9 @@ def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:
         raise ModelError(f"model.name: cannot load {settings.name!r} ({location}): {err}") from err
 
 
-class WhisperTranscriber:
-    """faster-whisper with int8 weights, greedy decoding, word timestamps and no temperature fallback."""
+class WhisperBackend:
+    """faster-whisper with int8 weights, greedy decoding, word timestamps and no temperature fallback, encoding as
+    many mel frames as it is told."""
 
     def __init__(self, settings: ModelSettings) -> None:
         threads = settings.effective_threads
@@ -196,6 +152,7 @@ class WhisperTranscriber:
         limit_malloc_arenas()  # before CTranslate2 starts its threads
         self._settings = settings
         self._model = _new_whisper(settings, threads)
+        self._release = free_memory_release()
         self.name = settings.name
         self.languages: tuple[str, ...] = tuple(self._model.supported_languages)
         self.common_words = frozenset(
@@ -203,9 +160,6 @@ class WhisperTranscriber:
             for token in self._model.hf_tokenizer.get_vocab()
             if token.startswith(_WORD_START) and token[1:].isalpha()
         )
-        self._floor_frames = int(settings.encoder_floor_s * _FRAMES_PER_SECOND)
-        self._trimmer = FreeMemoryTrimmer()
-        self._budget = EncoderBudget(_WHISPER_FRAMES)
         _LOGGER.info(
             "Loaded model %s (%s, %d threads) in %.0f ms",
             self.name,
@@ -216,84 +170,43 @@ class WhisperTranscriber:
 
     def release_memory(self) -> None:
         """Give the memory the decodes freed back to the system; blocking, called on a decode thread."""
-        self._trimmer.trim_now()
+        self._release()
 
-    def warm_up(self) -> float:
-        """Decode a little dummy audio so the first real request pays no first-call cost."""
+    def warm_up(self, encoder_frames: int) -> float:
+        """Transcribe a little dummy audio at this encoder input so the first real request pays no first-call cost;
+        return its ms."""
         samples = int(self._settings.warmup_s * SAMPLE_RATE)
         if samples == 0:
             return 0.0
         noise = np.random.default_rng(0).normal(0.0, 0.01, samples).astype(np.float32)
-        return self.decode(noise, "", self.languages[0]).asr_ms
+        return self.transcribe(noise, "", self.languages[0], encoder_frames).asr_ms
 
-    def decode(
-        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
-    ) -> Transcript:
-        """Transcribe a window; blocking, so the engine runs it on its decode thread.
-
-        A prompt full of names conditions everything the decoder writes, not only the names: measured on
-        the bench corpus with 50 invented names, it changes words nobody said a name in. So a decode with
-        `names` (a final) is decoded first without them; only where that decode was unsure of a word is it
-        decoded again with the names, and only the names it then heard replace the unsure words
-        (`vocabulary.splice_names`).
-
-        A whole utterance in which the shortened encoder context hears no word gets a second opinion at
-        Whisper's own 30 s: there Whisper's no-speech test drops a lone short word ("fifty", 0.5 s) that the
-        full context keeps, and a final must not lose it. Empty windows of noise stay empty at 30 s.
-        """
-        if not whole:
-            # Off a final's path, and outside the partial's own time (which paces the partials).
-            self._trimmer.trim()
-        if names is None:
-            transcript = self._decode(audio, prompt, language, self._floor_frames)
-        else:
-            transcript = self._decode(audio, names.plain, language, self._floor_frames)
-            if is_unsure(transcript.words):
-                named = self._decode(audio, prompt, language, self._floor_frames)
-                words = (
-                    transcript.words
-                    if named.hallucinated
-                    else splice_names(transcript.words, named.words, names.speller)
-                )
-                transcript = dataclasses.replace(transcript, words=words, asr_ms=transcript.asr_ms + named.asr_ms)
-            prompt = names.plain
-        if not whole or self._floor_frames >= _WHISPER_FRAMES or any(normalise(w.text) for w in transcript.words):
-            return transcript
-        second = self._decode(audio, prompt, language, _WHISPER_FRAMES)
-        return dataclasses.replace(second, asr_ms=transcript.asr_ms + second.asr_ms)
-
-    def _decode(self, audio: FloatAudio, prompt: str, language: str, floor_frames: int) -> Transcript:
+    def transcribe(self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int) -> Transcript:
+        """Transcribe 16 kHz float audio after a prompt, encoding `encoder_frames` mel frames of it (WHISPER_FRAMES
+        at most); blocking, so the engine runs it on a decode thread."""
         duration = len(audio) / SAMPLE_RATE
-        content_frames = int(duration * _FRAMES_PER_SECOND) + 1
-        whole_seconds = -(-content_frames // _ENCODER_FRAME_STEP) * _ENCODER_FRAME_STEP
-        frames = min(_WHISPER_FRAMES, max(floor_frames, whole_seconds))
-        # The decodes in flight encode at most Whisper's own 30 s between them (EncoderBudget says why).
-        with self._budget.admit(frames) as alone:
-            if alone and frames > self._floor_frames:
-                # The longest decodes start on the memory the decodes before them freed, not beside it.
-                self._trimmer.trim_now()
-            started = time.monotonic()
-            _decode_state.encoder_frames = frames
-            _decode_state.encoded_frames = 0
-            segments, _info = self._model.transcribe(
-                audio,
-                language=language if language in self.languages else self.languages[0],
-                beam_size=self._settings.beam_size,
-                temperature=0.0,
-                initial_prompt=prompt or None,
-                condition_on_previous_text=False,
-                word_timestamps=True,
-                vad_filter=False,
-                without_timestamps=False,
-                max_new_tokens=min(_MAX_NEW_TOKENS, max(_MIN_NEW_TOKENS, int(duration * _TOKENS_PER_SECOND))),
-            )
-            kept = [
-                segment
-                for segment in segments
-                if segment.seek == 0
-                or segment.no_speech_prob <= _LATER_PASS_NO_SPEECH
-                or segment.avg_logprob >= _LATER_PASS_LOG_PROB
-            ]
+        started = time.monotonic()
+        _decode_state.encoder_frames = encoder_frames
+        _decode_state.encoded_frames = 0
+        segments, _info = self._model.transcribe(
+            audio,
+            language=language if language in self.languages else self.languages[0],
+            beam_size=self._settings.beam_size,
+            temperature=0.0,
+            initial_prompt=prompt or None,
+            condition_on_previous_text=False,
+            word_timestamps=True,
+            vad_filter=False,
+            without_timestamps=False,
+            max_new_tokens=min(_MAX_NEW_TOKENS, max(_MIN_NEW_TOKENS, int(duration * _TOKENS_PER_SECOND))),
+        )
+        kept = [
+            segment
+            for segment in segments
+            if segment.seek == 0
+            or segment.no_speech_prob <= _LATER_PASS_NO_SPEECH
+            or segment.avg_logprob >= _LATER_PASS_LOG_PROB
+        ]
         return Transcript(
             words=tuple(
                 Word(start=float(word.start), end=float(word.end), text=word.word, probability=float(word.probability))
@@ -301,6 +214,6 @@ class WhisperTranscriber:
                 for word in segment.words or ()
             ),
             asr_ms=(time.monotonic() - started) * 1000,
-            encoder_s=_decode_state.encoded_frames / _FRAMES_PER_SECOND,
+            encoder_s=_decode_state.encoded_frames / FRAMES_PER_SECOND,
             hallucinated=any(segment.compression_ratio > _REPETITIVE_COMPRESSION for segment in kept),
         )

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Protocol, TypeVar
 
 from .metrics import Metrics
-from .model import Transcriber, Transcript
 from .session import DecodeRequest
+from .transcript import Transcriber, Transcript
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -17,8 +17,8 @@ from adapters.wyoming import WyomingAdapter
 
 from .config import Settings
 from .engine import Engine
-from .model import Transcriber
 from .systemd import Notifier
+from .transcript import Transcriber
 
 _LOGGER = logging.getLogger(__name__)
 

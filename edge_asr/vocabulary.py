@@ -18,7 +18,7 @@ from pathlib import Path
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from .agreement import Word
+from .transcript import Word
 
 _LOGGER = logging.getLogger(__name__)
 

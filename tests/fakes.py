@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from edge_asr.agreement import Word
 from edge_asr.api import (
     AudioFormatError,
     ComponentState,
@@ -25,7 +24,7 @@ from edge_asr.audio import SAMPLE_RATE, FloatAudio
 from edge_asr.config import SITE_PATTERN
 from edge_asr.events import Done, Event, Final, Partial, SessionError, SessionInfo
 from edge_asr.metrics import Metrics
-from edge_asr.model import Transcript
+from edge_asr.transcript import Transcript, Word
 from edge_asr.vocabulary import NamesInPrompt
 
 

@@ -9,12 +9,12 @@ import pytest
 
 from edge_asr.agreement import (
     LocalAgreement,
-    Word,
     common_prefix,
     join_words,
     normalise,
     strip_committed,
 )
+from edge_asr.transcript import Word
 
 pytestmark = pytest.mark.fast
 

@@ -10,8 +10,10 @@ import pytest
 
 from edge_asr.audio import FloatAudio, pcm16_to_float
 from edge_asr.config import ModelSettings
+from edge_asr.decoding import Decoder, WhisperTranscriber
 from edge_asr.memory import EncoderBudget
-from edge_asr.model import ModelError, Transcript, WhisperTranscriber, bundled_model_dir, languages_of, resolve_model
+from edge_asr.model import ModelError, WhisperBackend, bundled_model_dir, languages_of, resolve_model
+from edge_asr.transcript import Transcript
 from edge_asr.vad import VadGate
 from edge_asr.vocabulary import NamesInPrompt, NameSpeller, is_unsure, names_prompt
 
@@ -64,6 +66,18 @@ def test_the_bundled_model_loaded_by_directory_transcribes_speech() -> None:
     assert ends == sorted(ends)
     assert 0 < ends[-1] <= 6.0
     assert all(word.start <= word.end for word in transcript.words)
+
+
+def test_the_backend_encodes_the_frames_it_is_told_whatever_the_window() -> None:
+    backend = WhisperBackend(ModelSettings(threads=1, workers=1))
+    audio = pcm16_to_float(read_pcm("asterisk_conf-onlyone"))
+
+    short = backend.transcribe(audio, "", "en", encoder_frames=1000)
+    padded = backend.transcribe(audio, "", "en", encoder_frames=3000)
+
+    # The override of faster-whisper's encode() must run: the encoder sees the frames asked for, not 30 s.
+    assert (short.encoder_s, padded.encoder_s) == (10.0, 30.0)
+    assert normalise("".join(word.text for word in short.words)) == normalise(reference("asterisk_conf-onlyone"))
 
 
 def test_a_shortened_encoder_floor_is_applied_and_still_transcribes() -> None:
@@ -154,23 +168,33 @@ def test_every_pass_of_a_decode_holds_the_frames_it_encodes_in_the_encoder_budge
     assert window_frames < longer < window_frames + 100
 
 
-class DecodeSpy:
-    """Records the prompt of every decode a real transcriber runs."""
+class RecordingBackend:
+    """The real backend, recording the prompt of every transcription the decode policy asks of it."""
 
-    def __init__(self, transcriber: WhisperTranscriber) -> None:
+    def __init__(self, backend: WhisperBackend) -> None:
+        self._backend = backend
+        self.languages = backend.languages
+        self.common_words = backend.common_words
         self.prompts: list[str] = []
-        real = transcriber._decode
 
-        def decode(audio: FloatAudio, prompt: str, language: str, floor_frames: int) -> Transcript:
-            self.prompts.append(prompt)
-            return real(audio, prompt, language, floor_frames)
+    def warm_up(self, encoder_frames: int) -> float:
+        """As the real backend."""
+        return self._backend.warm_up(encoder_frames)
 
-        transcriber._decode = decode  # type: ignore[method-assign]
+    def release_memory(self) -> None:
+        """As the real backend."""
+        self._backend.release_memory()
+
+    def transcribe(self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int) -> Transcript:
+        """Record the prompt, then transcribe as the real backend."""
+        self.prompts.append(prompt)
+        return self._backend.transcribe(audio, prompt, language, encoder_frames)
 
 
 def test_a_final_with_names_is_decoded_without_them_and_again_with_them_only_where_that_was_unsure() -> None:
-    transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1))
-    spy = DecodeSpy(transcriber)
+    settings = ModelSettings(threads=1, workers=1)
+    spy = RecordingBackend(WhisperBackend(settings))
+    transcriber = Decoder(spy, settings.encoder_floor_s)
     names = ("Zorbeline Quathmire",)
     sentence, _ = names_prompt(names, 200)
     plain = "Earlier words."

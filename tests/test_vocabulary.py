@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_asr.agreement import Word, join_words
+from edge_asr.agreement import join_words
 from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 from edge_asr.events import Final, SessionInfo
-from edge_asr.model import Transcript
+from edge_asr.transcript import Transcript, Word
 from edge_asr.vocabulary import NamesFile, NamesInPrompt, NameSpeller, Vocabulary, is_unsure, names_prompt, splice_names
 
 from .fakes import ScriptedTranscriber

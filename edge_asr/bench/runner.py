@@ -13,12 +13,14 @@ from collections.abc import Iterator, Sequence
 
 import psutil
 
-from ..agreement import Word, join_words
+from ..agreement import join_words
 from ..audio import pcm16_to_float
 from ..config import Settings
+from ..decoding import WhisperTranscriber
 from ..engine import Engine
 from ..events import SessionError
-from ..model import ModelError, WhisperTranscriber
+from ..model import ModelError
+from ..transcript import Word
 from ..vocabulary import NamesInPrompt, NameSpeller, names_prompt
 from .corpus import Clip
 from .errors import BenchError
