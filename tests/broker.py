@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from .certificates import KeyPair, Pki
 from .server import Service, free_port, start_service, stop_process
 from .speech import REPO
+from .waiting import until
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 WAIT_S = 30.0
@@ -133,15 +134,22 @@ class Subscriber:
 
     def wait_for(self, found: Callable[[list[Message]], bool], timeout_s: float = WAIT_S) -> list[Message]:
         """The messages so far, once `found` accepts them; fails after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self._lock:
-                messages = list(self.messages)
-            if found(messages):
-                return messages
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not found in {len(messages)} messages: {[m.topic for m in messages]}")
-            time.sleep(0.05)
+        seen: list[Message] = []
+
+        def accepted() -> bool:
+            seen[:] = self.received()
+            return found(seen)
+
+        try:
+            until(accepted, timeout_s, "the messages wanted")
+        except AssertionError as err:
+            raise AssertionError(f"{err}: {len(seen)} messages, on {[m.topic for m in seen]}") from None
+        return seen
+
+    def received(self) -> list[Message]:
+        """The messages so far."""
+        with self._lock:
+            return list(self.messages)
 
     def on(self, topic: str, timeout_s: float = WAIT_S) -> Message:
         """The first message on `topic`, waiting for it."""

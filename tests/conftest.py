@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,14 @@ import pytest
 from . import image
 from .server import STARTED, Service, start_service
 from .speech import REPO
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what importing and collecting made, so the tests' own `gc.collect()` calls scan only their objects."""
+    # Without this, each of the hundreds of fast tests that collect garbage (to see a task that died unseen)
+    # spends about 0.1 s walking every imported module's objects: a third of the fast tier's time.
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import io
 import re
 import shutil
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .server import free_port, stop_process
 from .speech import REPO
+from .waiting import until
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 # The ports the shipped frontends bind: Wyoming, HTTP (the WebSocket), HAProxy's own stats page.
@@ -111,12 +111,10 @@ class Balancer:
 
     def wait_until(self, condition: Callable[[], bool], timeout_s: float, what: str) -> float:
         """Poll `condition` until it holds; the seconds it took. The timeout only catches a hang."""
-        started = time.monotonic()
-        while not condition():
-            if time.monotonic() - started > timeout_s:
-                raise AssertionError(f"{what}: not within {timeout_s} s; states {self.states()}\n{self.log()[-3000:]}")
-            time.sleep(0.02)
-        return time.monotonic() - started
+        try:
+            return until(condition, timeout_s, what)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; states {self.states()}\n{self.log()[-3000:]}") from None
 
 
 @contextlib.contextmanager

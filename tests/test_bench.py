@@ -26,7 +26,6 @@ from wyoming.audio import AudioStop
 from wyoming.event import Event as WyomingEvent
 from wyoming.event import async_read_event, async_write_event
 
-from edge_asr.agreement import Word
 from edge_asr.audio import FloatAudio
 from edge_asr.bench import command, runner
 from edge_asr.bench.arguments import add_arguments
@@ -64,7 +63,8 @@ from edge_asr.bench.wyoming_client import WyomingReply
 from edge_asr.config import ModelSettings, Settings, StreamSettings
 from edge_asr.events import Done, Event, Final, Message, Partial, Ready, SessionError
 from edge_asr.metrics import Metrics
-from edge_asr.model import Transcript as ModelTranscript
+from edge_asr.transcript import Transcript as ModelTranscript
+from edge_asr.transcript import Word
 from edge_asr.vocabulary import NamesInPrompt
 
 CHUNK = 640
@@ -1213,7 +1213,8 @@ def fake_node(answers: Sequence[str | int]) -> Iterator[str]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the serving loop's next poll: half a second per node at the default interval.
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"

@@ -20,7 +20,6 @@ import socketserver
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +39,7 @@ from edge_asr.metrics import Metrics
 
 from .image import dockerfile_stages, final_stage
 from .speech import REPO
+from .waiting import until
 
 DEPLOY = REPO / "deploy"
 HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
@@ -285,6 +285,7 @@ def haproxy_binary() -> str:
     return found
 
 
+@pytest.mark.system
 def test_haproxy_accepts_the_configuration_without_a_warning() -> None:
     result = subprocess.run(
         [haproxy_binary(), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=60
@@ -438,15 +439,6 @@ def server_states(stats_port: int) -> dict[tuple[str, str], str]:
     }
 
 
-def wait_for(condition: Any, timeout_s: float, what: str) -> float:
-    """Poll until `condition()` is true; the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, f"{what}: not within {timeout_s} s"
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
 def get_json(port: int, path: str, headers: dict[str, str], source: str) -> tuple[int, dict[str, Any]]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
     try:
@@ -466,6 +458,7 @@ def wyoming_answer(port: int, source: str) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(data))
 
 
+@pytest.mark.system
 def test_haproxy_in_front_of_nodes_passes_the_client_address_and_drops_a_draining_node_in_time(
     tmp_path: Path,
 ) -> None:
@@ -490,7 +483,7 @@ def test_haproxy_in_front_of_nodes_passes_the_client_address_and_drops_a_drainin
                 return len(states) == 6 and set(states.values()) == {"UP"}
             return False
 
-        wait_for(everything_up, 20, "every node UP in both backends")
+        until(everything_up, 20, "every node UP in both backends")
 
         # The node sees one X-Forwarded-For, the client's, whatever the client sent itself.
         status, seen = get_json(
@@ -507,7 +500,7 @@ def test_haproxy_in_front_of_nodes_passes_the_client_address_and_drops_a_drainin
 
         # SIGTERM on node1: it turns not-ready at once and still accepts for drain_accept_s.
         nodes["node1"].ready = False
-        took = wait_for(
+        took = until(
             lambda: (
                 server_states(stats)[("edge_asr_wyoming", "node1")] == "DOWN"
                 and server_states(stats)[("edge_asr_ws", "node1")] == "DOWN"
@@ -600,6 +593,7 @@ def test_the_scrape_config_reads_every_node_directly_and_probes_its_readiness() 
     assert all(target.endswith(stats_port) for target in targets("haproxy"))
 
 
+@pytest.mark.system
 def test_promtool_checks_the_rules_their_unit_tests_and_the_scrape_config() -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: script/test installs Debian's prometheus package"

@@ -386,8 +386,11 @@ async def test_a_burst_of_events_is_fetched_once(home_assistant: FakeHomeAssista
             await home_assistant.fire(kind, {"action": "update"})
 
         await eventually(lambda: "Downstairs" not in engine.names[SOURCE])
-        await asyncio.sleep(0.6)  # three debounce periods: a second fetch would have come by now
-        assert home_assistant.fetches() == 2
+        # One more change, fetched a debounce period after its event: a fetch owed to the burst came before it.
+        home_assistant.areas.append(area("garden", "Garden"))
+        await home_assistant.fire("area_registry_updated", {"action": "create"})
+        await eventually(lambda: "Garden" in engine.names[SOURCE])
+        assert home_assistant.fetches() == 3
 
 
 async def test_the_periodic_refresh_catches_a_change_without_event(home_assistant: FakeHomeAssistant) -> None:
@@ -433,7 +436,17 @@ async def test_home_assistant_going_away_keeps_the_names_and_it_reconnects(
         await home_assistant.stop()
 
         await eventually(lambda: component(engine).startswith("disconnected"))
-        await asyncio.sleep(0.3)  # several failed attempts to reconnect
+        # Several failed attempts to reconnect, counted on the port: each is accepted and closed at once.
+        attempts: list[None] = []
+
+        def refuse(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            attempts.append(None)
+            writer.close()
+
+        refuser = await asyncio.start_server(refuse, "127.0.0.1", home_assistant.port)
+        await eventually(lambda: len(attempts) >= 3)
+        refuser.close()
+        await refuser.wait_closed()
         assert engine.names[SOURCE] == EXPECTED
         assert not engine.components["homeassistant"].healthy
 

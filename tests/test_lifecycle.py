@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .fakes import ScriptedTranscriber
 from .notify import NotifyListener
 from .server import Service, free_port, start_service
 from .speech import normalise, read_pcm, reference, silence
+from .waiting import eventually
 from .wsclient import finals, open_stream, send_audio
 from .wyoming_client import read_until, send_clip, transcribe, transcript_text
 
@@ -194,14 +195,14 @@ async def test_a_model_that_keeps_failing_turns_health_503_and_stops_feeding_the
     running = asyncio.create_task(serve(settings, lambda: ScriptedTranscriber(fail=True)))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            await _until(lambda: listener.count("READY=1") == 1, "READY=1")
+            await eventually(lambda: listener.count("READY=1") == 1, what="READY=1")
             assert (await http.get("/health")).status_code == 200
             async with connect(f"ws://127.0.0.1:{port}/ws/stream") as ws:
                 await ws.recv()
                 for _ in range(3):
                     await ws.send(silence(0.3) + read_pcm("cmd_piper_joe_01") + silence(0.6))
                     await ws.send(json.dumps({"type": "end"}))
-                await _until(lambda: listener.count("WATCHDOG=1") > 0, "the watchdog fed while healthy")
+                await eventually(lambda: listener.count("WATCHDOG=1") > 0, what="the watchdog fed while healthy")
                 health = await _wait_status(http, 503)
             fed = listener.count("WATCHDOG=1")
             await asyncio.sleep(0.6)
@@ -216,13 +217,6 @@ async def test_a_model_that_keeps_failing_turns_health_503_and_stops_feeding_the
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(running, 30) == 0
         listener.close()
-
-
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def _wait_status(http: httpx.AsyncClient, status: int, timeout_s: float = 30.0) -> dict[str, object]:
@@ -241,10 +235,15 @@ def _rss_mb(pid: int) -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
 
 
-def test_a_client_flooding_audio_at_50x_real_time_is_slowed_and_a_satellite_is_still_served(tmp_path: Path) -> None:
-    """Reduced here (10 s, 5 s of buffer, so utterances of 4 s); `edge-asr bench --soak` runs the long version."""
+def test_a_client_flooding_audio_at_150x_real_time_is_slowed_and_a_satellite_is_still_served(tmp_path: Path) -> None:
+    """Reduced here (10 s, 5 s of buffer, so utterances of 4 s); `edge-asr bench --soak` runs the long version.
+
+    Loopback sockets buffer up to some 10 MB (over 300 s of audio) in the kernel before the service's pause in
+    reading reaches the client, and two decode workers get through 4 s utterances at some 30-45 times real time:
+    at 50x the flood came within 10 % of its pace on a quiet machine although the service stopped reading. At
+    150x a service that reads as fast as it is sent to is told apart from one that waits for its decodes."""
     service = start_service(tmp_path, "limits.max_buffer_s=5", "limits.max_utterance_s=4", "stream.max_window_s=4")
-    flood_s, speed = 10.0, 50
+    flood_s, speed = 10.0, 150
     speech = read_pcm("asterisk_conf-usermenu")
     baseline_mb = _rss_mb(service.process.pid)
     peak_mb = baseline_mb
@@ -253,7 +252,7 @@ def test_a_client_flooding_audio_at_50x_real_time_is_slowed_and_a_satellite_is_s
 
     def flood() -> None:
         nonlocal sent_s
-        chunk = 6400  # 0.2 s of audio every 4 ms: 50 times real time
+        chunk = 6400  # 0.2 s of audio every 1.3 ms: 150 times real time
         with contextlib.suppress(ConnectionClosed), open_stream(service.ws_url) as (ws, _ready):
             started = time.monotonic()
             offset = 0
@@ -276,7 +275,7 @@ def test_a_client_flooding_audio_at_50x_real_time_is_slowed_and_a_satellite_is_s
         flooder.join()
 
     assert normalise(transcript_text(received)) == normalise(reference("asterisk_conf-onlyone"))
-    assert sent_s < 0.9 * flood_s * speed, "the flood was slowed down: its socket was not read"
+    assert sent_s < 0.9 * flood_s * speed, f"the flood was not slowed: {sent_s:.0f} s of audio sent in {flood_s} s"
     assert peak_mb - baseline_mb < 100, f"RSS {baseline_mb:.0f} -> {peak_mb:.0f} MB"
     assert service.sessions_drop_to(0)
     assert service.stop() == 0

@@ -26,6 +26,8 @@ from .fakes import FakeEngine
 from .server import Service, http_get
 from .speech import normalise, read_pcm, reference
 
+pytestmark = pytest.mark.system
+
 CLIP = "asterisk_conf-onlyone"
 TOKEN = "s3cret-t0ken"
 WAIT_S = 20

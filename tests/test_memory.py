@@ -4,12 +4,13 @@ runs alone, nobody overtakes a decode that waits, and a decode alone is admitted
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
 
 from edge_asr.memory import EncoderBudget
+
+from .waiting import until
 
 pytestmark = pytest.mark.fast
 
@@ -35,13 +36,6 @@ class Decode(threading.Thread):
             self.alone = alone
             self.admitted.set()
             self.finish.wait(HANG_S)
-
-
-def _wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def _start(budget: EncoderBudget, frames: int) -> Decode:
@@ -72,9 +66,9 @@ def test_a_longer_decode_waits_for_the_room_runs_alone_and_no_later_decode_overt
     running = _start(budget, FLOOR)
     assert running.admitted.wait(HANG_S)
     long_decode = _start(budget, 2500)
-    _wait_until(_asked(budget, 1), "the long decode to ask")
+    until(_asked(budget, 1), HANG_S, "the long decode to ask")
     later = _start(budget, FLOOR)  # would fit beside the running one, but the long decode asked first
-    _wait_until(_asked(budget, 2), "the later decode to ask")
+    until(_asked(budget, 2), HANG_S, "the later decode to ask")
     try:
         assert not long_decode.admitted.wait(0.1)
         assert not later.admitted.is_set()

@@ -55,6 +55,7 @@ async def _finals(settings_layer: dict[str, object], clips: list[bytes]) -> list
     return texts
 
 
+@pytest.mark.system
 async def test_names_in_the_vocabulary_come_out_right(tmp_path: Path) -> None:
     assert shutil.which("sox"), "sox is missing: script/test installs Debian's sox"
     clips = [_speak(command, tmp_path / f"command{index}.wav") for index, command in enumerate(COMMANDS)]

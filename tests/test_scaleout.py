@@ -30,6 +30,8 @@ from .speech import normalise, read_pcm, reference, silence
 from .wsclient import finals, open_stream, read_until_done, send_audio
 from .wyoming_client import Received, transcribe, transcript_text
 
+pytestmark = pytest.mark.system
+
 MAX_SESSIONS = 3
 # The service's default, which the shipped checks are timed against: a draining node leaves the rotation within
 # inter x fall = 1.5 s, while it still takes sessions.

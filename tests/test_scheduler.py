@@ -5,7 +5,6 @@ workers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -15,13 +14,14 @@ import pytest
 from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 from edge_asr.metrics import Metrics
-from edge_asr.model import Transcript
 from edge_asr.scheduler import DecodeNeed, DecodeScheduler
 from edge_asr.session import DecodeRequest
+from edge_asr.transcript import Transcript
 from edge_asr.vocabulary import NamesInPrompt
 
 from .fakes import GatedTranscriber
 from .speech import read_pcm, silence
+from .waiting import eventually
 
 pytestmark = pytest.mark.fast
 
@@ -66,12 +66,42 @@ class FakeJob:
         self.aborted.append(reason)
 
 
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    """Let the loop run until `condition` holds; fail (not hang) after HANG_S."""
-    deadline = asyncio.get_running_loop().time() + HANG_S
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
+class ReleaseRecorder(GatedTranscriber):
+    """Also records, at each release of memory, how many decodes were running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = 0
+        self.running_at_release: list[int] = []
+
+    def decode(
+        self,
+        audio: np.typing.NDArray[np.float32],
+        prompt: str,
+        language: str,
+        whole: bool = False,
+        names: NamesInPrompt | None = None,
+    ) -> Transcript:
+        try:
+            return super().decode(audio, prompt, language, whole, names)
+        finally:
+            self.ended += 1
+
+    def release_memory(self) -> None:
+        self.running_at_release.append(len(self.started) - self.ended)
+        super().release_memory()
+
+
+async def _idle_period_passed(idle_release_s: float) -> None:
+    """Wait until a scheduler with nothing to decode, started now, gives memory back after `idle_release_s`: proof
+    that a release timer armed before now with that delay has fired, however slow the machine."""
+    witness = GatedTranscriber()
+    scheduler = DecodeScheduler(1, list, Metrics(), idle_release_s=idle_release_s)
+    scheduler.start(witness)
+    try:
+        await eventually(lambda: bool(witness.released_on), HANG_S, "the witness scheduler's release")
+    finally:
+        await scheduler.stop()
 
 
 def _started_count(model: GatedTranscriber, count: int) -> bool:
@@ -91,18 +121,18 @@ async def test_a_freed_worker_starts_the_waiting_decode_without_another_kick(wor
     jobs = list(busy)
     scheduler = _scheduler(workers, jobs, model)
     try:
-        await _until(lambda: len(model.started) == workers, "every worker to be busy")
+        await eventually(lambda: len(model.started) == workers, HANG_S, "every worker to be busy")
         late = FakeJob("late", final=True)
         jobs.append(late)
         scheduler.kick()  # what a session does when it starts waiting: every worker is busy, so nothing starts
-        await asyncio.sleep(0.05)
-        assert "late" not in model.started
+        # kick() begins a decode before it returns: one not begun now waits for a worker.
+        assert scheduler.waiting() == 1
 
         model.open("busy0")
 
-        await _until(lambda: "late" in model.started, "the freed worker to take the waiting decode")
+        await eventually(lambda: "late" in model.started, HANG_S, "the freed worker to take the waiting decode")
         model.open("late")
-        await _until(lambda: bool(late.results), "the late decode to end")
+        await eventually(lambda: bool(late.results), HANG_S, "the late decode to end")
     finally:
         for job in jobs:
             model.open(job.name)
@@ -114,7 +144,7 @@ async def test_finals_go_before_partials_and_the_longest_wait_first() -> None:
     jobs = [FakeJob("running")]
     scheduler = _scheduler(1, jobs, model)
     try:
-        await _until(lambda: model.started == ["running"], "the first decode")
+        await eventually(lambda: model.started == ["running"], HANG_S, "the first decode")
         jobs += [
             FakeJob("newer partial", since=2.0),
             FakeJob("older partial", since=1.0),
@@ -122,7 +152,7 @@ async def test_finals_go_before_partials_and_the_longest_wait_first() -> None:
         ]
         for count, name in enumerate(("running", "final", "older partial"), start=2):
             model.open(name)
-            await _until(partial(_started_count, model, count), f"decode {count}")
+            await eventually(partial(_started_count, model, count), HANG_S, f"decode {count}")
         assert model.started == ["running", "final", "older partial", "newer partial"]
     finally:
         for job in jobs:
@@ -135,21 +165,22 @@ async def test_with_two_workers_a_partial_starts_only_where_it_leaves_a_worker_f
     jobs = [FakeJob("partial a", since=1.0), FakeJob("partial b", since=2.0)]
     scheduler = _scheduler(2, jobs, model)
     try:
-        await _until(lambda: model.started == ["partial a"], "the first partial")
-        await asyncio.sleep(0.05)
-        assert model.started == ["partial a"], "a second partial would leave no worker for a final"
+        await eventually(lambda: model.started == ["partial a"], HANG_S, "the first partial")
+        scheduler.kick()
+        assert scheduler.waiting() == 1, "a second partial would leave no worker for a final"
 
         jobs.append(FakeJob("final", final=True, since=3.0))
         scheduler.kick()
-        await _until(lambda: "final" in model.started, "the final, on the worker partials left free")
+        await eventually(lambda: "final" in model.started, HANG_S, "the final, on the worker partials left free")
         assert "partial b" not in model.started
 
         model.open("partial a")
-        await asyncio.sleep(0.05)
-        assert "partial b" not in model.started, "a partial beside the running final would leave no worker free"
+        await eventually(lambda: bool(jobs[0].results), HANG_S, "the first partial to end")
+        scheduler.kick()  # as its end does, however the loop ordered the two
+        assert scheduler.waiting() == 1, "a partial beside the running final would leave no worker free"
 
         model.open("final")
-        await _until(lambda: "partial b" in model.started, "the next partial, once the final ended")
+        await eventually(lambda: "partial b" in model.started, HANG_S, "the next partial, once the final ended")
     finally:
         for job in jobs:
             model.open(job.name)
@@ -162,7 +193,7 @@ async def test_a_session_that_cannot_build_its_request_is_aborted_and_the_others
     model.open("healthy")
     scheduler = _scheduler(1, [broken, healthy], model)
     try:
-        await _until(lambda: bool(healthy.results), "the healthy session's decode")
+        await eventually(lambda: bool(healthy.results), HANG_S, "the healthy session's decode")
         assert broken.aborted
         assert model.started == ["healthy"]
     finally:
@@ -184,7 +215,7 @@ async def test_a_decode_that_raises_reaches_its_session_as_no_transcript() -> No
     job = FakeJob("one")
     scheduler = _scheduler(1, [job], Failing())
     try:
-        await _until(lambda: bool(job.results), "the failed decode to be reported")
+        await eventually(lambda: bool(job.results), HANG_S, "the failed decode to be reported")
         assert job.results == [None]
     finally:
         await scheduler.stop()
@@ -206,20 +237,21 @@ async def test_audio_stop_while_every_worker_is_busy_still_gets_its_final(worker
     try:
         satellite = engine.session("test", prompt="satellite")
         satellite.feed(speech[:half])
-        await _until(lambda: model.started == ["satellite"], "the satellite's partial")
+        await eventually(lambda: model.started == ["satellite"], HANG_S, "the satellite's partial")
         for other in others:
             other.feed(speech[:half])
             ending.append(asyncio.create_task(other.finish()))
-        await _until(lambda: len(model.started) == workers, "every worker to be busy")
+        await eventually(lambda: len(model.started) == workers, HANG_S, "every worker to be busy")
         satellite.feed(speech[half:])
         finishing = asyncio.create_task(satellite.finish())
-        await asyncio.sleep(0.05)
-        assert not finishing.done()
+        decodes_when_finished: list[int] = []
+        finishing.add_done_callback(lambda _: decodes_when_finished.append(model.started.count("satellite")))
 
         model.open("satellite")
 
-        await _until(lambda: model.started.count("satellite") == 2, "the final decode on the freed worker")
+        await eventually(lambda: model.started.count("satellite") == 2, HANG_S, "the final decode on the freed worker")
         await asyncio.wait_for(finishing, HANG_S)
+        assert decodes_when_finished == [2], "finish() returned before the final decode"
     finally:
         for name in ("satellite", "other0"):
             model.open(name)
@@ -228,33 +260,33 @@ async def test_audio_stop_while_every_worker_is_busy_still_gets_its_final(worker
 
 
 async def test_the_freed_memory_goes_back_on_a_decode_thread_once_decoding_pauses_and_not_before() -> None:
-    model = GatedTranscriber()
+    model = ReleaseRecorder()
     jobs = [FakeJob("first")]
     scheduler = DecodeScheduler(2, lambda: jobs, Metrics(), idle_release_s=0.2)
     scheduler.start(model)
     try:
-        await _until(lambda: model.started == ["first"], "the first decode")
-        await asyncio.sleep(0.4)
-        assert model.released_on == []  # a decode is running
+        await eventually(lambda: model.started == ["first"], HANG_S, "the first decode")
+        await _idle_period_passed(0.2)  # a release timer armed at the start has fired, with "first" running
 
         for name in ("second", "third"):  # the next decode starts within the pause: still nothing given back
             jobs.append(FakeJob(name))
             model.open(model.started[-1])
             await asyncio.sleep(0.1)
             scheduler.kick()
-            await _until(partial(list.__contains__, model.started, name), f"the {name} decode")
+            await eventually(partial(list.__contains__, model.started, name), HANG_S, f"the {name} decode")
         assert model.released_on == []
 
         model.open("third")
 
-        await _until(lambda: len(model.released_on) == 1, "the memory to be given back")
+        await eventually(lambda: len(model.released_on) == 1, HANG_S, "the memory to be given back")
         assert model.released_on[0].startswith("decode")
-        await asyncio.sleep(0.4)
-        assert len(model.released_on) == 1  # once a pause
+        await _idle_period_passed(0.4)  # a timer armed again by the release has fired
     finally:
         for job in jobs:
             model.open(job.name)
         await scheduler.stop()
+    # Counted once stop() has let every release started end: one release, while nothing decoded.
+    assert model.running_at_release == [0]
 
 
 async def test_memory_that_cannot_be_given_back_is_logged_and_decoding_goes_on(
@@ -270,11 +302,11 @@ async def test_memory_that_cannot_be_given_back_is_logged_and_decoding_goes_on(
     scheduler.start(model)
     try:
         model.open("first")
-        await _until(lambda: "Could not give" in caplog.text, "the failed release to be logged")
+        await eventually(lambda: "Could not give" in caplog.text, HANG_S, "the failed release to be logged")
         jobs.append(FakeJob("after"))
         scheduler.kick()
         model.open("after")
-        await _until(lambda: bool(jobs[-1].results), "the next decode to end")
+        await eventually(lambda: bool(jobs[-1].results), HANG_S, "the next decode to end")
     finally:
         for job in jobs:
             model.open(job.name)

@@ -157,6 +157,7 @@ def test_the_soak_reads_the_service_metrics_and_final_payloads() -> None:
     assert read_final(b'{"type": "final", "session": true}') is None
 
 
+@pytest.mark.system
 def test_a_one_minute_soak_loses_no_final_and_leaves_nothing_open(tmp_path: Path) -> None:
     path = tmp_path / "soak.json"
     command = [sys.executable, "-m", "edge_asr", "bench", str(SPEECH_DIR), "--soak", "1", "--match", SOAK_CLIPS]

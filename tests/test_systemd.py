@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
@@ -24,6 +25,7 @@ from .wsclient import finals, open_stream, send_audio
 UNIT = REPO / "systemd" / "edge-asr.service"
 
 
+@pytest.mark.system
 def test_the_unit_verifies(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing: script/test installs Debian's systemd"
@@ -39,6 +41,7 @@ def test_the_unit_verifies(tmp_path: Path) -> None:
         assert line in text
 
 
+@pytest.mark.system
 def test_the_unit_exposes_little_to_a_compromised_service(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing: script/test installs Debian's systemd"
