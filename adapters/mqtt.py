@@ -262,7 +262,7 @@ class MqttAdapter:
         self._node = checked_node(mqtt_settings)
         self._status_topic = status_topic(mqtt_settings, self._node)
         self._ha_status_topic = f"{mqtt_settings.discovery_prefix}/status"
-        self._default_site = topic_safe(mqtt_settings.default_site, "default")
+        self._default_site = topic_safe(settings.sites.default, "default")
         # The sites with Home Assistant entities, at most mqtt.max_sites (an ordered set), and those past it.
         self._sites: dict[str, None] = {self._default_site: None}
         self._capped_sites: dict[str, None] = {}

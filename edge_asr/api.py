@@ -36,7 +36,7 @@ class UnsupportedLanguage(EngineRefusal):
 
 
 class InvalidSite(EngineRefusal):
-    """A site that is not 1 to 64 letters, digits, '_' or '-', or not one of `mqtt.sites`."""
+    """A site that is not 1 to 64 letters, digits, '_' or '-', or not one of `sites.allowed`."""
 
 
 class AudioFormatError(EngineRefusal):

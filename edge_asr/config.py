@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -40,6 +41,7 @@ INSTALLED_CONFIG_PATH = Path("/etc/edge-asr/config.yaml")
 _CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
 
 _T = TypeVar("_T")
+_LOGGER = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -196,11 +198,30 @@ class MqttSettings:
     keepalive_s: int = _setting(60, low=5, high=3_600)
     topic_prefix: str = "edge_asr"
     discovery_prefix: str = "homeassistant"
-    default_site: str = "default"
     queue_size: int = _setting(1000, low=1, high=1_000_000)
-    # The sites clients may name (empty: any valid site), and how many get Home Assistant entities.
-    sites: tuple[str, ...] = ()
+    # How many sites get Home Assistant entities.
     max_sites: int = _setting(32, low=1, high=10_000)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """The sites clients may name, checked by the engine whether or not MQTT is enabled."""
+
+    # The site of sessions whose client names none.
+    default: str = "default"
+    # The sites clients may name (empty: any valid site).
+    allowed: tuple[str, ...] = ()
+
+
+def _check_sites(sites: SiteSettings, written: Mapping[str, str]) -> None:
+    """Sites become MQTT topic levels and Home Assistant entity ids; messages name each key as the user wrote it."""
+    default_key = written.get("sites.default", "sites.default")
+    allowed_key = written.get("sites.allowed", "sites.allowed")
+    for key, site in [(default_key, sites.default)] + [(allowed_key, site) for site in sites.allowed]:
+        if not SITE_PATTERN.fullmatch(site):
+            raise ConfigError(f"{key}: {site!r} must be 1 to 64 letters, digits, '_' or '-'")
+    if sites.allowed and sites.default not in sites.allowed:
+        raise ConfigError(f"{default_key}: {sites.default!r} is not one of {allowed_key}")
 
 
 @dataclass(frozen=True)
@@ -213,6 +234,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     wyoming: WyomingSettings = field(default_factory=WyomingSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    sites: SiteSettings = field(default_factory=SiteSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     homeassistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
     log_level: str = "INFO"
@@ -225,8 +247,15 @@ _SECTIONS: dict[str, type] = {
     "http": HttpSettings,
     "wyoming": WyomingSettings,
     "mqtt": MqttSettings,
+    "sites": SiteSettings,
     "service": ServiceSettings,
     "homeassistant": HomeAssistantSettings,
+}
+# Keys that moved to another section, old → new: the old name still works from every layer and logs where the key
+# went, so that no configuration a user wrote breaks.
+MOVED_KEYS = {
+    "mqtt.default_site": "sites.default",
+    "mqtt.sites": "sites.allowed",
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("true", "yes", "on", "1")
@@ -338,13 +367,52 @@ def _convert(key: str, raw: Any, spec: _Key) -> Any:
     return value
 
 
-def _build_section(name: str, cls: type[_T], keys: Mapping[str, _Key], values: Mapping[str, Any]) -> _T:
+def _build_section(
+    name: str, cls: type[_T], keys: Mapping[str, _Key], values: Mapping[str, Any], written: Mapping[str, str] = {}
+) -> _T:
+    """The section from its values; `written` maps a moved key to the name the user gave it, for messages."""
     kwargs = {}
     for key, raw in values.items():
         if key not in keys:
             raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(keys)})")
-        kwargs[key] = _convert(f"{name}.{key}", raw, keys[key])
+        kwargs[key] = _convert(written.get(f"{name}.{key}", f"{name}.{key}"), raw, keys[key])
     return cls(**kwargs)
+
+
+def _section_values(name: str, value: Any) -> Mapping[str, Any]:
+    """A section's keys; None is a section whose keys are all commented out."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: must be a mapping of keys, got {value!r}")
+    return value
+
+
+def _moved(layer: Mapping[str, Any], written: dict[str, str], used: dict[str, None]) -> Mapping[str, Any]:
+    """`layer` with MOVED_KEYS' old names renamed; `written` notes the name that set each, `used` the old names."""
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        given = layer.get(old_section)
+        target = layer.get(new_section)
+        given_new = isinstance(target, Mapping) and new_key in target
+        if given_new:
+            written[new] = new
+        if not isinstance(given, Mapping) or old_key not in given:
+            continue
+        target, value = _section_values(new_section, target), given[old_key]
+        if given_new:
+            spec = _SECTION_KEYS[new_section][new_key]
+            if _convert(new, target[new_key], spec) != _convert(old, value, spec):
+                raise ConfigError(
+                    f"{old} and {new}: both set, to different values ({value!r} and {target[new_key]!r}); "
+                    f"{old} is the old name of {new}: keep only {new}"
+                )
+        else:
+            written[new] = old
+        used[old] = None
+        rest = {key: item for key, item in given.items() if key != old_key}
+        layer = {**layer, old_section: rest, new_section: {**target, new_key: value}}
+    return layer
 
 
 def _merge(layers: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -416,18 +484,21 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
 def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     """Validate merged layers (later wins) into Settings, reading the credential files of enabled adapters."""
     environ = os.environ if environ is None else environ
-    merged = _merge(list(layers))
+    # Moved keys are renamed in each layer before merging, so a later layer overrides an earlier one whichever
+    # name each used; `written` keeps the name of the value that won, for the messages about it.
+    written: dict[str, str] = {}
+    used: dict[str, None] = {}
+    merged = _merge([_moved(layer, written, used) for layer in layers])
+    for old in used:
+        new = MOVED_KEYS[old]
+        _LOGGER.warning("%s moved to %s; the old name still works, but set %s instead", old, new, new)
     sections: dict[str, Any] = {}
     for key, value in merged.items():
         if key == "log_level":
             continue
         if key not in _SECTIONS:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(_SECTIONS)}, log_level)")
-        if value is None:  # a section whose keys are all commented out
-            value = {}
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: must be a mapping of keys, got {value!r}")
-        sections[key] = _build_section(key, _SECTIONS[key], _SECTION_KEYS[key], value)
+        sections[key] = _build_section(key, _SECTIONS[key], _SECTION_KEYS[key], _section_values(key, value), written)
     log_level = str(merged.get("log_level", "INFO")).upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
@@ -447,7 +518,8 @@ def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None
     _check_networks("http.trusted_proxies", settings.http.trusted_proxies)
     _check_networks("wyoming.trusted_proxies", settings.wyoming.trusted_proxies)
     _check_origins(settings.http.allowed_origins)
-    _check_sites(settings.mqtt)
+    _check_sites(settings.sites, written)
+    _check_nodes(settings.mqtt)
     _check_vocabulary_file(settings.model.vocabulary_file)
     return dataclasses.replace(
         settings,
@@ -493,12 +565,7 @@ def _check_origins(origins: tuple[str, ...]) -> None:
             )
 
 
-def _check_sites(mqtt: MqttSettings) -> None:
-    for key, site in [("mqtt.default_site", mqtt.default_site)] + [("mqtt.sites", site) for site in mqtt.sites]:
-        if not SITE_PATTERN.fullmatch(site):
-            raise ConfigError(f"{key}: {site!r} must be 1 to 64 letters, digits, '_' or '-'")
-    if mqtt.sites and mqtt.default_site not in mqtt.sites:
-        raise ConfigError(f"mqtt.default_site: {mqtt.default_site!r} is not one of mqtt.sites")
+def _check_nodes(mqtt: MqttSettings) -> None:
     for node in mqtt.nodes:
         if not SITE_PATTERN.fullmatch(node):
             raise ConfigError(f"mqtt.nodes: {node!r} must be 1 to 64 letters, digits, '_' or '-'")

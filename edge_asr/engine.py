@@ -454,13 +454,13 @@ class Engine:
         return prompt, NameSpeller(vocabulary.names, common)
 
     def check_site(self, site: str) -> str:
-        """The site if clients may name it (1 to 64 letters, digits, '_' or '-'; one of `mqtt.sites` when
+        """The site if clients may name it (1 to 64 letters, digits, '_' or '-'; one of `sites.allowed` when
         listed): sites become MQTT topics and Home Assistant entities. Raises InvalidSite."""
         if not SITE_PATTERN.fullmatch(site):
             raise InvalidSite(f"site {quoted(site)} must be 1 to 64 letters, digits, '_' or '-'")
-        allowed = self.settings.mqtt.sites
+        allowed = self.settings.sites.allowed
         if allowed and site not in allowed:
-            raise InvalidSite(f"site {quoted(site)} is not one of mqtt.sites")
+            raise InvalidSite(f"site {quoted(site)} is not one of sites.allowed")
         return site
 
     async def start(self) -> None:
@@ -528,7 +528,7 @@ class Engine:
             self._metrics.rejected_total.labels("busy").inc()
             raise EngineBusy(f"this address already has {limits.max_sessions_per_address} sessions")
         code = self.check_language(language or self.settings.model.language)
-        checked_site = self.check_site(site or self.settings.mqtt.default_site)
+        checked_site = self.check_site(site or self.settings.sites.default)
         stream = StreamSession(
             self.settings.stream,
             self.settings.limits,

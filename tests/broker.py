@@ -1,10 +1,10 @@
-"""A real mosquitto broker on a free loopback port (plain or TLS), and a paho subscriber that records what it sees."""
+"""The tests' side of a real mosquitto broker (edge_asr.bench.processes): TLS listeners and clients, a paho
+subscriber that records what it sees, and the service publishing to it."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -19,56 +19,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_asr.bench.processes import Broker, Service
+from edge_asr.bench.waiting import NotReached, until
+
 from .certificates import KeyPair, Pki
-from .server import Service, free_port, start_service, stop_process
+from .server import start_service
 from .speech import REPO
-from .waiting import until
 
-MOSQUITTO = Path("/usr/sbin/mosquitto")
 WAIT_S = 30.0
-
-
-@dataclass
-class Broker:
-    """A mosquitto process on a loopback port, stoppable and restartable on the same port."""
-
-    conf: Path
-    port: int
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert MOSQUITTO.exists(), "the MQTT tests need Debian's mosquitto: script/test installs it"
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"mosquitto did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process, timeout_s=10)
-
-
-def make_broker(directory: Path, *lines: str, anonymous: bool = True) -> Broker:
-    """Write a mosquitto config for a free port and start the broker."""
-    port = free_port()
-    conf = directory / f"mosquitto-{port}.conf"
-    settings = [f"listener {port} 127.0.0.1", f"allow_anonymous {'true' if anonymous else 'false'}", *lines]
-    if os.geteuid() == 0:  # mosquitto would otherwise switch to its own user, who cannot read the test files
-        settings.append("user root")
-    if not any(line.startswith("persistence ") for line in lines):
-        settings.append("persistence false")
-    conf.write_text("\n".join(settings) + "\n")
-    broker = Broker(conf, port, directory / f"mosquitto-{port}.log")
-    broker.start()
-    return broker
 
 
 def tls_listener(pki: Pki, require_certificate: bool = False) -> tuple[str, ...]:
@@ -142,8 +100,8 @@ class Subscriber:
 
         try:
             until(accepted, timeout_s, "the messages wanted")
-        except AssertionError as err:
-            raise AssertionError(f"{err}: {len(seen)} messages, on {[m.topic for m in seen]}") from None
+        except NotReached as err:
+            raise NotReached(f"{err}: {len(seen)} messages, on {[m.topic for m in seen]}") from None
         return seen
 
     def received(self) -> list[Message]:
@@ -200,13 +158,17 @@ def mqtt_component(service: Service) -> dict[str, Any]:
 
 def wait_component(service: Service, accept: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """Poll /health until the mqtt component is accepted; fails after WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        component = mqtt_component(service)
-        if accept(component):
-            return component
-        assert time.monotonic() < deadline, f"mqtt component stayed {component}"
-        time.sleep(0.1)
+    seen: list[dict[str, Any]] = []
+
+    def accepted() -> bool:
+        seen[:] = [mqtt_component(service)]
+        return accept(seen[0])
+
+    try:
+        until(accepted, WAIT_S, "the mqtt component accepted", poll_s=0.1)
+    except NotReached as err:
+        raise NotReached(f"{err}: it stayed {seen}") from None
+    return seen[0]
 
 
 def forget_site(port: int, site: str, *settings: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:

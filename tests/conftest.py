@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from edge_asr.bench.processes import Service
+
 from . import image
-from .server import STARTED, Service, start_service
+from .server import STARTED, start_service
 from .speech import REPO
 
 

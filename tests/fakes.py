@@ -232,7 +232,7 @@ class FakeEngine:
     listeners: list[Listener] = field(default_factory=list)
     components: dict[str, ComponentState] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
-    # When set, sites are checked as the real engine checks them (without mqtt.sites): InvalidSite.
+    # When set, sites are checked as the real engine checks them (without sites.allowed): InvalidSite.
     check_sites: bool = False
 
     def check_site(self, site: str) -> str:

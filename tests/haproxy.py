@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import free_port, stop_process
+from edge_asr.bench.processes import free_port, stop_process
+
 from .speech import REPO
 from .waiting import until
 

@@ -516,7 +516,7 @@ def test_a_forbidden_announcement_is_not_retried(supervisor: StandInSupervisor) 
 
 @pytest.mark.fast
 def test_nothing_listening_is_no_announcement_and_no_exception() -> None:
-    from .server import free_port
+    from edge_asr.bench.processes import free_port
 
     assert not run.announce(f"http://127.0.0.1:{free_port()}", TOKEN, "tcp://edge-asr:10300", attempts=2, first_s=0.01)
 
@@ -654,7 +654,7 @@ def wait_health(port: int, accept: Any, timeout_s: float = 30.0) -> dict[str, An
     """/health once `accept` takes it; AssertionError with the last one after `timeout_s`."""
     import time
 
-    from .server import http_get
+    from edge_asr.bench.processes import http_get
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -674,14 +674,14 @@ def component(health: Mapping[str, Any], name: str) -> str:
 def test_the_addon_image_runs_the_service_as_the_supervisor_would(
     addon_image: str, supervisor: StandInSupervisor, tmp_path: Path
 ) -> None:
+    from edge_asr.bench.processes import free_port, http_get, make_broker
     from edge_asr.bench.scoring import normalize
+    from edge_asr.bench.wyoming_client import transcribe, transcript_text
 
-    from .broker import make_broker, subscribed
+    from .broker import subscribed
     from .image import image_config, process_ids, run_image
-    from .server import free_port, http_get
     from .speech import read_pcm, reference
     from .test_homeassistant import EXPECTED
-    from .wyoming_client import transcribe, transcript_text
 
     config = image_config(addon_image)
     assert config.user in ("root", "0", "0:0")

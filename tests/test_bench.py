@@ -32,6 +32,7 @@ from edge_asr.bench.arguments import add_arguments
 from edge_asr.bench.corpus import Clip, load_corpus, load_vocabulary
 from edge_asr.bench.errors import BenchError
 from edge_asr.bench.nodes import NodeSessions, format_nodes, read_all, sessions_during
+from edge_asr.bench.pacing import Replay
 from edge_asr.bench.report import (
     ClipResult,
     OfflineClip,
@@ -58,7 +59,7 @@ from edge_asr.bench.timing import (
     speech_span,
     word_lags,
 )
-from edge_asr.bench.transports import Replay, WebSocketTransport, WyomingReplies, WyomingTransport, read_message
+from edge_asr.bench.transports import WebSocketTransport, WyomingReplies, WyomingTransport, read_message
 from edge_asr.bench.wyoming_client import WyomingReply
 from edge_asr.config import ModelSettings, Settings, StreamSettings
 from edge_asr.events import Done, Event, Final, Message, Partial, Ready, SessionError

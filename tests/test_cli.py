@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from edge_asr import __version__
+from edge_asr.bench.processes import free_port
 
-from .server import free_port, start_service
+from .server import start_service
 from .speech import REPO, SPEECH_DIR
 
 

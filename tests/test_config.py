@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from edge_asr.api import InvalidSite
 from edge_asr.config import (
     ConfigError,
     HttpSettings,
@@ -17,6 +19,7 @@ from edge_asr.config import (
     ModelSettings,
     MqttSettings,
     Settings,
+    SiteSettings,
     StreamSettings,
     _build_section,
     _converter,
@@ -27,6 +30,9 @@ from edge_asr.config import (
     parse_assignments,
     read_yaml,
 )
+from edge_asr.engine import Engine
+
+from .fakes import ScriptedTranscriber
 
 pytestmark = pytest.mark.fast
 
@@ -399,6 +405,135 @@ def test_wyoming_uri_is_checked() -> None:
     assert config_error({"wyoming": {"uri": "http://x:1"}}).startswith("wyoming.uri:")
     assert config_error({"wyoming": {"uri": "tcp://0.0.0.0"}}).startswith("wyoming.uri:")
     assert config_error({"wyoming": {"uri": "stdio://", "zeroconf": "edge-asr"}}).startswith("wyoming.zeroconf:")
+
+
+# --- sites, and the keys that moved there from mqtt ----------------------------------------------
+
+
+def moves(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings edge_asr.config logged about moved keys."""
+    return [r.getMessage() for r in caplog.records if r.name == "edge_asr.config" and r.levelno == logging.WARNING]
+
+
+def test_sites_section_defaults_and_new_keys(caplog: pytest.LogCaptureFixture) -> None:
+    assert Settings().sites == SiteSettings(default="default", allowed=())
+    sites = build_settings({"sites": {"default": "hall", "allowed": ["hall", "kitchen"]}}).sites
+    assert sites == SiteSettings(default="hall", allowed=("hall", "kitchen"))
+    environ = {"EDGE_ASR_SITES_ALLOWED": "hall, default"}
+    assert load_settings(None, environ=environ).sites.allowed == ("hall", "default")
+    assert build_settings(parse_assignments(["sites.default=attic"])).sites.default == "attic"
+    assert moves(caplog) == []
+
+
+OLD_SITES = {"mqtt": {"sites": ["hall", "kitchen"], "default_site": "hall"}}
+NEW_SITES = SiteSettings(default="hall", allowed=("hall", "kitchen"))
+MOVE_MESSAGES = [
+    "mqtt.default_site moved to sites.default; the old name still works, but set sites.default instead",
+    "mqtt.sites moved to sites.allowed; the old name still works, but set sites.allowed instead",
+]
+
+
+def test_old_site_keys_in_the_file_land_on_the_new_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path, "mqtt:\n  port: 1884\n  sites: [hall, kitchen]\n  default_site: hall\n")
+    settings = load_settings(path, environ={})
+    assert settings.sites == NEW_SITES
+    assert settings.mqtt.port == 1884  # the rest of the section is untouched
+    assert sorted(moves(caplog)) == MOVE_MESSAGES
+
+
+def test_old_site_variables_land_on_the_new_keys(caplog: pytest.LogCaptureFixture) -> None:
+    environ = {"EDGE_ASR_MQTT_SITES": "hall,kitchen", "EDGE_ASR_MQTT_DEFAULT_SITE": "hall"}
+    assert env_overrides(environ) == {"mqtt": {"sites": "hall,kitchen", "default_site": "hall"}}
+    assert load_settings(None, environ=environ).sites == NEW_SITES
+    assert sorted(moves(caplog)) == MOVE_MESSAGES
+
+
+def test_old_site_assignments_land_on_the_new_keys(caplog: pytest.LogCaptureFixture) -> None:
+    cli = parse_assignments(["mqtt.sites=hall,kitchen", "mqtt.default_site=hall"])
+    assert load_settings(None, environ={}, cli_layer=cli).sites == NEW_SITES
+    assert sorted(moves(caplog)) == MOVE_MESSAGES
+
+
+def test_an_old_key_used_in_several_layers_logs_its_move_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path, "mqtt:\n  default_site: hall\n")
+    cli = parse_assignments(["mqtt.default_site=attic"])
+    settings = load_settings(path, environ={"EDGE_ASR_MQTT_DEFAULT_SITE": "kitchen"}, cli_layer=cli)
+    assert settings.sites.default == "attic"
+    assert moves(caplog) == [MOVE_MESSAGES[0]]
+
+
+def test_a_later_layer_overrides_whichever_name_each_used(tmp_path: Path) -> None:
+    # The shipped file names the new key; an old name set for it in the environment or by --set still wins.
+    path = write(tmp_path, "sites:\n  default: default\n  allowed: []\n")
+    environ = {"EDGE_ASR_MQTT_SITES": "hall"}
+    cli = parse_assignments(["mqtt.default_site=hall"])
+    assert load_settings(path, environ=environ, cli_layer=cli).sites == SiteSettings(default="hall", allowed=("hall",))
+    file_then_env = load_settings(write(tmp_path, "mqtt:\n  sites: [hall]\n"), environ={"EDGE_ASR_SITES_ALLOWED": ""})
+    assert file_then_env.sites.allowed == ()
+
+
+def test_old_and_new_name_with_different_values_is_an_error_naming_both() -> None:
+    message = config_error({"mqtt": {"sites": ["hall"]}, "sites": {"allowed": ["kitchen"]}})
+    assert message.startswith("mqtt.sites and sites.allowed: both set, to different values")
+    assert "keep only sites.allowed" in message
+    environ = {"EDGE_ASR_MQTT_DEFAULT_SITE": "hall", "EDGE_ASR_SITES_DEFAULT": "attic"}
+    with pytest.raises(ConfigError, match=r"^mqtt\.default_site and sites\.default: both set"):
+        load_settings(None, environ=environ)
+
+
+def test_old_and_new_name_with_the_same_value_is_accepted(caplog: pytest.LogCaptureFixture) -> None:
+    cli = parse_assignments(["mqtt.sites=hall,default", "sites.allowed=hall, default"])
+    assert build_settings(cli).sites.allowed == ("hall", "default")
+    assert moves(caplog) == [MOVE_MESSAGES[1]]
+
+
+@pytest.mark.parametrize(
+    ("layer", "start"),
+    [
+        ({"sites": {"default": "a/b"}}, "sites.default: 'a/b' must be 1 to 64"),
+        ({"mqtt": {"default_site": "a/b"}}, "mqtt.default_site: 'a/b' must be 1 to 64"),
+        ({"sites": {"allowed": ["hall", "x" * 65]}, "mqtt": {"default_site": "hall"}}, "sites.allowed: 'xxx"),
+        ({"mqtt": {"sites": "hall,+"}, "sites": {"default": "hall"}}, "mqtt.sites: '+' must be 1 to 64"),
+        ({"sites": {"allowed": ["hall"]}}, "sites.default: 'default' is not one of sites.allowed"),
+        ({"mqtt": {"sites": ["hall"]}}, "sites.default: 'default' is not one of mqtt.sites"),
+        ({"mqtt": {"sites": ["hall"], "default_site": "attic"}}, "mqtt.default_site: 'attic' is not one of mqtt.sites"),
+        ({"mqtt": {"sites": 3}}, "mqtt.sites: expected a list of strings, got 3"),
+        ({"sites": {"default": ["hall"]}}, "sites.default: expected str, got ['hall']"),
+    ],
+)
+def test_site_errors_name_the_key_the_user_wrote(layer: dict[str, Any], start: str) -> None:
+    assert config_error(layer).startswith(start)
+
+
+def test_a_later_layer_decides_which_name_a_message_gives() -> None:
+    message = config_error({"mqtt": {"default_site": "a/b"}}, {"sites": {"default": "b/c"}})
+    assert message.startswith("sites.default: 'b/c'")
+    message = config_error({"sites": {"default": "a/b"}}, {"mqtt": {"default_site": "b/c"}})
+    assert message.startswith("mqtt.default_site: 'b/c'")
+
+
+def test_the_sites_section_must_be_a_mapping_when_an_old_key_moves_into_it() -> None:
+    assert config_error({"mqtt": {"sites": ["hall"]}, "sites": 3}).startswith("sites: must be a mapping of keys")
+    assert build_settings({"mqtt": {"default_site": "hall"}, "sites": None}).sites.default == "hall"
+
+
+def test_moved_keys_are_not_mqtt_keys_any_more() -> None:
+    assert not hasattr(MqttSettings(), "sites")
+    assert not hasattr(MqttSettings(), "default_site")
+    assert "sites" not in config_error({"mqtt": {"site": "x"}}).partition("known:")[2].split(", ")
+
+
+async def test_the_engine_checks_sites_from_an_old_key_with_mqtt_disabled() -> None:
+    settings = build_settings({"model": {"threads": 1, "workers": 1}, "mqtt": {"enabled": False, **OLD_SITES["mqtt"]}})
+    engine = Engine(settings, ScriptedTranscriber)
+    with pytest.raises(InvalidSite, match=r"^site 'attic' is not one of sites\.allowed$"):
+        engine.check_site("attic")
+    await engine.start()
+    try:
+        async with engine.session("test") as session:
+            assert session.site == "hall"
+    finally:
+        await engine.stop()
 
 
 # --- MQTT: topics and the files the adapter reads -------------------------------------------------

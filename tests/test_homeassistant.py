@@ -18,12 +18,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from adapters.homeassistant import SOURCE, HomeAssistantAdapter, household_names, websocket_url
+from edge_asr.bench.processes import free_port
 from edge_asr.config import HomeAssistantSettings, Settings, build_settings
 from edge_asr.model import ModelError
 from edge_asr.service import serve as serve_service
 
 from .fakes import FakeEngine
-from .server import free_port
 from .waiting import eventually as eventually_within
 
 pytestmark = pytest.mark.fast

@@ -21,16 +21,17 @@ import yaml
 from wyoming.info import Info
 
 from edge_asr import __version__
+from edge_asr.bench.processes import free_port, http_get
+from edge_asr.bench.wyoming_client import transcribe as wyoming_transcribe
+from edge_asr.bench.wyoming_client import transcript_text
 from edge_asr.config import build_settings
 
 from . import image
 from .image import RunningImage, http_status, image_config, poll, run_image
-from .server import free_port, http_get
 from .speech import normalise, read_pcm, reference
 from .wsclient import finals, open_stream, send_audio
 from .wsclient import transcribe as ws_transcribe
-from .wyoming_client import async_exchange, transcript_text, wire_event
-from .wyoming_client import transcribe as wyoming_transcribe
+from .wyoming_client import async_exchange, wire_event
 
 # The first test builds the image: minutes on a cold cache.
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1800)]

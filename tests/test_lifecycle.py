@@ -25,17 +25,18 @@ from wyoming.audio import AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 
+from edge_asr.bench.processes import Broker, Service, free_port, make_broker
+from edge_asr.bench.wyoming_client import read_until, send_clip, transcribe, transcript_text
 from edge_asr.config import build_settings
 from edge_asr.service import serve
 
-from .broker import Broker, Message, make_broker, mqtt_service, subscribed
+from .broker import Message, mqtt_service, subscribed
 from .fakes import ScriptedTranscriber
 from .notify import NotifyListener
-from .server import Service, free_port, start_service
+from .server import start_service
 from .speech import normalise, read_pcm, reference, silence
 from .waiting import eventually
 from .wsclient import finals, open_stream, send_audio
-from .wyoming_client import read_until, send_clip, transcribe, transcript_text
 
 CLIP = "asterisk_confbridge-pin"  # 5 s without a pause: mid-sentence at the signal
 ACCEPT_S = 0.8

@@ -20,10 +20,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from adapters.http import HttpAdapter
+from edge_asr.bench.processes import Service, http_get
 from edge_asr.config import build_settings
 
 from .fakes import FakeEngine
-from .server import Service, http_get
 from .speech import normalise, read_pcm, reference
 
 pytestmark = pytest.mark.system

@@ -20,20 +20,12 @@ from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.event import Event
 
-from .broker import (
-    Broker,
-    Message,
-    make_broker,
-    mqtt_component,
-    mqtt_service,
-    retained,
-    subscribed,
-    wait_component,
-)
-from .server import Service
+from edge_asr.bench.processes import Broker, Service, make_broker
+from edge_asr.bench.wyoming_client import read_until, send_clip
+
+from .broker import Message, mqtt_component, mqtt_service, retained, subscribed, wait_component
 from .speech import normalise, read_pcm, reference
 from .wsclient import finals, open_stream, transcribe
-from .wyoming_client import read_until, send_clip
 
 MOSQUITTO_PASSWD = Path("/usr/bin/mosquitto_passwd")
 FINAL_FIELDS = {

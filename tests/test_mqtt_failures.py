@@ -16,10 +16,11 @@ import pytest
 from paho.mqtt.client import MQTTMessageInfo
 
 from adapters.mqtt import FailureLog, MqttAdapter, discovery_topics
+from edge_asr.bench.processes import Broker, make_broker
 from edge_asr.config import MqttSettings, Settings
 from edge_asr.events import Final, Partial, SessionInfo
 
-from .broker import Broker, Message, make_broker, subscribed
+from .broker import Message, subscribed
 from .fakes import FakeEngine
 from .waiting import eventually, state
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from adapters.mqtt import discovery_topics
+from edge_asr.bench.processes import Broker, Service, free_port, make_broker
 from edge_asr.config import MqttSettings
 
-from .broker import Broker, forget_site, make_broker, mqtt_component, mqtt_service, retained, subscribed
-from .server import Service, free_port
+from .broker import forget_site, mqtt_component, mqtt_service, retained, subscribed
 from .speech import read_pcm
 from .wsclient import finals, transcribe
 

@@ -17,19 +17,10 @@ import pytest
 
 from adapters.mqtt import MqttAdapter
 from edge_asr import __version__
+from edge_asr.bench.processes import Broker, make_broker
 from edge_asr.config import ConfigError, MqttSettings, Settings
 
-from .broker import (
-    WAIT_S,
-    Broker,
-    Message,
-    forget_site,
-    make_broker,
-    mqtt_component,
-    mqtt_service,
-    retained,
-    subscribed,
-)
+from .broker import WAIT_S, Message, forget_site, mqtt_component, mqtt_service, retained, subscribed
 from .fakes import FakeEngine
 from .server import start_service
 from .speech import read_pcm

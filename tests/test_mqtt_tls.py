@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from edge_asr.bench.processes import Broker, Service, make_broker
+
 from .broker import (
-    Broker,
     client_tls,
     forget_site,
-    make_broker,
     mqtt_component,
     mqtt_service,
     retained,
@@ -22,7 +22,6 @@ from .broker import (
     wait_component,
 )
 from .certificates import Pki, make_pki
-from .server import Service
 from .speech import normalise, read_pcm, reference
 from .wsclient import finals, transcribe
 

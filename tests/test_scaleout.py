@@ -23,12 +23,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
 from edge_asr.bench.nodes import read_counters
+from edge_asr.bench.processes import Service
+from edge_asr.bench.wyoming_client import ReceivedEvent as Received
+from edge_asr.bench.wyoming_client import transcribe, transcript_text
 
 from .haproxy import Balancer, NodePorts, balancer, shipped_servers
-from .server import START_TIMEOUT_S, Service, start_service
+from .server import START_TIMEOUT_S, start_service
 from .speech import normalise, read_pcm, reference, silence
 from .wsclient import finals, open_stream, read_until_done, send_audio
-from .wyoming_client import Received, transcribe, transcript_text
 
 pytestmark = pytest.mark.system
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from edge_asr.bench.processes import free_port
 from edge_asr.config import build_settings
 from edge_asr.model import ModelError
 from edge_asr.service import serve
-
-from .server import free_port
 
 pytestmark = pytest.mark.fast
 

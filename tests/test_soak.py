@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from edge_asr.bench.corpus import Clip
+from edge_asr.bench.processes import parse_metrics
 from edge_asr.bench.soak import REST_S, default_rss_limit_mb, soak_plan
 from edge_asr.bench.soak_clients import ClientKind, ClientRun, ReceivedFinal
 from edge_asr.bench.soak_mqtt import BrokerFinal, read_final
-from edge_asr.bench.soak_processes import parse_metrics
 from edge_asr.bench.soak_report import account, rss_tally
 from edge_asr.metrics import Metrics
 

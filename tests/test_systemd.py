@@ -17,8 +17,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
+from edge_asr.bench.processes import http_get
+
 from .notify import NotifyListener
-from .server import http_get, start_service
+from .server import start_service
 from .speech import REPO, normalise, read_pcm, reference
 from .wsclient import finals, open_stream, send_audio
 

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from edge_asr.bench.processes import Service, http_get
 from edge_asr.events import words_after
 
-from .server import Service, http_get, start_service
+from .server import start_service
 from .speech import normalise, read_pcm, reference
 from .wsclient import finals, open_stream, read_until_done, send_audio, transcribe
 

@@ -16,21 +16,13 @@ from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.info import Describe, Info
 
-from .server import Service, start_service
+from edge_asr.bench.processes import Service
+from edge_asr.bench.wyoming_client import ReceivedEvent as Received
+from edge_asr.bench.wyoming_client import read_until, send_clip, transcribe, transcript_text
+
+from .server import start_service
 from .speech import normalise, read_pcm, reference
-from .wyoming_client import (
-    Received,
-    assert_answered,
-    error_codes,
-    exchange_to_end,
-    raw_exchange,
-    read_until,
-    send_clip,
-    transcribe,
-    transcript_text,
-    wire_event,
-    wire_inputs,
-)
+from .wyoming_client import assert_answered, error_codes, exchange_to_end, raw_exchange, wire_event, wire_inputs
 
 CHUNK_S = 0.1
 

@@ -148,7 +148,7 @@ async def test_a_final_that_revises_sent_chunks_still_gives_the_corrected_transc
         (EngineNotReady("loading model"), "not_ready"),
         (EngineShuttingDown("the service is stopping"), "shutting_down"),
         (UnsupportedLanguage("language 'de' is not one the model knows"), "unsupported_language"),
-        (InvalidSite("site 'hall' is not one of mqtt.sites"), "bad_config"),
+        (InvalidSite("site 'hall' is not one of sites.allowed"), "bad_config"),
     ],
 )
 async def test_a_refused_request_still_gets_an_empty_transcript_at_audio_stop(

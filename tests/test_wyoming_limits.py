@@ -16,9 +16,12 @@ from pathlib import Path
 from wyoming.error import Error
 from wyoming.event import Event, async_read_event
 
-from .server import Service, start_service
+from edge_asr.bench.processes import Service
+from edge_asr.bench.wyoming_client import transcribe, transcript_text
+
+from .server import start_service
 from .speech import normalise, read_pcm, reference
-from .wyoming_client import proxy_v2, transcribe, transcript_text, wire_event
+from .wyoming_client import proxy_v2, wire_event
 
 CLIP = "asterisk_conf-hasjoin"
 # Short enough that the idle sockets of a test expire while it runs.

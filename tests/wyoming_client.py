@@ -1,5 +1,5 @@
-"""Wyoming for the tests: a satellite's request through the `wyoming` package's client, raw wire bytes (also
-generated ones, for fuzzing), PROXY protocol headers, and the adapter itself on a loopback port."""
+"""Wyoming for the tests beyond the client they share with the bench (edge_asr.bench.wyoming_client): raw wire
+bytes (also generated ones, for fuzzing), PROXY protocol headers, and the adapter itself on a loopback port."""
 
 from __future__ import annotations
 
@@ -12,24 +12,20 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import strategies as st
-from wyoming.asr import Transcribe, Transcript, TranscriptStop
+from wyoming.asr import Transcribe
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
-from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.event import Event, async_read_event, read_event
 
 from adapters.proxy_protocol import V2_SIGNATURE
 from adapters.wyoming import WyomingAdapter
 from edge_asr.api import SpeechEngine
+from edge_asr.bench.processes import free_port
 from edge_asr.config import build_settings
 
-from .server import free_port
-
-CHUNK_S = 0.1
 # PROXY v2: version 2 with the LOCAL or PROXY command; TCP over IPv4 or IPv6.
 PROXY_V2_LOCAL, PROXY_V2_PROXY = 0x20, 0x21
 PROXY_V2_TCP4, PROXY_V2_TCP6 = 0x11, 0x21
@@ -52,59 +48,6 @@ FAULT_CODES = frozenset(
         "bad_config",
     }
 )
-
-
-@dataclass
-class Received:
-    """An event and when it arrived."""
-
-    event: Event
-    at: float
-
-
-async def read_until(client: AsyncTcpClient, last_type: str, timeout_s: float = 30.0) -> list[Received]:
-    """Events up to and including the first of `last_type`; fails when the server closes first."""
-    received: list[Received] = []
-    while True:
-        event = await asyncio.wait_for(client.read_event(), timeout_s)
-        assert event is not None, "connection closed early"
-        received.append(Received(event, time.monotonic()))
-        if event.type == last_type:
-            return received
-
-
-async def send_clip(
-    client: AsyncTcpClient, pcm: bytes, rate: int = 16000, width: int = 2, channels: int = 1, trailing_s: float = 0.3
-) -> float:
-    """Paced audio-start, chunks and audio-stop; returns when audio-stop was sent."""
-    await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
-    frame = width * channels
-    audio = pcm + bytes(int(trailing_s * rate) * frame)
-    step = int(CHUNK_S * rate) * frame
-    started = time.monotonic()
-    for offset in range(0, len(audio), step):
-        await client.write_event(
-            AudioChunk(rate=rate, width=width, channels=channels, audio=audio[offset : offset + step]).event()
-        )
-        delay = started + (offset + step) / (rate * frame) - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-    await client.write_event(AudioStop().event())
-    return time.monotonic()
-
-
-async def transcribe(port: int, pcm: bytes, **audio: int) -> tuple[list[Received], float]:
-    """One satellite request on a new connection: its events and when `audio-stop` was sent."""
-    async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(Transcribe(language="en").event())
-        reader = asyncio.create_task(read_until(client, TranscriptStop().event().type))
-        stop_at = await send_clip(client, pcm, **audio)
-        return await reader, stop_at
-
-
-def transcript_text(received: list[Received]) -> str:
-    """The text of the request's `transcript`."""
-    return next(Transcript.from_event(r.event).text for r in received if Transcript.is_type(r.event.type))
 
 
 def raw_exchange(port: int, data: bytes, wait_s: float = 5.0, linger_s: float = 0.5) -> tuple[list[Event], bool]:

@@ -24,11 +24,12 @@ from ..transcript import Word
 from ..vocabulary import NamesInPrompt, NameSpeller, names_prompt
 from .corpus import Clip
 from .errors import BenchError
+from .pacing import Replay
 from .report import OfflineClip, OfflineSummary
 from .resources import Resources, cpu_seconds, measure
 from .scoring import WordScore, ratio, score_names, score_words
 from .timing import Playback, final_text
-from .transports import EngineTransport, Replay, Transport, WebSocketTransport, WyomingTransport
+from .transports import EngineTransport, Transport, WebSocketTransport, WyomingTransport
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -55,9 +55,10 @@ from ..config import Settings
 from ..scheduler import IDLE_RELEASE_S
 from .corpus import Clip, load_corpus
 from .errors import BenchError
+from .pacing import CHUNK_BYTES, Replay
+from .processes import Broker, Service, ServiceMetrics, make_broker, start_service
 from .soak_clients import ClientKind, ClientRun, never_read, satellite, speak, vanish
 from .soak_mqtt import FinalSubscriber
-from .soak_processes import Broker, Service, ServiceMetrics, free_port
 from .soak_report import (
     SoakReport,
     account,
@@ -70,7 +71,6 @@ from .soak_report import (
     soak_json,
 )
 from .timing import speech_span
-from .transports import CHUNK_BYTES, Replay
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -225,6 +225,18 @@ def run_soak(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if report.misses else 0
 
 
+def _service_settings(broker_port: int) -> tuple[str, ...]:
+    """The soak's `--set` settings, after the user's flags so that they win: HTTP, Wyoming and the soak's broker."""
+    return (
+        "http.enabled=true",
+        "wyoming.enabled=true",
+        "mqtt.enabled=true",
+        "mqtt.host=127.0.0.1",
+        f"mqtt.port={broker_port}",
+        "mqtt.tls=false",
+    )
+
+
 async def _soak(
     plan: SoakPlan,
     clips: Sequence[Clip],
@@ -236,23 +248,33 @@ async def _soak(
     corpus: str,
 ) -> SoakReport:
     """Start the broker, the subscriber and the service, run the mix, settle, stop everything and report."""
-    broker = Broker(directory, free_port())
-    await broker.start()
+    store = directory / "mosquitto-store"
+    store.mkdir(exist_ok=True)
+    # The persistent store keeps the soak subscriber's session and its queued messages across the broker's restarts.
+    broker = await asyncio.to_thread(make_broker, directory, "persistence true", f"persistence_location {store}/")
     subscriber = FinalSubscriber(broker.port, settings.mqtt.topic_prefix, SUBSCRIBER_ID)
     try:
         await subscriber.connect()
-        service = await Service.start(directory, config, flags, broker.port)
+        service = await asyncio.to_thread(
+            start_service,
+            directory,
+            *_service_settings(broker.port),
+            config=config,
+            flags=flags,
+            healthy=("mqtt",),  # so that the first final already has a broker
+        )
+        _LOGGER.info("Service ready (pid %d): %s, %s", service.pid, service.ws_url, service.wyoming_uri)
         try:
             soak = _Soak(plan, clips, settings, service, broker, subscriber, Replay(True, trailing_silence_s))
             measured = await soak.run()
         finally:
-            exit_code = await service.stop()
+            exit_code = await asyncio.to_thread(service.stop)
         await asyncio.sleep(AFTER_STOP_S)
         broker_finals = tuple(subscriber.finals())
         connects, unreadable = subscriber.connects, subscriber.unreadable
     finally:
         subscriber.close()
-        await broker.stop()
+        await asyncio.to_thread(broker.stop)
     start, end = measured.metrics_start, measured.metrics_end
     made = None if start.finals is None or end.finals is None else end.finals - start.finals
     clients = tuple(sorted(soak.clients, key=lambda run: run.started_s))
@@ -345,7 +367,7 @@ class _Soak:
 
     async def run(self) -> _Measured:
         """Run every lane and the broker restarts until the time is up, then let the service settle and measure."""
-        metrics_start = await self._service.metrics()
+        metrics_start = await asyncio.to_thread(self._service.metrics)
         cpu_start = self._service.cpu_s()
         self._t0 = time.monotonic()
         self._deadline = self._t0 + self._plan.duration_s
@@ -457,9 +479,9 @@ class _Soak:
             await self._lanes_go.wait()  # not while the service rests for a reading
             stopped_s, stopped_at = self._now_s(), time.time()
             _LOGGER.info("Soak: stopping the broker at %.0f s", stopped_s)
-            await self._broker.stop()
+            await asyncio.to_thread(self._broker.stop)
             await asyncio.sleep(BROKER_DOWN_S)
-            await self._broker.start()
+            await asyncio.to_thread(self._broker.start)
             self.restarts.append((stopped_s, (stopped_at, time.time())))
             _LOGGER.info("Soak: broker back after %.1f s", time.time() - stopped_at)
 
@@ -472,11 +494,11 @@ class _Soak:
                 self.samples.append((self._now_s(), self._service.rss_mb()))
             except psutil.Error:
                 raise BenchError(
-                    f"the service died {self._now_s():.0f} s into the soak; see {self._service.log}"
+                    f"the service died {self._now_s():.0f} s into the soak; see {self._service.log_path}"
                 ) from None
             count += 1
             if count % progress_every == 0:
-                sessions = await self._service.sessions()
+                sessions = await asyncio.to_thread(self._service.sessions)
                 print(
                     f"soak {self._now_s():5.0f}/{self._plan.duration_s:.0f} s: {len(self.clients)} clients done,"
                     f" {sessions} session(s) open, RSS {self.samples[-1][1]:.1f} MB",
@@ -490,8 +512,8 @@ class _Soak:
         SETTLE_TIMEOUT_S; the sessions and tasks then."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
-            sessions = await self._service.sessions()
-            tasks = (await self._service.metrics()).event_loop_tasks
+            sessions = await asyncio.to_thread(self._service.sessions)
+            tasks = (await asyncio.to_thread(self._service.metrics)).event_loop_tasks
             settled = sessions == 0 and (tasks is None or tasks_before is None or tasks <= tasks_before)
             if settled or time.monotonic() >= deadline:
                 return sessions, tasks
@@ -503,7 +525,7 @@ class _Soak:
         deadline = time.monotonic() + BROKER_SETTLE_TIMEOUT_S
         delivered, quiet_since = -1, time.monotonic()
         while True:
-            metrics = await self._service.metrics()
+            metrics = await asyncio.to_thread(self._service.metrics)
             now = len({(final.site, final.session, final.utterance) for final in self._subscriber.finals()})
             if now != delivered:
                 delivered, quiet_since = now, time.monotonic()

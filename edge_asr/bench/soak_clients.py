@@ -15,15 +15,12 @@ from urllib.parse import urlencode, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
-from wyoming.asr import Transcribe
-from wyoming.audio import AudioStart
 
-from ..audio import SAMPLE_RATE, SAMPLE_WIDTH
 from ..events import Done, Final, Message, Partial, Ready, SessionError
 from .errors import BenchError
+from .pacing import Replay, send_audio
 from .timing import Playback
-from .transports import READY_TIMEOUT_S, Replay, WyomingTransport, _send_audio, read_message
-from .wyoming_client import WyomingClient
+from .transports import READY_TIMEOUT_S, WyomingTransport, read_message
 
 ClientKind = Literal["wyoming", "websocket", "vanishing", "slow-reader", "never-reader"]
 # How a client's connection ended: it got its `done` or transcript; it went away mid-utterance on purpose; the
@@ -134,7 +131,7 @@ class _Inbox:
 
 
 def _audio_s(sent: Sequence[tuple[float, float]]) -> float:
-    """Seconds of audio a `_send_audio` sent, from its record of (audio seconds sent, time) per chunk."""
+    """Seconds of audio a `send_audio` sent, from its record of (audio seconds sent, time) per chunk."""
     return sent[-1][0] if sent else 0.0
 
 
@@ -195,7 +192,7 @@ async def speak(
         async with _connect(site_url(url, site), small_rcvbuf=slow) as ws:
             reader = asyncio.create_task(_read(ws, inbox, pause_s))
             with contextlib.suppress(ConnectionClosed):
-                await _send_audio(pcm, replay, ws.send, sent)
+                await send_audio(pcm, replay, ws.send, sent)
                 await ws.send(_END)
             try:
                 if not await asyncio.wait_for(reader, DONE_TIMEOUT_S + pause_s):
@@ -223,9 +220,9 @@ async def vanish(url: str, site: str, clip: str, pcm: bytes, cut_bytes: int, sta
         async with _connect(site_url(url, site)) as ws:
             reader = asyncio.create_task(_read(ws, inbox))
             with contextlib.suppress(ConnectionClosed):
-                await _send_audio(pcm[:cut_bytes], replay, ws.send, first)
+                await send_audio(pcm[:cut_bytes], replay, ws.send, first)
                 if not inbox.owed:
-                    await _until_partial(inbox, _send_audio(pcm[cut_bytes:], replay, ws.send, rest))
+                    await _until_partial(inbox, send_audio(pcm[cut_bytes:], replay, ws.send, rest))
             ws.transport.abort()
             await reader
     except (OSError, WebSocketException, asyncio.TimeoutError) as err:
@@ -270,7 +267,7 @@ async def never_read(
                 limit_s = min(NEVER_READER_GIVE_UP_S, until - connected)
                 replay = Replay(realtime=True, trailing_silence_s=NEVER_READER_GIVE_UP_S)
                 try:
-                    await asyncio.wait_for(_send_audio(pcm, replay, ws.send, sent), max(0.0, limit_s))
+                    await asyncio.wait_for(send_audio(pcm, replay, ws.send, sent), max(0.0, limit_s))
                     ended = "gave up"
                 except ConnectionClosed:
                     ended, cut_off_after_s = "cut off", time.monotonic() - connected
@@ -285,41 +282,13 @@ async def never_read(
     return inbox.run("never-reader", site, clip, started_s, _audio_s(sent), ended, spoke, cut_off_after_s)
 
 
-class _SiteWyomingClient(WyomingClient):
-    """The bench's Wyoming client, naming its site in `transcribe`'s context so its finals can be told apart on MQTT."""
-
-    def __init__(self, uri: str, connect_timeout_s: float, site: str) -> None:
-        super().__init__(uri, connect_timeout_s)
-        self._site = site
-
-    async def start(self, language: str | None) -> None:
-        """`transcribe` with the site in its context, then `audio-start` of 16 kHz mono s16le."""
-        await self._client.write_event(Transcribe(language=language, context={"site": self._site}).event())
-        await self._client.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1).event())
-
-
-class _SiteWyomingTransport(WyomingTransport):
-    """`WyomingTransport` (a connection and a request per clip) speaking as a satellite of one site."""
-
-    def __init__(self, uri: str, language: str, replay: Replay, site: str) -> None:
-        super().__init__(uri, language, replay)
-        self._site = site
-
-    async def play(self, pcm: bytes) -> Playback:
-        """Connect, send the request and read until its transcript, as `WyomingTransport.play` does."""
-        try:
-            async with _SiteWyomingClient(self._uri, READY_TIMEOUT_S, self._site) as client:
-                return await self._play(client, pcm)
-        except (OSError, asyncio.TimeoutError) as err:
-            raise BenchError(f"{self._uri}: {err or type(err).__name__}") from None
-
-
 async def satellite(
     uri: str, language: str, site: str, clip: str, pcm: bytes, replay: Replay, started_s: float
 ) -> ClientRun:
     """A Wyoming satellite's request for one clip: its transcript is the final."""
     try:
-        playback = await _SiteWyomingTransport(uri, language, replay, site).play(pcm)
+        # The site in `transcribe`'s context tells its finals apart on MQTT.
+        playback = await WyomingTransport(uri, language, replay, {"site": site}).play(pcm)
     except BenchError as err:
         playback, problem = Playback((), (), time.monotonic(), timed=False), f"connect: {err}"
     else:

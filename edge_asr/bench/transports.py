@@ -6,54 +6,22 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from ..audio import BYTES_PER_SECOND, SAMPLE_RATE, SAMPLE_WIDTH
 from ..engine import Engine
 from ..events import Done, Event, Final, Message, Partial, Ready, SessionError, message_from_dict
 from .errors import BenchError
+from .pacing import CHUNK_S, Replay, send_audio
 from .timing import Playback, Received
-from .wyoming_client import WyomingClient, WyomingReply
+from .wyoming_client import WyomingClient, WyomingReply, send_clip
 
-CHUNK_BYTES = BYTES_PER_SECOND * 20 // 1000
 READY_TIMEOUT_S = 30.0
 MAX_WAIT_AFTER_END_S = 10.0
 MAX_WAIT_AFTER_AUDIO_STOP_S = 30.0
-
-
-@dataclass(frozen=True)
-class Replay:
-    """How clips are sent: paced in real time or not, the digital silence after each, and the household's names
-    every request carries (none: the request says nothing of names, as before they existed)."""
-
-    realtime: bool
-    trailing_silence_s: float
-    names: tuple[str, ...] = ()
-
-
-async def _send_audio(
-    pcm: bytes, replay: Replay, send: Callable[[bytes], Awaitable[None]], sent: list[tuple[float, float]]
-) -> None:
-    """Send the clip and its trailing silence in 20 ms chunks, appending (audio seconds sent, time) per chunk."""
-    audio = pcm + bytes(int(replay.trailing_silence_s * SAMPLE_RATE) * SAMPLE_WIDTH)
-    started = time.monotonic()
-    for offset in range(0, len(audio), CHUNK_BYTES):
-        chunk = audio[offset : offset + CHUNK_BYTES]
-        position_s = (offset + len(chunk)) / BYTES_PER_SECOND
-        if replay.realtime:
-            # Paced against an absolute schedule, so a late send does not delay every chunk after it.
-            delay = started + position_s - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        else:
-            await asyncio.sleep(0)
-        sent.append((position_s, time.monotonic()))
-        await send(chunk)
 
 
 class Transport(Protocol):
@@ -85,7 +53,7 @@ class EngineTransport:
                 session.feed(chunk)
 
             reader = asyncio.create_task(read())
-            await _send_audio(pcm, self._replay, send, sent)
+            await send_audio(pcm, self._replay, send, sent)
             end_at = time.monotonic()
             await session.finish()
         await reader
@@ -144,7 +112,7 @@ class WebSocketTransport:
         with contextlib.suppress(ConnectionClosed):
             if self._replay.names:
                 await ws.send(json.dumps({"type": "config", "vocabulary": list(self._replay.names)}))
-            await _send_audio(pcm, self._replay, ws.send, sent)
+            await send_audio(pcm, self._replay, ws.send, sent)
             await ws.send(json.dumps({"type": "end"}))
         end_at = time.monotonic()
         try:
@@ -187,16 +155,17 @@ class WyomingReplies:
 class WyomingTransport:
     """A Wyoming speech-to-text server (edge-asr's or another), one connection and one request per clip."""
 
-    def __init__(self, uri: str, language: str, replay: Replay) -> None:
+    def __init__(self, uri: str, language: str, replay: Replay, context: Mapping[str, Any] | None = None) -> None:
         self._uri = uri
         self._language = language
         self._replay = replay
+        self._context = context
 
     async def play(self, pcm: bytes) -> Playback:
-        """Connect, send transcribe (with the names), audio-start, the clip and audio-stop, and read until the
-        transcript."""
+        """Connect, send transcribe (with the names and the context), audio-start, the clip and audio-stop, and read
+        until the transcript."""
         try:
-            client = WyomingClient(self._uri, READY_TIMEOUT_S, self._replay.names)
+            client = WyomingClient(self._uri, READY_TIMEOUT_S, self._replay.names, self._context)
         except ValueError as err:
             raise BenchError(f"--wyoming {err}") from None
         try:
@@ -218,9 +187,16 @@ class WyomingTransport:
         reader = asyncio.create_task(read())
         sent: list[tuple[float, float]] = []
         with contextlib.suppress(ConnectionError):
-            await client.start(self._language)
-            await _send_audio(pcm, self._replay, client.send, sent)
-            await client.stop()
+            await client.ask(self._language)
+            replay = self._replay
+            await send_clip(
+                client.connection,
+                pcm,
+                trailing_s=replay.trailing_silence_s,
+                realtime=replay.realtime,
+                chunk_s=CHUNK_S,
+                sent=sent,
+            )
         end_at = time.monotonic()
         try:
             finished = await asyncio.wait_for(reader, MAX_WAIT_AFTER_AUDIO_STOP_S)
