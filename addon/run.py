@@ -58,6 +58,8 @@ EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 # Asking the Supervisor: each request's timeout, how often and how far apart (doubling).
 REQUEST_TIMEOUT_S = 10.0
+# The Supervisor's answers are a few hundred bytes; anything past this is not one of them.
+MAX_ANSWER_BYTES = 1024 * 1024
 ANNOUNCE_ATTEMPTS = 6
 MQTT_ATTEMPTS = 6
 RETRY_FIRST_S = 1.0
@@ -239,7 +241,10 @@ def _request(supervisor: str, token: str, method: str, path: str, body: Any = No
     )
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-            answer = json.loads(response.read())
+            raw = response.read(MAX_ANSWER_BYTES + 1)
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise SupervisorError(f"{method} {path}: an answer of more than {MAX_ANSWER_BYTES} bytes")
+        answer = json.loads(raw)
     except urllib.error.HTTPError as err:
         raise SupervisorError(f"{method} {path}: HTTP {err.code} {_message(err)}".rstrip()) from None
     except (OSError, ValueError) as err:

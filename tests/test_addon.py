@@ -234,7 +234,8 @@ class StandInSupervisor:
         with self.received:  # recorded before the answer: the client may look as soon as it has it
             self.requests.append(Request(method, handler.path, handler.headers.get("Authorization", ""), body))
             self.received.notify_all()
-        data = json.dumps(answer).encode()
+        # bytes: a broken Supervisor's answer, sent as it is.
+        data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(data)))
@@ -519,6 +520,33 @@ def test_nothing_listening_is_no_announcement_and_no_exception() -> None:
     from edge_asr.bench.processes import free_port
 
     assert not run.announce(f"http://127.0.0.1:{free_port()}", TOKEN, "tcp://edge-asr:10300", attempts=2, first_s=0.01)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xfe not JSON", b"[1, 2]", b'{"result": "ok", "data": "' + b"x" * (1024 * 1024) + b'"}'],
+    ids=["not-json", "not-an-object", "too-large"],
+)
+def test_a_supervisor_that_answers_garbage_is_no_announcement_and_no_exception(
+    supervisor: StandInSupervisor, body: bytes
+) -> None:
+    supervisor.answers[("POST", "/discovery")] = [(200, body)]
+
+    assert not run.announce(supervisor.url, TOKEN, "tcp://edge-asr:10300", attempts=2, first_s=0.01)
+    assert len(supervisor.of("POST", "/discovery")) == 2
+
+
+@pytest.mark.fast
+def test_a_supervisor_that_says_nothing_is_given_up_within_the_request_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(run, "REQUEST_TIMEOUT_S", 0.3)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections (backlog), never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        assert not run.announce(url, TOKEN, "tcp://edge-asr:10300", attempts=2, first_s=0.01)
+        with pytest.raises(run.SupervisorError, match="timed out"):
+            run.mqtt_service(url, TOKEN, attempts=1, first_s=0.01)
 
 
 @pytest.mark.fast
