@@ -67,10 +67,12 @@ async def server() -> AsyncIterator[tuple[FakeEngine, int]]:
 
 
 async def _exchange(port: int, data: bytes) -> tuple[list[Event], bool]:
-    """Send `data`, then END; the events up to END's pong or the server's close, and whether it closed."""
+    """Send `data`, then END twice; the events up to the first END's pong or the server's close, and whether it
+    closed. A misframed event whose payload ends exactly where the first END ends takes it as payload, and is
+    rightly answered; the second END is then the one answered."""
     return await async_exchange(
         port,
-        data + END,
+        data + END + END,
         until=lambda event: event.type == "pong" and event.data.get("text") == END_MARK,
         timeout_s=WAIT_S,
     )
