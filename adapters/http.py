@@ -23,6 +23,7 @@ from edge_asr.api import (
     EngineRefusal,
     EngineShuttingDown,
     InvalidSite,
+    SessionRequest,
     SpeechEngine,
     SpeechSession,
     UnsupportedLanguage,
@@ -111,12 +112,14 @@ def create_app(engine: SpeechEngine, settings: Settings) -> FastAPI:
         query = websocket.query_params
         try:
             session = engine.session(
-                source="websocket",
-                language=query.get("language") or None,
-                prompt=query.get("prompt", ""),
-                site=query.get("site") or None,
-                # The gate has put the client's address here (the real one behind a trusted proxy).
-                peer=websocket.client.host if websocket.client is not None else None,
+                SessionRequest(
+                    source="websocket",
+                    language=query.get("language") or None,
+                    prompt=query.get("prompt", ""),
+                    site=query.get("site") or None,
+                    # The gate has put the client's address here (the real one behind a trusted proxy).
+                    peer=websocket.client.host if websocket.client is not None else None,
+                )
             )
         except EngineRefusal as err:
             pump = SessionPump(settings.limits, "WebSocket client")
@@ -152,13 +155,13 @@ class WebSocketStream:
         self._ws = websocket
         self._session = session
         self._limits = limits
-        self._pump = SessionPump(limits, f"Session {session.id}")
+        self._pump = SessionPump(limits, f"Session {session.info.id}")
         self._finishing: asyncio.Task[Final | None] | None = None
 
     async def run(self) -> None:
         """Send `ready`, then pump frames in and events out until the client leaves, stops reading, or breaks
         a limit."""
-        ready = Ready(self._session.id, SAMPLE_RATE, self._session.language, self._limits.max_frame_bytes)
+        ready = Ready(self._session.info.id, SAMPLE_RATE, self._session.info.language, self._limits.max_frame_bytes)
         if not await self._send(ready.to_json()):
             return
         reader = asyncio.create_task(self._read_frames())
@@ -185,7 +188,7 @@ class WebSocketStream:
                 )
                 return
             if message["type"] == "websocket.disconnect":
-                _LOGGER.debug("Session %d: client went away", self._session.id)
+                _LOGGER.debug("Session %d: client went away", self._session.info.id)
                 return
             data: bytes | None = message.get("bytes")
             text: str | None = message.get("text")
@@ -236,8 +239,8 @@ class WebSocketStream:
         if unknown:
             self._session.report_error("bad_config", f"unknown config keys: {quoted(', '.join(unknown))}")
             return
-        prompt, language = message.get("prompt", ""), message.get("language", self._session.language)
-        site = message.get("site", self._session.site)
+        prompt, language = message.get("prompt", ""), message.get("language", self._session.info.language)
+        site = message.get("site", self._session.info.site)
         if not all(is_text(value) for value in (prompt, language, site)):
             self._session.report_error("bad_config", "prompt, language and site must be strings of valid Unicode text")
             return
@@ -250,7 +253,7 @@ class WebSocketStream:
             self._session.set_vocabulary(names)
         try:
             self._session.set_language(language)
-            self._session.set_site(site or self._session.site)
+            self._session.set_site(site or self._session.info.site)
         except (UnsupportedLanguage, InvalidSite) as err:
             self._refused(err)  # the session goes on as it was (but for a language set before a refused site)
             return
@@ -278,7 +281,7 @@ class WebSocketStream:
         try:
             return await self._pump.send(self._ws.send_text(text))
         except Exception:  # the client is gone
-            _LOGGER.debug("Session %d: dropped an event for a closed socket", self._session.id)
+            _LOGGER.debug("Session %d: dropped an event for a closed socket", self._session.info.id)
             return False
 
 

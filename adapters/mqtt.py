@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
-import socket
-import ssl
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -32,10 +28,21 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_asr import __version__
 from edge_asr.api import SpeechEngine
-from edge_asr.config import ConfigError, MqttSettings, Settings
+from edge_asr.config import MqttSettings, Settings
 from edge_asr.events import Event, Final, Partial, SessionInfo
+
+from .mqtt_failure import ConnectionFailure, refusal_hint, socket_failure
+from .mqtt_topics import (
+    checked_node,
+    client_id,
+    discovery_payloads,
+    discovery_topics,
+    event_payload,
+    site_topic,
+    status_topic,
+    topic_safe,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,111 +51,13 @@ COMPONENT = "mqtt"
 FLUSH_TIMEOUT_S = 2.0
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
-SENSOR_MAX_CHARS = 255
 # Each kind of publish failure is logged at most this often, with a count of the ones left out.
 FAILURE_LOG_INTERVAL_S = 60.0
 # Sites past mqtt.max_sites whose log line was written. Bounded, so that clients naming ever new sites cannot
 # grow it; a site that falls out is logged again the next time it speaks.
 CAPPED_SITES_REMEMBERED = 4096
-# The Home Assistant entities of a site, by discovery component.
-DISCOVERY_COMPONENTS = ("event", "sensor")
-# The client id every node had before ids came from the host name: entities are still named after it, so that
-# they keep their ids and are the same from every node.
-ENTITY_BASE = "edge-asr"
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_AUTH_REASONS = ("Not authorized", "Bad user name or password")
-# paho says why a socket failed only in its log (e.g. the TLS alert of a broker that wants a client certificate).
-_PAHO_SOCKET_ERROR = re.compile(r"(?:failed to receive on|timeout on) socket: (.+)")
-# The codes around the words of an OSError or OpenSSL error: "[Errno 111] ", "[SSL: X] ", " (_ssl.c:1006)".
-_ERROR_NOISE = re.compile(r"^\[(?:SSL(?:: \w+)?|Errno -?\d+)\]\s*|\s*\(_ssl\.c:\d+\)$")
 # publish() results paho keeps the message for: without a connection a QoS 1 message waits in paho.
 _TAKEN = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
-# Why a broker closes a TLS session before it answers CONNECT, as a rule: our certificate, or its absence.
-TLS_CLOSED = "the broker closed the connection during TLS set-up (does it want a client certificate?)"
-# Home Assistant's event entity needs `event_type` in the JSON it reads; the rest become attributes.
-_EVENT_TEMPLATE = (
-    "{{ {'event_type': 'final', 'text': value_json.text, 'site': value_json.site, "
-    "'session': value_json.session, 'utterance': value_json.utterance, 'adapter': value_json.adapter, "
-    "'language': value_json.language, 'timestamp': value_json.timestamp} | to_json }}"
-)
-
-
-def topic_safe(name: str, default: str) -> str:
-    """`name` with anything outside [A-Za-z0-9_-] replaced by `_`; `default` when it is empty."""
-    return _UNSAFE.sub("_", name) or default
-
-
-def utc_timestamp() -> str:
-    """Now as ISO 8601 UTC with milliseconds, e.g. `2026-01-31T12:00:00.123Z`."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def event_payload(info: SessionInfo, site: str, event: Partial | Final) -> str:
-    """The JSON of `<prefix>/<site>/partial` or `/final`: the event's wire form, whose session it is, and
-    when it was published (for a final queued while the broker was away, when it was made)."""
-    return json.dumps({**event.to_dict(), **info.to_dict(), "site": site, "timestamp": utc_timestamp()})
-
-
-def node_name(settings: MqttSettings) -> str:
-    """This node's name: `mqtt.node`, else the host name (made topic-safe)."""
-    return settings.node or topic_safe(socket.gethostname(), "localhost")
-
-
-def client_id(settings: MqttSettings) -> str:
-    """The client id this node connects under: `mqtt.client_id`, else `edge-asr-<node name>`, so that nodes sharing
-    a broker (which disconnects the older of two connections with one id) never share one."""
-    return settings.client_id or f"edge-asr-{topic_safe(node_name(settings), 'localhost')}"
-
-
-def checked_node(settings: MqttSettings) -> str:
-    """This node's name; a ConfigError naming `mqtt.node` when `mqtt.nodes` is set and does not list it."""
-    node = node_name(settings)
-    if settings.nodes and node not in settings.nodes:
-        which = f"{node!r}" if settings.node else f"unset, and this host's name {node!r}"
-        raise ConfigError(
-            f"mqtt.node: {which} is not one of mqtt.nodes ({', '.join(settings.nodes)}): set it to this node's name"
-        )
-    return node
-
-
-def status_topic(settings: MqttSettings, node: str) -> str:
-    """The retained `online`/`offline` of `node`: `<prefix>/status` for a single node, else
-    `<prefix>/node/<node>/status`."""
-    prefix = settings.topic_prefix
-    return f"{prefix}/node/{node}/status" if settings.nodes else f"{prefix}/status"
-
-
-def discovery_availability(settings: MqttSettings, node: str) -> dict[str, Any]:
-    """The availability part of every discovery config: this node's status topic, or with `mqtt.nodes` every
-    node's, any of which `online` makes the entities available (identical from every node)."""
-    if not settings.nodes:
-        return {
-            "availability_topic": status_topic(settings, node),
-            "payload_available": "online",
-            "payload_not_available": "offline",
-        }
-    return {
-        "availability": [
-            {"topic": status_topic(settings, name), "payload_available": "online", "payload_not_available": "offline"}
-            for name in settings.nodes
-        ],
-        "availability_mode": "any",
-    }
-
-
-def object_id(settings: MqttSettings, site: str) -> str:
-    """The Home Assistant object id of a site's entities, the same from every node: `mqtt.client_id` when set
-    (as always), else `edge-asr`, and the site."""
-    return f"{topic_safe(settings.client_id, ENTITY_BASE)}_{site}"
-
-
-def discovery_topics(settings: MqttSettings, site: str) -> dict[str, str]:
-    """The retained Home Assistant discovery topic of each of a site's entities, by component: where the
-    adapter announces the site and `edge-asr mqtt forget-site` clears it."""
-    return {
-        component: f"{settings.discovery_prefix}/{component}/{object_id(settings, site)}/config"
-        for component in DISCOVERY_COMPONENTS
-    }
 
 
 def new_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
@@ -166,56 +75,59 @@ def new_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
     return client
 
 
-@dataclass(frozen=True)
-class ConnectionFailure:
-    """Why a connection to the broker failed, in the words of the OS or OpenSSL (`detail` when `reason` sums
-    them up), and whether TLS failed."""
+class BrokerCallbacks(ABC):
+    """paho's callbacks, on its network thread, passed on in plain values: the broker's answer to CONNECT, the
+    end of a connection with the socket error paho logged before it, and the broker's answer to a publish."""
 
-    reason: str
-    tls: bool = False
-    detail: str = ""
+    def __init__(self) -> None:
+        # Only paho's network thread reads and writes it: the last socket error paho logged.
+        self._socket_failure: ConnectionFailure | None = None
 
-    @classmethod
-    def from_error(cls, error: BaseException) -> ConnectionFailure:
-        """The failure an exception of a connection attempt describes."""
-        return cls(_ERROR_NOISE.sub("", str(error)) or type(error).__name__, isinstance(error, ssl.SSLError))
+    def attach(self, client: mqtt.Client) -> None:
+        """Receive `client`'s news."""
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_log = self._on_log
 
-    def as_tls_closed(self) -> ConnectionFailure:
-        """This failure, seen as the broker ending a TLS session before it answered CONNECT. Whether OpenSSL reports
-        the broker's alert or a bare EOF is a race within the broker: one reason for both, theirs as the detail."""
-        return ConnectionFailure(TLS_CLOSED, tls=True, detail=self.reason)
+    @abstractmethod
+    def _broker_answered(self, failed: bool, reason: str) -> None:
+        """The broker answered CONNECT: accepted it, or refused it (`failed`) for `reason`."""
 
-    def describe(self, where: str) -> str:
-        """What failed, for a log line or an error message: e.g. `cannot reach the broker at host:1883: ...`."""
-        if not self.tls:
-            return f"cannot reach the broker at {where}: {self.reason}"
-        detail = f" ({self.detail})" if self.detail else ""
-        return f"TLS with the broker at {where} failed: {self.reason}{detail}; {self.hint}"
+    @abstractmethod
+    def _connection_ended(self, reason: str, from_server: bool, logged: ConnectionFailure | None) -> None:
+        """The connection ended: paho's `reason`, whether the broker sent DISCONNECT, the socket error paho logged."""
 
-    @property
-    def hint(self) -> str:
-        """The settings to check, for a TLS failure ("" for others)."""
-        if not self.tls:
-            return ""
-        if "verify failed" in self.reason:
-            return "check mqtt.ca_file, the CA that signed the broker's certificate, and mqtt.host, a name it is for"
-        if self.reason == TLS_CLOSED or "certificate" in self.reason or "unknown ca" in self.reason:
-            return "check mqtt.cert_file and mqtt.key_file: a client certificate signed by a CA the broker trusts"
-        return "check mqtt.tls and the TLS settings of the broker's listener"
+    @abstractmethod
+    def _broker_acknowledged(self, mid: int, failed: bool, reason: str) -> None:
+        """The broker answered publish `mid`: took it, or refused it (`failed`) for `reason`."""
 
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: ConnectFlags, reason: ReasonCode, props: Properties | None
+    ) -> None:
+        self._socket_failure = None
+        self._broker_answered(reason.is_failure, str(reason))
 
-def refusal_hint(reason: str) -> str:
-    """The settings to check when the broker refuses CONNECT with `reason`, as " (check ...)", or ""."""
-    return " (check mqtt.username and mqtt.password or mqtt.password_file)" if reason in _AUTH_REASONS else ""
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: DisconnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        logged, self._socket_failure = self._socket_failure, None
+        self._connection_ended(str(reason), flags.is_disconnect_packet_from_server, logged)
 
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties | None
+    ) -> None:
+        self._broker_acknowledged(mid, reason.is_failure, str(reason))
 
-def socket_failure(level: int, message: str) -> ConnectionFailure | None:
-    """The socket error a paho log line reports, or None for any other line."""
-    found = _PAHO_SOCKET_ERROR.fullmatch(message) if level == mqtt.MQTT_LOG_ERR else None
-    if found is None:
-        return None
-    text = found.group(1)
-    return ConnectionFailure(_ERROR_NOISE.sub("", text) or text, text.startswith("[SSL") or "(_ssl.c:" in text)
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
+        failure = socket_failure(message) if level == mqtt.MQTT_LOG_ERR else None
+        if failure is not None:
+            self._socket_failure = failure
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,17 +159,112 @@ class FailureLog:
         _LOGGER.warning("%s%s", message, more)
 
 
-class MqttAdapter:
+class FinalQueue:
+    """The finals the broker has not acknowledged, oldest first and at most `size` (a full queue drops its oldest,
+    and calls `on_overflow`): each handed to paho in order, and kept until acknowledged or refused for good."""
+
+    def __init__(self, client: mqtt.Client, size: int, failures: FailureLog, on_overflow: Callable[[], None]) -> None:
+        self._client = client
+        self._queue: deque[QueuedFinal] = deque(maxlen=size)
+        self._in_flight: dict[int, QueuedFinal] = {}
+        # Some queued final is neither in flight nor acknowledged: paho could not take it when it was sent.
+        self._unsent = False
+        self._failures = failures
+        self._on_overflow = on_overflow
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, queued: QueuedFinal, connected: bool) -> None:
+        """Queue a final and, while connected, send it (after any older ones paho could not take yet)."""
+        if len(self._queue) == self._queue.maxlen:
+            self._queue.popleft()
+            self.dropped += 1
+            self._on_overflow()
+            _LOGGER.warning(
+                "MQTT final queue full (%d): dropped the oldest final (%d dropped so far)",
+                len(self._queue) + 1,
+                self.dropped,
+            )
+        self._queue.append(queued)
+        if not connected:
+            return
+        if self._unsent:  # older finals wait for paho: this one goes after them
+            self._send_unsent()
+        else:
+            self._send(queued)
+
+    def resend(self) -> None:
+        """On a new connection: hand every queued final to paho again, in order."""
+        self._in_flight.clear()
+        self._send_unsent()
+
+    def acknowledged(self, mid: int, failed: bool, reason: str, connected: bool) -> None:
+        """The broker answered publish `mid`: a final it took or refused leaves the queue; while connected, the
+        finals paho could not take yet go now."""
+        queued = self._in_flight.pop(mid, None)
+        if queued is not None:
+            if failed:  # the broker will never take it (e.g. no permission for the topic): retrying cannot help
+                _LOGGER.warning("MQTT broker rejected a final on %s: %s", queued.topic, reason)
+            self._forget(queued)
+        if self._unsent and connected:  # whatever paho held is done: it has room again
+            self._send_unsent()
+
+    def _send(self, queued: QueuedFinal) -> bool:
+        """Hand a queued final to paho. One paho refuses for good is dropped; one it cannot take now stays queued
+        for the next acknowledgement or reconnect, and the answer is False."""
+        try:
+            info = self._client.publish(queued.topic, queued.payload, qos=1)
+        except ValueError as err:  # the topic or payload itself: retrying cannot help
+            self._forget(queued)
+            self.dropped += 1
+            self._failures.report("final", f"MQTT dropped a final for {queued.topic} that paho refused: {err}")
+            return True
+        except OSError as err:
+            return self._not_taken(queued, str(err))
+        if info.rc not in _TAKEN:
+            return self._not_taken(queued, mqtt.error_string(info.rc).rstrip("."))
+        self._in_flight[info.mid] = queued
+        return True
+
+    def _not_taken(self, queued: QueuedFinal, reason: str) -> bool:
+        self._unsent = True
+        self._failures.report(
+            "final", f"MQTT could not publish a final on {queued.topic} yet: {reason}; it stays queued"
+        )
+        return False
+
+    def _send_unsent(self) -> None:
+        """Send the queued finals not in flight, in order; stop at the first paho cannot take now (the rest
+        would fail alike)."""
+        self._unsent = False
+        in_flight = {id(queued) for queued in self._in_flight.values()}
+        for queued in list(self._queue):
+            if id(queued) not in in_flight and not self._send(queued):
+                return
+
+    def _forget(self, queued: QueuedFinal) -> None:
+        """Take a final off the queue (acknowledged, or dropped for good)."""
+        if self._queue and self._queue[0] is queued:
+            self._queue.popleft()
+        else:
+            with contextlib.suppress(ValueError):  # dropped from a full queue meanwhile
+                self._queue.remove(queued)
+
+
+class MqttAdapter(BrokerCallbacks):
     """Publishes every session's events, availability and Home Assistant discovery to an MQTT broker."""
 
     name = "mqtt"
 
     def __init__(self, engine: SpeechEngine, settings: Settings) -> None:
+        super().__init__()
         self._engine = engine
         self._settings: MqttSettings = settings.mqtt
         self._model = settings.model.name
         mqtt_settings = settings.mqtt
-        self._prefix = mqtt_settings.topic_prefix
+        self._broker = f"{mqtt_settings.host}:{mqtt_settings.port}"
         # Refused here, before connecting: a node that is not listed would be available in no discovery.
         self._node = checked_node(mqtt_settings)
         self._status_topic = status_topic(mqtt_settings, self._node)
@@ -266,11 +273,6 @@ class MqttAdapter:
         # The sites with Home Assistant entities, at most mqtt.max_sites (an ordered set), and those past it.
         self._sites: dict[str, None] = {self._default_site: None}
         self._capped_sites: dict[str, None] = {}
-        self._queue: deque[QueuedFinal] = deque(maxlen=mqtt_settings.queue_size)
-        self._in_flight: dict[int, QueuedFinal] = {}
-        # Some queued final is neither in flight nor acknowledged: paho could not take it when it was sent.
-        self._unsent = False
-        self.dropped_finals = 0
         self._failures = FailureLog()
         self._connected = False
         self._refused = False
@@ -279,19 +281,18 @@ class MqttAdapter:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Set on the event loop whenever the broker acknowledges something or the connection drops.
         self._broker_news = asyncio.Event()
-        # Only paho's network thread reads and writes it: the last socket error paho logged.
-        self._socket_failure: ConnectionFailure | None = None
         self._client = new_client(mqtt_settings, client_id(mqtt_settings))
-        self._client.on_connect = self._on_connect
+        self._queue = FinalQueue(
+            self._client, mqtt_settings.queue_size, self._failures, engine.metrics.mqtt_finals_dropped_total.inc
+        )
+        self.attach(self._client)
         self._client.on_connect_fail = self._on_connect_fail
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
-        self._client.on_log = self._on_log
 
     @property
-    def _where(self) -> str:
-        return f"{self._settings.host}:{self._settings.port}"
+    def dropped_finals(self) -> int:
+        """How many finals were dropped: the oldest of a full queue, or one paho refused for good."""
+        return self._queue.dropped
 
     async def start(self) -> None:
         """Listen to the engine and connect in the background (never waits for the broker)."""
@@ -300,7 +301,7 @@ class MqttAdapter:
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._loop = asyncio.get_running_loop()
         self._engine.add_listener(self._on_event)
-        self._set_state("connecting", logging.INFO, f"MQTT connecting to {self._where}")
+        self._set_state("connecting", logging.INFO, f"MQTT connecting to {self._broker}")
         self._client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
         self._client.loop_start()
 
@@ -336,46 +337,25 @@ class MqttAdapter:
         with contextlib.suppress(RuntimeError):  # the loop closed while paho was still delivering
             self._loop.call_soon_threadsafe(callback, *args)
 
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: ConnectFlags, reason: ReasonCode, props: Properties | None
-    ) -> None:
-        self._socket_failure = None
-        self._soon(self._connect_answered, reason.is_failure, str(reason))
+    def _broker_answered(self, failed: bool, reason: str) -> None:
+        self._soon(self._connect_answered, failed, reason)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError` around the connection attempt: the one place the reason is.
         error = sys.exc_info()[1]
         self._soon(self._unreachable, ConnectionFailure.from_error(error) if error else ConnectionFailure("no answer"))
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: DisconnectFlags,
-        reason: ReasonCode,
-        props: Properties | None,
-    ) -> None:
+    def _connection_ended(self, reason: str, from_server: bool, logged: ConnectionFailure | None) -> None:
         # Without a DISCONNECT from the broker, paho reports a lost connection as "Unspecified error"; the socket
         # error it logged says more.
-        if flags.is_disconnect_packet_from_server:
-            failure = ConnectionFailure(str(reason))
-        else:
-            failure = self._socket_failure or ConnectionFailure("connection lost")
-        self._socket_failure = None
+        failure = ConnectionFailure(reason) if from_server else (logged or ConnectionFailure("connection lost"))
         self._soon(self._disconnected, failure)
 
-    def _on_publish(
-        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties | None
-    ) -> None:
-        self._soon(self._acknowledged, mid, reason.is_failure, str(reason))
+    def _broker_acknowledged(self, mid: int, failed: bool, reason: str) -> None:
+        self._soon(self._acknowledged, mid, failed, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: MQTTMessage) -> None:
         self._soon(self._message, message.topic, bytes(message.payload))
-
-    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
-        failure = socket_failure(level, message)
-        if failure is not None:
-            self._socket_failure = failure
 
     # The event loop.
 
@@ -393,7 +373,7 @@ class MqttAdapter:
             self._set_state(
                 f"refused: {reason.lower()}",
                 logging.ERROR,
-                f"MQTT broker {self._where} refused the connection: {reason}{refusal_hint(reason)}; retrying",
+                f"MQTT broker {self._broker} refused the connection: {reason}{refusal_hint(reason)}; retrying",
             )
             return
         self._refused = False
@@ -405,10 +385,9 @@ class MqttAdapter:
             self._failures.report("subscribe", f"MQTT could not subscribe to {self._ha_status_topic}: {err}")
         for site in self._sites:
             self._publish_discovery(site)
-        self._in_flight.clear()
         backlog = f", re-sending {len(self._queue)} queued final(s)" if self._queue else ""
-        self._send_unsent()
-        self._set_state("connected", logging.INFO, f"MQTT connected to {self._where}{backlog}")
+        self._queue.resend()
+        self._set_state("connected", logging.INFO, f"MQTT connected to {self._broker}{backlog}")
 
     def _unreachable(self, failure: ConnectionFailure) -> None:
         self._connected = False
@@ -417,9 +396,9 @@ class MqttAdapter:
             return
         self._refused = False
         self._set_state(
-            f"disconnected: cannot reach {self._where}: {failure.reason.lower()}",
+            f"disconnected: cannot reach {self._broker}: {failure.reason.lower()}",
             logging.WARNING,
-            f"MQTT {failure.describe(self._where)}; retrying",
+            f"MQTT {failure.describe(self._broker)}; retrying",
         )
 
     def _tls_failed(self, failure: ConnectionFailure) -> None:
@@ -427,7 +406,7 @@ class MqttAdapter:
         self._set_state(
             f"tls failed: {failure.reason.lower()}",
             logging.ERROR,
-            f"MQTT {failure.describe(self._where)}; retrying",
+            f"MQTT {failure.describe(self._broker)}; retrying",
         )
 
     def _disconnected(self, failure: ConnectionFailure) -> None:
@@ -443,18 +422,12 @@ class MqttAdapter:
         self._set_state(
             f"disconnected: {failure.reason.lower()}",
             logging.WARNING,
-            f"MQTT disconnected from {self._where}: {failure.reason}; finals queue until it is back",
+            f"MQTT disconnected from {self._broker}: {failure.reason}; finals queue until it is back",
         )
 
     def _acknowledged(self, mid: int, failed: bool, reason: str) -> None:
         self._broker_news.set()
-        queued = self._in_flight.pop(mid, None)
-        if queued is not None:
-            if failed:  # the broker will never take it (e.g. no permission for the topic): retrying cannot help
-                _LOGGER.warning("MQTT broker rejected a final on %s: %s", queued.topic, reason)
-            self._forget(queued)
-        if self._unsent and self._connected:  # whatever paho held is done: it has room again
-            self._send_unsent()
+        self._queue.acknowledged(mid, failed, reason, self._connected)
 
     def _message(self, topic: str, payload: bytes) -> None:
         if topic == self._ha_status_topic and payload.strip() == b"online" and self._connected:
@@ -471,25 +444,12 @@ class MqttAdapter:
             self._new_site(site)
         if isinstance(event, Partial):
             if self._connected:
-                self._publish("partial", self._topic(site, "partial"), event_payload(info, site, event), qos=0)
+                self._publish(
+                    "partial", site_topic(self._settings, site, "partial"), event_payload(info, site, event), qos=0
+                )
             return
-        if len(self._queue) == self._queue.maxlen:
-            self._queue.popleft()
-            self.dropped_finals += 1
-            self._engine.metrics.mqtt_finals_dropped_total.inc()
-            _LOGGER.warning(
-                "MQTT final queue full (%d): dropped the oldest final (%d dropped so far)",
-                len(self._queue) + 1,
-                self.dropped_finals,
-            )
-        queued = QueuedFinal(self._topic(site, "final"), event_payload(info, site, event))
-        self._queue.append(queued)
-        if not self._connected:
-            return
-        if self._unsent:  # older finals wait for paho: this one goes after them
-            self._send_unsent()
-        else:
-            self._send(queued)
+        queued = QueuedFinal(site_topic(self._settings, site, "final"), event_payload(info, site, event))
+        self._queue.add(queued, self._connected)
 
     def _new_site(self, site: str) -> None:
         """Give a site Home Assistant entities while fewer than mqtt.max_sites have them; past that, say once that
@@ -509,7 +469,7 @@ class MqttAdapter:
             "its events are still published on %s",
             site,
             len(self._sites),
-            self._topic(site, "#"),
+            site_topic(self._settings, site, "#"),
         )
 
     def _publish(self, kind: str, topic: str, payload: str, qos: int, retain: bool = False) -> MQTTMessageInfo | None:
@@ -525,81 +485,8 @@ class MqttAdapter:
             return None
         return info
 
-    def _send(self, queued: QueuedFinal) -> bool:
-        """Hand a queued final to paho. One paho refuses for good is dropped; one it cannot take now stays queued
-        for the next acknowledgement or reconnect, and the answer is False."""
-        try:
-            info = self._client.publish(queued.topic, queued.payload, qos=1)
-        except ValueError as err:  # the topic or payload itself: retrying cannot help
-            self._forget(queued)
-            self.dropped_finals += 1
-            self._failures.report("final", f"MQTT dropped a final for {queued.topic} that paho refused: {err}")
-            return True
-        except OSError as err:
-            return self._not_taken(queued, str(err))
-        if info.rc not in _TAKEN:
-            return self._not_taken(queued, mqtt.error_string(info.rc).rstrip("."))
-        self._in_flight[info.mid] = queued
-        return True
-
-    def _not_taken(self, queued: QueuedFinal, reason: str) -> bool:
-        self._unsent = True
-        self._failures.report(
-            "final", f"MQTT could not publish a final on {queued.topic} yet: {reason}; it stays queued"
-        )
-        return False
-
-    def _send_unsent(self) -> None:
-        """Send the queued finals not in flight, in order; stop at the first paho cannot take now (the rest
-        would fail alike)."""
-        self._unsent = False
-        in_flight = {id(queued) for queued in self._in_flight.values()}
-        for queued in list(self._queue):
-            if id(queued) not in in_flight and not self._send(queued):
-                return
-
-    def _forget(self, queued: QueuedFinal) -> None:
-        """Take a final off the queue (acknowledged, or dropped for good)."""
-        if self._queue and self._queue[0] is queued:
-            self._queue.popleft()
-        else:
-            with contextlib.suppress(ValueError):  # dropped from a full queue meanwhile
-                self._queue.remove(queued)
-
-    def _topic(self, site: str, kind: str) -> str:
-        return f"{self._prefix}/{site}/{kind}"
-
     def _publish_discovery(self, site: str) -> None:
         """Retained Home Assistant discovery for one site: an event entity and a last-transcript sensor."""
-        final_topic = self._topic(site, "final")
-        entity_id = object_id(self._settings, site)
-        common = {
-            "state_topic": final_topic,
-            **discovery_availability(self._settings, self._node),
-            "device": {
-                "identifiers": [f"edge_asr_{self._settings.client_id or ENTITY_BASE}"],
-                "name": "edge-asr",
-                "manufacturer": "edge-asr",
-                "model": self._model,
-                "sw_version": __version__,
-            },
-        }
-        configs = {
-            "event": {
-                **common,
-                "name": f"{site} transcript",
-                "unique_id": f"{entity_id}_final",
-                "event_types": ["final"],
-                "value_template": _EVENT_TEMPLATE,
-            },
-            "sensor": {
-                **common,
-                "name": f"{site} last transcript",
-                "unique_id": f"{entity_id}_transcript",
-                "value_template": f"{{{{ value_json.text[:{SENSOR_MAX_CHARS}] }}}}",
-                "json_attributes_topic": final_topic,
-                "icon": "mdi:microphone-message",
-            },
-        }
+        payloads = discovery_payloads(self._settings, self._node, self._model, site)
         for component, topic in discovery_topics(self._settings, site).items():
-            self._publish("discovery", topic, json.dumps(configs[component]), qos=1, retain=True)
+            self._publish("discovery", topic, payloads[component], qos=1, retain=True)

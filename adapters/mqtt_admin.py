@@ -8,17 +8,13 @@ import secrets
 import sys
 import threading
 import time
-from typing import Any
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.client import ConnectFlags, DisconnectFlags
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_asr.config import SITE_PATTERN, MqttSettings, Settings
 from edge_asr.events import quoted
 
-from .mqtt import ConnectionFailure, client_id, discovery_topics, new_client, refusal_hint, socket_failure
+from .mqtt import BrokerCallbacks, new_client
+from .mqtt_failure import ConnectionFailure, refusal_hint
+from .mqtt_topics import client_id, discovery_topics
 
 # How long the broker has to accept the connection, and then to acknowledge the messages.
 TIMEOUT_S = 5.0
@@ -35,51 +31,30 @@ class InvalidSiteName(MqttAdminError):
     """A name that cannot be a site (the engine refuses it), so it has nothing to forget."""
 
 
-class _Connection:
+class _Connection(BrokerCallbacks):
     """paho's callbacks for one short connection: the broker's answer to CONNECT, and publishes it refused."""
 
     def __init__(self, where: str) -> None:
+        super().__init__()
         self.answered = threading.Event()
         self.failure = ""
         self.rejected: dict[int, str] = {}
         self._where = where
-        self._socket_failure: ConnectionFailure | None = None
 
-    def attach(self, client: mqtt.Client) -> None:
-        """Receive `client`'s news."""
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_log = self._on_log
-
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: ConnectFlags, reason: ReasonCode, props: Properties | None
-    ) -> None:
-        if reason.is_failure and not self.answered.is_set():
-            self.failure = f"the broker at {self._where} refused the connection: {reason}{refusal_hint(str(reason))}"
+    def _broker_answered(self, failed: bool, reason: str) -> None:
+        if failed and not self.answered.is_set():
+            self.failure = f"the broker at {self._where} refused the connection: {reason}{refusal_hint(reason)}"
         self.answered.set()
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: DisconnectFlags,
-        reason: ReasonCode,
-        props: Properties | None,
-    ) -> None:
+    def _connection_ended(self, reason: str, from_server: bool, logged: ConnectionFailure | None) -> None:
         if not self.answered.is_set():  # closed before it answered CONNECT: e.g. it wants a client certificate
-            failure = self._socket_failure or ConnectionFailure(str(reason))
+            failure = logged or ConnectionFailure(reason)
             self.failure = (failure.as_tls_closed() if failure.tls else failure).describe(self._where)
             self.answered.set()
 
-    def _on_publish(
-        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties | None
-    ) -> None:
-        if reason.is_failure:
-            self.rejected[mid] = str(reason)
-
-    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
-        self._socket_failure = socket_failure(level, message) or self._socket_failure
+    def _broker_acknowledged(self, mid: int, failed: bool, reason: str) -> None:
+        if failed:
+            self.rejected[mid] = reason
 
 
 def forget_site(settings: MqttSettings, site: str, timeout_s: float = TIMEOUT_S) -> list[str]:

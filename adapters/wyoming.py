@@ -26,6 +26,7 @@ from edge_asr import __version__
 from edge_asr.api import (
     AudioFormatError,
     EngineRefusal,
+    SessionRequest,
     SpeechEngine,
     SpeechSession,
     is_text,
@@ -436,20 +437,22 @@ class WyomingHandler(AsyncEventHandler):
         request = self._request
         try:
             session = self._engine.session(
-                source="wyoming",
-                language=request.language,
-                split_on_silence=False,
-                site=request.site,
-                peer=None if self._client is None else str(self._client),
-                names=request.names,
-                terms=request.terms,
+                SessionRequest(
+                    source="wyoming",
+                    language=request.language,
+                    split_on_silence=False,
+                    site=request.site,
+                    peer=None if self._client is None else str(self._client),
+                    names=request.names,
+                    terms=request.terms,
+                )
             )
         except EngineRefusal as err:
             await self._refusal(err)
             return
         self._refused = False
         self._session = session
-        await self._write(TranscriptStart(language=session.language).event())
+        await self._write(TranscriptStart(language=session.info.language).event())
         self._responder = asyncio.create_task(self._respond(session))
 
     async def _audio(self, event: Event) -> None:
@@ -484,7 +487,7 @@ class WyomingHandler(AsyncEventHandler):
         if self._responder is not None and not await self._responder:
             # The engine closed the session mid-request (it broke, after an error event): Home Assistant still waits
             # for a transcript, and an empty one tells it that nothing was understood.
-            await self._answer("", session.language)
+            await self._answer("", session.info.language)
         await self._end_request()
 
     async def _answer(self, text: str, language: str | None) -> None:
@@ -513,7 +516,7 @@ class WyomingHandler(AsyncEventHandler):
                 # The request is over: free its session slot before the satellite, told so, opens the next one
                 # (a satellite that is quick to ask again must not find its own slot still taken).
                 session.close()
-                await self._answer(" ".join(text for text in finals if text), session.language)
+                await self._answer(" ".join(text for text in finals if text), session.info.language)
                 return True
         return False
 

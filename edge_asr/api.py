@@ -94,6 +94,23 @@ def request_names(value: object, key: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class SessionRequest:
+    """What a client asks for when it opens a session. `language` and `site` default to `model.language` and
+    `sites.default`; `peer` is the client's address, counted for `limits.max_sessions_per_address`; `names` and
+    `terms` are the request's own vocabulary, which biases decoding before the configured one; a stream that does
+    not `split_on_silence` is one utterance until `finish` (a Wyoming request)."""
+
+    source: str
+    language: str | None = None
+    prompt: str = ""
+    split_on_silence: bool = True
+    site: str | None = None
+    peer: str | None = None
+    names: tuple[str, ...] = ()
+    terms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ComponentState:
     """The state of a part outside the engine, such as the MQTT connection, for /health."""
 
@@ -129,20 +146,9 @@ class SpeechSession(Protocol):
     """One client's stream: feed audio, read events in order, finish."""
 
     @property
-    def id(self) -> int:
-        """The session's number, unique in this process."""
-
-    @property
-    def language(self) -> str:
-        """The language its speech is decoded as."""
-
-    @property
-    def site(self) -> str:
-        """Where the speaker is (a room or satellite), for listeners such as MQTT."""
-
-    @property
     def info(self) -> SessionInfo:
-        """Who this session's events belong to."""
+        """Who this session's events belong to: its number, source, site (a room or satellite, for listeners such
+        as MQTT) and the language its speech is decoded as."""
 
     @property
     def has_open_utterance(self) -> bool:
@@ -199,19 +205,8 @@ class SpeechEngine(Protocol):
     def languages(self) -> tuple[str, ...]:
         """Languages the model speaks, known also while it loads (for Wyoming `describe`)."""
 
-    def session(
-        self,
-        source: str,
-        language: str | None = None,
-        prompt: str = "",
-        split_on_silence: bool = True,
-        site: str | None = None,
-        peer: str | None = None,
-        names: tuple[str, ...] = (),
-        terms: tuple[str, ...] = (),
-    ) -> SpeechSession:
-        """Open a session for a client at address `peer` with the request's own `names` and `terms` (they bias
-        decoding before the configured vocabulary), or raise an EngineRefusal."""
+    def session(self, request: SessionRequest) -> SpeechSession:
+        """Open a session on the request's terms, or raise an EngineRefusal."""
 
     def health(self) -> Health:
         """Model, sessions, uptime and decode facts."""

@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .credentials import ConfigError as ConfigError
+from .credentials import check_ssl, credential_path, secret
+
 ENV_PREFIX = "EDGE_ASR_"
 # Who may connect by default: this host, the private ranges of a home network (RFC 1918, link-local,
 # IPv6 unique local) and the range overlay VPNs use; not the internet, should a port be forwarded by mistake.
@@ -37,15 +40,10 @@ HOME_NETWORKS = (
 SITE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_CONFIG_PATH = Path("config/edge-asr.yaml")
 INSTALLED_CONFIG_PATH = Path("/etc/edge-asr/config.yaml")
-# systemd's LoadCredential= puts a service's credentials here; relative credential-file paths are looked up in it.
-_CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
 
 _T = TypeVar("_T")
+_S = TypeVar("_S", bound="_Section")
 _LOGGER = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the offending key."""
 
 
 def _setting(default: Any, low: float | None = None, high: float | None = None, choices: tuple[Any, ...] = ()) -> Any:
@@ -57,8 +55,17 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+class _Section:
+    """A settings section: each key is checked against its bounds as it is read, the rest in `checked`."""
+
+    def checked(self: _S, environ: Mapping[str, str], written: Mapping[str, str]) -> _S:
+        """The section the service uses: checked, its credential files found ($CREDENTIALS_DIRECTORY) and read."""
+        # `written` maps a moved key to the name the user gave it, so that a message names the key the user wrote.
+        return self
+
+
 @dataclass(frozen=True)
-class ModelSettings:
+class ModelSettings(_Section):
     """Which Whisper model to load and how to run it."""
 
     name: str = "tiny.en"
@@ -85,9 +92,24 @@ class ModelSettings:
         """Decodes that may run at once: the configured count, or as many as the cores hold."""
         return self.workers or max(1, (os.cpu_count() or 2) // self.effective_threads)
 
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> ModelSettings:
+        """A names file that is named must be there and be text."""
+        # Only at start-up: later, a change is read and a file gone keeps the names it had.
+        path = self.vocabulary_file
+        if not path:
+            return self
+        try:
+            with open(path, encoding="utf-8") as file:
+                file.read()
+        except OSError as err:
+            raise ConfigError(f"model.vocabulary_file: cannot read {path}: {err.strerror or err}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"model.vocabulary_file: {path} is not UTF-8 text") from None
+        return self
+
 
 @dataclass(frozen=True)
-class StreamSettings:
+class StreamSettings(_Section):
     """The streaming decoder: VAD, retranscribe cycle, window and prompt."""
 
     vad_aggressiveness: int = _setting(2, low=0, high=3)
@@ -103,9 +125,17 @@ class StreamSettings:
     # Characters of names in the decoder prompt, apart from prompt_chars: whole names only.
     names_chars: int = _setting(450, low=0, high=800)
 
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> StreamSettings:
+        """The window's bounds must be in order, and the overlap shorter than the smallest window."""
+        if self.min_window_s > self.max_window_s:
+            raise ConfigError("stream.min_window_s: must not exceed stream.max_window_s")
+        if self.overlap_ms >= self.min_window_s * 1000:
+            raise ConfigError("stream.overlap_ms: must be shorter than stream.min_window_s")
+        return self
+
 
 @dataclass(frozen=True)
-class LimitSettings:
+class LimitSettings(_Section):
     """Hard limits, each enforced: sessions, message size, utterance length, waits and buffers."""
 
     max_sessions: int = _setting(8, low=1, high=1_000)
@@ -119,9 +149,16 @@ class LimitSettings:
     max_buffer_s: float = _setting(60.0, low=5.0, high=3_600.0)
     max_queued_events: int = _setting(256, low=8, high=100_000)
 
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> LimitSettings:
+        """A session's buffer must hold more than an utterance."""
+        if self.max_buffer_s <= self.max_utterance_s:
+            # An utterance may hold max_utterance_s that no decode wants (a long pause): the client would be stalled.
+            raise ConfigError("limits.max_buffer_s: must be longer than limits.max_utterance_s")
+        return self
+
 
 @dataclass(frozen=True)
-class HomeAssistantSettings:
+class HomeAssistantSettings(_Section):
     """Names fetched from Home Assistant: its entities exposed to Assist, their aliases, areas and floors."""
 
     url: str = ""
@@ -129,9 +166,21 @@ class HomeAssistantSettings:
     token_file: str = ""
     refresh_s: float = _setting(600.0, low=10.0, high=86_400.0)
 
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> HomeAssistantSettings:
+        """Check the URL and read the token file when Home Assistant is named; return the settings the client uses."""
+        if not self.url:
+            return self
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+            raise ConfigError(f"homeassistant.url: {self.url!r} is not a URL (e.g. http://homeassistant.local:8123)")
+        token, token_file = secret("homeassistant.token_file", self.token, self.token_file, environ)
+        if not token:
+            raise ConfigError("homeassistant.token_file: Home Assistant needs a long-lived access token")
+        return dataclasses.replace(self, token=token, token_file=token_file)
+
 
 @dataclass(frozen=True)
-class ServiceSettings:
+class ServiceSettings(_Section):
     """The service's life: how it drains on SIGTERM and when it gives up on a failing model."""
 
     drain_accept_s: float = _setting(2.0, low=0.0, high=60.0)
@@ -139,8 +188,16 @@ class ServiceSettings:
     max_decode_failures: int = _setting(5, low=1, high=10_000)
 
 
+def _check_networks(key: str, networks: tuple[str, ...]) -> None:
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {network!r} is not a network (CIDR, e.g. 192.168.1.0/24)") from None
+
+
 @dataclass(frozen=True)
-class HttpSettings:
+class HttpSettings(_Section):
     """The WebSocket/HTTP adapter and who may use it."""
 
     enabled: bool = True
@@ -158,9 +215,37 @@ class HttpSettings:
     # Balancers whose forwarded headers (X-Forwarded-For, Forwarded) name the real client.
     trusted_proxies: tuple[str, ...] = ()
 
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> HttpSettings:
+        """Check who may connect, and an enabled listener's token and TLS files; return the settings it uses."""
+        _check_networks("http.allowed_networks", self.allowed_networks)
+        _check_networks("http.trusted_proxies", self.trusted_proxies)
+        for origin in self.allowed_origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ConfigError(
+                    f"http.allowed_origins: {origin!r} is not an origin (e.g. http://homeassistant.local:8123)"
+                )
+        if not self.enabled:
+            return self
+        token, token_file = secret("http.token_file", self.token, self.token_file, environ)
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("http.tls_cert_file: needs http.tls_key_file too (and the other way round)")
+        cert_file, key_file = credential_path(self.tls_cert_file, environ), credential_path(self.tls_key_file, environ)
+        if cert_file:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            check_ssl(
+                "http.tls_key_file",
+                key_file,
+                "holds no unencrypted private key for http.tls_cert_file",
+                lambda: context.load_cert_chain(cert_file, key_file, password=""),
+            )
+        return dataclasses.replace(
+            self, token=token, token_file=token_file, tls_cert_file=cert_file, tls_key_file=key_file
+        )
+
 
 @dataclass(frozen=True)
-class WyomingSettings:
+class WyomingSettings(_Section):
     """The Wyoming adapter for Home Assistant and its voice satellites, and who may use it."""
 
     enabled: bool = True
@@ -171,9 +256,43 @@ class WyomingSettings:
     # Balancers whose PROXY protocol (v2) header names the real client.
     trusted_proxies: tuple[str, ...] = ()
 
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> WyomingSettings:
+        """Check the URI the adapter serves on and who may connect."""
+        uri = urlsplit(self.uri)
+        if uri.scheme not in ("tcp", "unix", "stdio"):
+            raise ConfigError(f"wyoming.uri: {self.uri!r} must start with tcp://, unix:// or stdio://")
+        try:
+            port = uri.port
+        except ValueError:
+            port = None
+        if uri.scheme == "tcp" and (not uri.hostname or port is None):
+            raise ConfigError(f"wyoming.uri: {self.uri!r} needs a host and a port, e.g. tcp://0.0.0.0:10300")
+        if uri.scheme == "unix" and not uri.path:
+            raise ConfigError(f"wyoming.uri: {self.uri!r} needs a socket path, e.g. unix:///run/edge-asr.sock")
+        if self.zeroconf and uri.scheme != "tcp":
+            raise ConfigError("wyoming.zeroconf: announcing needs a tcp:// wyoming.uri")
+        _check_networks("wyoming.allowed_networks", self.allowed_networks)
+        _check_networks("wyoming.trusted_proxies", self.trusted_proxies)
+        return self
+
+
+def _check_names(key: str, names: tuple[str, ...]) -> None:
+    """Each name becomes an MQTT topic level and a Home Assistant entity id, so must match SITE_PATTERN."""
+    for name in names:
+        if not SITE_PATTERN.fullmatch(name):
+            raise ConfigError(f"{key}: {name!r} must be 1 to 64 letters, digits, '_' or '-'")
+
+
+def _topic_part(key: str, value: str) -> str:
+    """A topic prefix without its outer '/': MQTT wildcards or NUL in it would break every topic built on it."""
+    part = value.strip("/")
+    if not part or any(c in part for c in "+#\0"):
+        raise ConfigError(f"{key}: {value!r} must be a non-empty topic without '+', '#' or NUL")
+    return part
+
 
 @dataclass(frozen=True)
-class MqttSettings:
+class MqttSettings(_Section):
     """The MQTT adapter: every session's partials and finals, availability and Home Assistant discovery."""
 
     enabled: bool = False
@@ -202,9 +321,67 @@ class MqttSettings:
     # How many sites get Home Assistant entities.
     max_sites: int = _setting(32, low=1, high=10_000)
 
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> MqttSettings:
+        """Check the node names and topic prefixes, and the files an enabled adapter reads; return what it uses."""
+        _check_names("mqtt.nodes", self.nodes)
+        mqtt = dataclasses.replace(
+            self,
+            topic_prefix=_topic_part("mqtt.topic_prefix", self.topic_prefix),
+            discovery_prefix=_topic_part("mqtt.discovery_prefix", self.discovery_prefix),
+        )
+        if not mqtt.enabled:  # a disabled adapter's files need not exist
+            return mqtt
+        password, password_file = secret("mqtt.password_file", mqtt.password, mqtt.password_file, environ)
+        mqtt = dataclasses.replace(mqtt, password=password, password_file=password_file)
+        if mqtt.tls:
+            mqtt = dataclasses.replace(
+                mqtt,
+                ca_file=credential_path(mqtt.ca_file, environ),
+                cert_file=credential_path(mqtt.cert_file, environ),
+                key_file=credential_path(mqtt.key_file, environ),
+            )
+            mqtt._check_tls()
+        return mqtt
+
+    def _check_tls(self) -> None:
+        """Load the CA, client certificate and key as paho's tls_set will, so that a bad file stops start-up."""
+        if self.key_file and not self.cert_file:  # paho would silently connect without a client certificate
+            raise ConfigError("mqtt.key_file: needs mqtt.cert_file, the client certificate the key belongs to")
+        if self.ca_file:
+            check_ssl(
+                "mqtt.ca_file",
+                self.ca_file,
+                "holds no CA certificate",
+                lambda: ssl.create_default_context(cafile=self.ca_file),
+            )
+        if not self.cert_file:
+            return
+        # ssl has no public call that loads just a certificate: loading it as a trust anchor parses it, and tells a
+        # bad certificate from a bad key, which load_cert_chain reports alike.
+        check_ssl(
+            "mqtt.cert_file",
+            self.cert_file,
+            "holds no certificate",
+            lambda: ssl.create_default_context(cafile=self.cert_file),
+        )
+        # Without key_file the key is in cert_file, as paho reads it. The empty password refuses an encrypted key
+        # (there is no setting for its passphrase) instead of OpenSSL prompting on the terminal.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.key_file:
+            key, path, problem = "mqtt.key_file", self.key_file, "holds no unencrypted private key for mqtt.cert_file"
+        else:
+            key, path, problem = (
+                "mqtt.cert_file",
+                self.cert_file,
+                "holds no unencrypted private key, and mqtt.key_file is empty",
+            )
+        check_ssl(
+            key, path, problem, lambda: context.load_cert_chain(self.cert_file, self.key_file or None, password="")
+        )
+
 
 @dataclass(frozen=True)
-class SiteSettings:
+class SiteSettings(_Section):
     """The sites clients may name, checked by the engine whether or not MQTT is enabled."""
 
     # The site of sessions whose client names none.
@@ -212,16 +389,15 @@ class SiteSettings:
     # The sites clients may name (empty: any valid site).
     allowed: tuple[str, ...] = ()
 
-
-def _check_sites(sites: SiteSettings, written: Mapping[str, str]) -> None:
-    """Sites become MQTT topic levels and Home Assistant entity ids; messages name each key as the user wrote it."""
-    default_key = written.get("sites.default", "sites.default")
-    allowed_key = written.get("sites.allowed", "sites.allowed")
-    for key, site in [(default_key, sites.default)] + [(allowed_key, site) for site in sites.allowed]:
-        if not SITE_PATTERN.fullmatch(site):
-            raise ConfigError(f"{key}: {site!r} must be 1 to 64 letters, digits, '_' or '-'")
-    if sites.allowed and sites.default not in sites.allowed:
-        raise ConfigError(f"{default_key}: {sites.default!r} is not one of {allowed_key}")
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> SiteSettings:
+        """Each site must be a valid name, and the default one of the allowed; messages name keys as the user wrote."""
+        default_key = written.get("sites.default", "sites.default")
+        allowed_key = written.get("sites.allowed", "sites.allowed")
+        _check_names(default_key, (self.default,))
+        _check_names(allowed_key, self.allowed)
+        if self.allowed and self.default not in self.allowed:
+            raise ConfigError(f"{default_key}: {self.default!r} is not one of {allowed_key}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -239,8 +415,15 @@ class Settings:
     homeassistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
     log_level: str = "INFO"
 
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> Settings:
+        """Each section's own checks, then those across sections; return the settings the service uses."""
+        sections = {name: getattr(self, name).checked(environ, written) for name in _SECTIONS}
+        if self.stream.max_window_s > self.limits.max_utterance_s:
+            raise ConfigError("stream.max_window_s: must not exceed limits.max_utterance_s")
+        return dataclasses.replace(self, **sections)
 
-_SECTIONS: dict[str, type] = {
+
+_SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings,
     "stream": StreamSettings,
     "limits": LimitSettings,
@@ -502,227 +685,7 @@ def build_settings(*layers: Mapping[str, Any], environ: Mapping[str, str] | None
     log_level = str(merged.get("log_level", "INFO")).upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: {log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
-    settings = Settings(log_level=log_level, **sections)
-    if settings.stream.min_window_s > settings.stream.max_window_s:
-        raise ConfigError("stream.min_window_s: must not exceed stream.max_window_s")
-    if settings.stream.max_window_s > settings.limits.max_utterance_s:
-        raise ConfigError("stream.max_window_s: must not exceed limits.max_utterance_s")
-    if settings.limits.max_buffer_s <= settings.limits.max_utterance_s:
-        # An utterance may hold max_utterance_s that no decode wants (a long pause): the client would be stalled.
-        raise ConfigError("limits.max_buffer_s: must be longer than limits.max_utterance_s")
-    if settings.stream.overlap_ms >= settings.stream.min_window_s * 1000:
-        raise ConfigError("stream.overlap_ms: must be shorter than stream.min_window_s")
-    _check_wyoming_uri(settings.wyoming)
-    _check_networks("http.allowed_networks", settings.http.allowed_networks)
-    _check_networks("wyoming.allowed_networks", settings.wyoming.allowed_networks)
-    _check_networks("http.trusted_proxies", settings.http.trusted_proxies)
-    _check_networks("wyoming.trusted_proxies", settings.wyoming.trusted_proxies)
-    _check_origins(settings.http.allowed_origins)
-    _check_sites(settings.sites, written)
-    _check_nodes(settings.mqtt)
-    _check_vocabulary_file(settings.model.vocabulary_file)
-    return dataclasses.replace(
-        settings,
-        mqtt=_checked_mqtt(settings.mqtt, environ),
-        http=_checked_http(settings.http, environ),
-        homeassistant=_checked_homeassistant(settings.homeassistant, environ),
-    )
-
-
-def _checked_homeassistant(homeassistant: HomeAssistantSettings, environ: Mapping[str, str]) -> HomeAssistantSettings:
-    """Check the URL and read the token file when Home Assistant is named; return the settings the client uses."""
-    if not homeassistant.url:
-        return homeassistant
-    parts = urlsplit(homeassistant.url)
-    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
-        raise ConfigError(
-            f"homeassistant.url: {homeassistant.url!r} is not a URL (e.g. http://homeassistant.local:8123)"
-        )
-    if homeassistant.token_file:
-        path = _credential_path(homeassistant.token_file, environ)
-        homeassistant = dataclasses.replace(
-            homeassistant, token_file=path, token=_read_secret("homeassistant.token_file", path)
-        )
-    if not homeassistant.token:
-        raise ConfigError("homeassistant.token_file: Home Assistant needs a long-lived access token")
-    return homeassistant
-
-
-def _check_networks(key: str, networks: tuple[str, ...]) -> None:
-    for network in networks:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(f"{key}: {network!r} is not a network (CIDR, e.g. 192.168.1.0/24)") from None
-
-
-def _check_origins(origins: tuple[str, ...]) -> None:
-    for origin in origins:
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-            raise ConfigError(
-                f"http.allowed_origins: {origin!r} is not an origin (e.g. http://homeassistant.local:8123)"
-            )
-
-
-def _check_nodes(mqtt: MqttSettings) -> None:
-    for node in mqtt.nodes:
-        if not SITE_PATTERN.fullmatch(node):
-            raise ConfigError(f"mqtt.nodes: {node!r} must be 1 to 64 letters, digits, '_' or '-'")
-
-
-def _checked_http(http: HttpSettings, environ: Mapping[str, str]) -> HttpSettings:
-    """Read the token file and check the TLS files of an enabled listener; return the settings it uses."""
-    if not http.enabled:
-        return http
-    if http.token_file:
-        path = _credential_path(http.token_file, environ)
-        http = dataclasses.replace(http, token_file=path, token=_read_secret("http.token_file", path))
-    if bool(http.tls_cert_file) != bool(http.tls_key_file):
-        raise ConfigError("http.tls_cert_file: needs http.tls_key_file too (and the other way round)")
-    if http.tls_cert_file:
-        http = dataclasses.replace(
-            http,
-            tls_cert_file=_credential_path(http.tls_cert_file, environ),
-            tls_key_file=_credential_path(http.tls_key_file, environ),
-        )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        _check_ssl(
-            "http.tls_key_file",
-            http.tls_key_file,
-            "holds no unencrypted private key for http.tls_cert_file",
-            lambda: context.load_cert_chain(http.tls_cert_file, http.tls_key_file, password=""),
-        )
-    return http
-
-
-def _check_wyoming_uri(wyoming: WyomingSettings) -> None:
-    uri = urlsplit(wyoming.uri)
-    if uri.scheme not in ("tcp", "unix", "stdio"):
-        raise ConfigError(f"wyoming.uri: {wyoming.uri!r} must start with tcp://, unix:// or stdio://")
-    try:
-        port = uri.port
-    except ValueError:
-        port = None
-    if uri.scheme == "tcp" and (not uri.hostname or port is None):
-        raise ConfigError(f"wyoming.uri: {wyoming.uri!r} needs a host and a port, e.g. tcp://0.0.0.0:10300")
-    if uri.scheme == "unix" and not uri.path:
-        raise ConfigError(f"wyoming.uri: {wyoming.uri!r} needs a socket path, e.g. unix:///run/edge-asr.sock")
-    if wyoming.zeroconf and uri.scheme != "tcp":
-        raise ConfigError("wyoming.zeroconf: announcing needs a tcp:// wyoming.uri")
-
-
-def _topic_part(key: str, value: str) -> str:
-    """A topic prefix without its outer '/': MQTT wildcards or NUL in it would break every topic built on it."""
-    part = value.strip("/")
-    if not part or any(c in part for c in "+#\0"):
-        raise ConfigError(f"{key}: {value!r} must be a non-empty topic without '+', '#' or NUL")
-    return part
-
-
-def _check_vocabulary_file(path: str) -> None:
-    """A names file that is named must be there and be text at start-up (later, a change is read and a file
-    gone keeps the names it had)."""
-    if not path:
-        return
-    try:
-        with open(path, encoding="utf-8") as file:
-            file.read()
-    except OSError as err:
-        raise ConfigError(f"model.vocabulary_file: cannot read {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"model.vocabulary_file: {path} is not UTF-8 text") from None
-
-
-def _credential_path(path: str, environ: Mapping[str, str]) -> str:
-    """`path`, or when it is relative and systemd passed credentials, that credential's file ("" stays "")."""
-    directory = environ.get(_CREDENTIALS_DIRECTORY)
-    if directory and path and not os.path.isabs(path):
-        return os.path.join(directory, path)
-    return path
-
-
-def _read_secret(key: str, path: str) -> str:
-    """The first line of a secret file, stripped; an unreadable or empty file is a ConfigError naming `key`."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            secret = file.readline().strip()
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot read {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
-    if not secret:
-        raise ConfigError(f"{key}: {path} is empty (its first line must hold the secret)")
-    return secret
-
-
-def _check_ssl(key: str, path: str, problem: str, load: Callable[[], object]) -> None:
-    """Run an `ssl` load of `path`; its failure is a ConfigError naming `key`."""
-    try:
-        load()
-    except ssl.SSLError as err:  # an OSError too, but one about the content, not the file
-        reason = str(err.strerror or err).partition(" (_ssl.c:")[0]
-        raise ConfigError(f"{key}: {path} {problem}: {reason}") from None
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot read {path}: {err.strerror or err}") from None
-
-
-def _check_tls(mqtt: MqttSettings) -> None:
-    """Load the CA, client certificate and key as paho's tls_set will, so that a bad file stops start-up."""
-    if mqtt.key_file and not mqtt.cert_file:  # paho would silently connect without a client certificate
-        raise ConfigError("mqtt.key_file: needs mqtt.cert_file, the client certificate the key belongs to")
-    if mqtt.ca_file:
-        _check_ssl(
-            "mqtt.ca_file",
-            mqtt.ca_file,
-            "holds no CA certificate",
-            lambda: ssl.create_default_context(cafile=mqtt.ca_file),
-        )
-    if not mqtt.cert_file:
-        return
-    # ssl has no public call that loads just a certificate: loading it as a trust anchor parses it, and tells a
-    # bad certificate from a bad key, which load_cert_chain reports alike.
-    _check_ssl(
-        "mqtt.cert_file",
-        mqtt.cert_file,
-        "holds no certificate",
-        lambda: ssl.create_default_context(cafile=mqtt.cert_file),
-    )
-    # Without key_file the key is in cert_file, as paho reads it. The empty password refuses an encrypted key
-    # (there is no setting for its passphrase) instead of OpenSSL prompting on the terminal.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if mqtt.key_file:
-        key, path, problem = "mqtt.key_file", mqtt.key_file, "holds no unencrypted private key for mqtt.cert_file"
-    else:
-        key, path, problem = (
-            "mqtt.cert_file",
-            mqtt.cert_file,
-            "holds no unencrypted private key, and mqtt.key_file is empty",
-        )
-    _check_ssl(key, path, problem, lambda: context.load_cert_chain(mqtt.cert_file, mqtt.key_file or None, password=""))
-
-
-def _checked_mqtt(mqtt: MqttSettings, environ: Mapping[str, str]) -> MqttSettings:
-    """Check the topic prefixes, and the files an enabled adapter reads; return the settings the adapter uses."""
-    mqtt = dataclasses.replace(
-        mqtt,
-        topic_prefix=_topic_part("mqtt.topic_prefix", mqtt.topic_prefix),
-        discovery_prefix=_topic_part("mqtt.discovery_prefix", mqtt.discovery_prefix),
-    )
-    if not mqtt.enabled:  # a disabled adapter's files need not exist
-        return mqtt
-    if mqtt.password_file:
-        path = _credential_path(mqtt.password_file, environ)
-        mqtt = dataclasses.replace(mqtt, password_file=path, password=_read_secret("mqtt.password_file", path))
-    if mqtt.tls:
-        mqtt = dataclasses.replace(
-            mqtt,
-            ca_file=_credential_path(mqtt.ca_file, environ),
-            cert_file=_credential_path(mqtt.cert_file, environ),
-            key_file=_credential_path(mqtt.key_file, environ),
-        )
-        _check_tls(mqtt)
-    return mqtt
+    return Settings(log_level=log_level, **sections).checked(environ, written)
 
 
 def load_settings(

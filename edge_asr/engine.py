@@ -1,44 +1,44 @@
 """The engine: owns the model and the sessions that share it; admission, events to listeners, health.
 
 `Engine` is what adapters use (the `SpeechEngine` protocol); `EngineSession` is one client's stream (a
-`SpeechSession` to the adapters, a `DecodeJob` to the scheduler). The two meet only through small public
-interfaces: a session asks its `SessionHost` (the engine) for what it needs, and the engine asks a
-session nothing but what the scheduler needs.
+`SpeechSession` to the adapters, a `DecodeJob` to the scheduler). A request passes `Admission` before its session
+exists; the session then reports to its `SessionSink` (the engine) only its events, that it wants a decode, and that
+it closed, and the engine asks a session nothing but what the scheduler needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Protocol
 
+from .admission import Admission, Admitted
 from .api import (
     AudioFormatError,
     ComponentState,
-    EngineBusy,
     EngineNotReady,
     EngineShuttingDown,
     Health,
-    InvalidSite,
     Listener,
+    SessionRequest,
     UnsupportedLanguage,
 )
 from .audio import BYTES_PER_SECOND, SAMPLE_WIDTH
-from .config import SITE_PATTERN, ConfigError, LimitSettings, Settings
+from .config import ConfigError, Settings
 from .decoding import WhisperTranscriber
-from .events import Done, Event, Final, Partial, SessionError, SessionInfo, quoted
+from .events import Done, Event, Final, Partial, SessionError, SessionInfo
 from .metrics import Metrics
 from .model import languages_of
 from .scheduler import DecodeNeed, DecodeScheduler
 from .session import DecodeRequest, StreamSession
 from .transcript import Transcriber, Transcript
-from .vocabulary import NamesFile, NameSpeller, Vocabulary, names_prompt
 
 _LOGGER = logging.getLogger(__name__)
 # A decode running longer than this means decoding is stuck: not live, and the watchdog starves.
@@ -47,38 +47,17 @@ DECODE_STALL_S = 30.0
 _DELIVERY_POLL_S = 0.01
 
 
-class SessionHost(Protocol):
-    """What a session needs from the engine."""
+class SessionSink(Protocol):
+    """Where a session reports."""
+
+    def publish(self, info: SessionInfo, events: Sequence[Event]) -> None:
+        """The session's state moved on (audio, a decode, a final) and made these events, perhaps none."""
 
     def decode_wanted(self) -> None:
         """The session may want a decode now."""
 
-    def publish(self, info: SessionInfo, event: Event) -> None:
-        """Count an event and hand it to the listeners."""
-
-    def audio_received(self, seconds: float) -> None:
-        """Count audio taken in."""
-
-    def event_dropped(self) -> None:
-        """Count a partial or error dropped for a client that did not keep up."""
-
-    def session_changed(self) -> None:
-        """The session's state moved on (audio, a decode, a final)."""
-
-    def session_closed(self, session_id: int) -> None:
-        """Forget a closed session and free its slot."""
-
-    def check_language(self, language: str) -> str:
-        """The model's code for a language tag; raises UnsupportedLanguage."""
-
-    def check_site(self, site: str) -> str:
-        """The site if clients may name it; raises InvalidSite."""
-
-    def vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...]) -> Vocabulary:
-        """A request's names and terms merged with every other source, in priority order."""
-
-    def names_for_decoding(self, vocabulary: Vocabulary) -> tuple[str, NameSpeller | None]:
-        """The prompt sentence and the speller for a vocabulary."""
+    def closed(self, session: EngineSession) -> None:
+        """The session closed: forget it and free its slot."""
 
 
 class _EventQueue:
@@ -120,27 +99,39 @@ class EngineSession:
 
     def __init__(
         self,
-        host: SessionHost,
-        stream: StreamSession,
-        info: SessionInfo,
-        limits: LimitSettings,
+        session_id: int,
+        admitted: Admitted,
+        settings: Settings,
+        sink: SessionSink,
+        admission: Admission,
+        metrics: Metrics,
     ) -> None:
-        self._host = host
-        self._state = stream
-        self._id = info.id
-        self._source = info.source
-        self._site = info.site
-        self._language = info.language
+        request = admitted.request
+        self.admitted = admitted
+        self._sink = sink
+        self._admission = admission
+        self._metrics = metrics
+        self._state = StreamSession(
+            settings.stream,
+            settings.limits,
+            split_on_silence=request.split_on_silence,
+            prompt=request.prompt,
+            language=admitted.language,
+        )
+        self._state.set_names(admitted.names.prompt, admitted.names.speller)
+        vocabulary = admitted.names.vocabulary
+        self._info = SessionInfo(
+            session_id, request.source, admitted.site, admitted.language, len(vocabulary.names), vocabulary.digest
+        )
         self._closed = False
         self._last_decoded_at = time.monotonic()
-        self._events = _EventQueue(limits.max_queued_events, host.event_dropped)
+        self._limits = settings.limits
+        self._events = _EventQueue(self._limits.max_queued_events, self._metrics.events_dropped_total.inc)
         self._sending = False
-        self._limits = limits
         self._changed = asyncio.Event()
         self._finals = 0
         self._last_final: Final | None = None
         self._failing = False
-        self._vocabulary = Vocabulary()
 
     async def __aenter__(self) -> EngineSession:
         return self
@@ -151,31 +142,9 @@ class EngineSession:
         self.close()
 
     @property
-    def id(self) -> int:
-        """The session's number, unique in this process."""
-        return self._id
-
-    @property
-    def language(self) -> str:
-        """The language its speech is decoded as."""
-        return self._language
-
-    @property
-    def site(self) -> str:
-        """Where the speaker is (a room or satellite name), for listeners such as MQTT."""
-        return self._site
-
-    @property
     def info(self) -> SessionInfo:
         """Who this session's events belong to, and which vocabulary was in force."""
-        return SessionInfo(
-            self._id,
-            self._source,
-            self._site,
-            self._language,
-            len(self._vocabulary.names),
-            self._vocabulary.digest,
-        )
+        return self._info
 
     @property
     def has_open_utterance(self) -> bool:
@@ -198,9 +167,9 @@ class EngineSession:
             raise AudioFormatError(f"audio of {len(pcm)} bytes is not whole 16-bit samples")
         if self._closed or not pcm:
             return
-        self._host.audio_received(len(pcm) / BYTES_PER_SECOND)
+        self._metrics.audio_seconds_total.inc(len(pcm) / BYTES_PER_SECOND)
         self._publish(self._state.push(pcm, time.monotonic()))
-        self._host.decode_wanted()
+        self._sink.decode_wanted()
 
     async def room(self) -> None:
         """Wait until less than `limits.max_buffer_s` of audio waits for a decode and fewer than
@@ -223,7 +192,7 @@ class EngineSession:
         """
         finals_before = self._finals
         self._publish(self._state.end_of_audio(time.monotonic()))
-        self._host.decode_wanted()
+        self._sink.decode_wanted()
         while self._state.ending and not self._closed:
             self._changed.clear()
             await self._changed.wait()
@@ -237,17 +206,21 @@ class EngineSession:
 
     def set_site(self, site: str) -> None:
         """Where the speaker is (a room or satellite name), for listeners such as MQTT; raises InvalidSite."""
-        self._site = self._host.check_site(site)
+        self._info = dataclasses.replace(self._info, site=self._admission.site(site))
 
     def set_language(self, language: str) -> None:
         """Switch the spoken language; raises UnsupportedLanguage for one the model does not know."""
-        self._language = self._host.check_language(language)
-        self._state.set_language(self._language)
+        self._info = dataclasses.replace(self._info, language=self._admission.language(language))
+        self._state.set_language(self._info.language)
 
     def set_vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...] = ()) -> None:
         """The client's own names (and terms) for later decodes, before the configured vocabulary."""
-        self._vocabulary = self._host.vocabulary(names, terms)
-        self._state.set_names(*self._host.names_for_decoding(self._vocabulary))
+        decoding = self._admission.names(names, terms)
+        vocabulary = decoding.vocabulary
+        self._info = dataclasses.replace(
+            self._info, vocabulary_names=len(vocabulary.names), vocabulary_digest=vocabulary.digest
+        )
+        self._state.set_names(decoding.prompt, decoding.speller)
 
     def report_error(self, code: str, message: str) -> None:
         """Queue an error for the client, in order with the session's other events."""
@@ -272,7 +245,7 @@ class EngineSession:
         if self._closed:
             return
         self._closed = True
-        self._host.session_closed(self._id)
+        self._sink.closed(self)
         self._events.put(None)
         self._changed.set()
 
@@ -313,15 +286,13 @@ class EngineSession:
     def _publish(self, events: list[Event]) -> None:
         if self._closed:
             return
-        info = self.info
         for event in events:
             if isinstance(event, Final):
                 self._finals += 1
                 self._last_final = event
             self._events.put(event)
-            self._host.publish(info, event)
         self._changed.set()
-        self._host.session_changed()
+        self._sink.publish(self.info, events)
 
 
 class Engine:
@@ -344,11 +315,7 @@ class Engine:
         self._languages_before_load: tuple[str, ...] | None = None
         self._draining = False
         self._refusing = False
-        self._external_names: dict[str, tuple[str, ...]] = {}
-        self._names_file = NamesFile(settings.model.vocabulary_file) if settings.model.vocabulary_file else None
-        # Open sessions per client address, for limits.max_sessions_per_address.
-        self._peers: dict[str, int] = {}
-        self._session_peers: dict[int, str] = {}
+        self._admission = Admission(settings, self._metrics, lambda: self.languages, self._common_words)
         # Set whenever an utterance ends or a session closes, for shutdown to wait on.
         self._settled = asyncio.Event()
 
@@ -425,43 +392,8 @@ class Engine:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(s.finish() for s in open_sessions)), timeout_s)
 
-    def check_language(self, language: str) -> str:
-        """The model's code for a language tag (`en-US` → `en`); raises UnsupportedLanguage."""
-        code = language.strip().lower().replace("_", "-").split("-")[0]
-        languages = self.languages
-        if code not in languages:
-            known = ", ".join(languages) if len(languages) <= 10 else f"{len(languages)} languages"
-            raise UnsupportedLanguage(f"language {language!r} is not one the model knows ({known})")
-        return code
-
-    def vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...]) -> Vocabulary:
-        """A request's names and terms, then the configured vocabulary and its file, then outside sources'
-        (Home Assistant's): the priority in which they take the prompt's room."""
-        configured = self.settings.model.vocabulary
-        from_file = self._names_file.names if self._names_file is not None else ()
-        return Vocabulary.merge(names, terms, configured, from_file, *self._external_names.values())
-
-    def names_for_decoding(self, vocabulary: Vocabulary) -> tuple[str, NameSpeller | None]:
-        """The prompt sentence naming what fits in `stream.names_chars`, and the speller of all the names."""
-        if not vocabulary.names:
-            return "", None
-        prompt, left_out = names_prompt(vocabulary.names, self.settings.stream.names_chars)
-        if left_out:
-            _LOGGER.info(
-                "%d of %d names did not fit in the decoder prompt (stream.names_chars)", left_out, len(vocabulary.names)
-            )
-        common = self._transcriber.common_words if self._transcriber is not None else frozenset()
-        return prompt, NameSpeller(vocabulary.names, common)
-
-    def check_site(self, site: str) -> str:
-        """The site if clients may name it (1 to 64 letters, digits, '_' or '-'; one of `sites.allowed` when
-        listed): sites become MQTT topics and Home Assistant entities. Raises InvalidSite."""
-        if not SITE_PATTERN.fullmatch(site):
-            raise InvalidSite(f"site {quoted(site)} must be 1 to 64 letters, digits, '_' or '-'")
-        allowed = self.settings.sites.allowed
-        if allowed and site not in allowed:
-            raise InvalidSite(f"site {quoted(site)} is not one of sites.allowed")
-        return site
+    def _common_words(self) -> frozenset[str]:
+        return self._transcriber.common_words if self._transcriber is not None else frozenset()
 
     async def start(self) -> None:
         """Load and warm the model off the event loop, then start scheduling decodes."""
@@ -473,7 +405,7 @@ class Engine:
             raise
         self._transcriber = transcriber
         try:
-            self.check_language(self.settings.model.language)
+            self._admission.language(self.settings.model.language)
         except UnsupportedLanguage as err:
             self._status = f"model.language: {err}"
             raise ConfigError(f"model.language: {err}") from None
@@ -498,52 +430,21 @@ class Engine:
 
     def set_names(self, source: str, names: tuple[str, ...]) -> None:
         """The household's names from a source outside the config (e.g. "homeassistant"), for new sessions."""
-        self._external_names[source] = names
+        self._admission.set_names(source, names)
 
-    def session(
-        self,
-        source: str,
-        language: str | None = None,
-        prompt: str = "",
-        split_on_silence: bool = True,
-        site: str | None = None,
-        peer: str | None = None,
-        names: tuple[str, ...] = (),
-        terms: tuple[str, ...] = (),
-    ) -> EngineSession:
-        """Open a session for a client at address `peer`, or raise EngineShuttingDown / EngineNotReady /
-        EngineBusy (also when `peer` holds `limits.max_sessions_per_address`) / UnsupportedLanguage /
-        InvalidSite. `names` and `terms` are the request's own vocabulary, before the configured one."""
+    def session(self, request: SessionRequest) -> EngineSession:
+        """Open a session on the request's terms once `Admission` has settled them, or raise EngineShuttingDown /
+        EngineNotReady / EngineBusy / UnsupportedLanguage / InvalidSite."""
         if self._refusing:
             self._metrics.rejected_total.labels("shutting_down").inc()
             raise EngineShuttingDown("the service is shutting down; try another node")
         if not self.ready:
             self._metrics.rejected_total.labels("not_ready").inc()
             raise EngineNotReady(self._status)
-        limits = self.settings.limits
-        if len(self._sessions) >= limits.max_sessions:
-            self._metrics.rejected_total.labels("busy").inc()
-            raise EngineBusy(f"all {limits.max_sessions} sessions are in use")
-        if peer is not None and self._peers.get(peer, 0) >= limits.max_sessions_per_address:
-            self._metrics.rejected_total.labels("busy").inc()
-            raise EngineBusy(f"this address already has {limits.max_sessions_per_address} sessions")
-        code = self.check_language(language or self.settings.model.language)
-        checked_site = self.check_site(site or self.settings.sites.default)
-        stream = StreamSession(
-            self.settings.stream,
-            self.settings.limits,
-            split_on_silence=split_on_silence,
-            prompt=prompt,
-            language=code,
-        )
-        info = SessionInfo(next(self._ids), source, checked_site, code)
-        session = EngineSession(self, stream, info, self.settings.limits)
-        session.set_vocabulary(names, terms)
-        self._sessions[info.id] = session
-        if peer is not None:
-            self._peers[peer] = self._peers.get(peer, 0) + 1
-            self._session_peers[info.id] = peer
-        self._metrics.sessions_total.labels(source).inc()
+        admitted = self._admission.admit(request, len(self._sessions))
+        session = EngineSession(next(self._ids), admitted, self.settings, self, self._admission, self._metrics)
+        self._sessions[session.info.id] = session
+        self._metrics.sessions_total.labels(request.source).inc()
         self._metrics.sessions_active.set(len(self._sessions))
         return session
 
@@ -580,40 +481,27 @@ class Engine:
             return f"model failing: {failures} decodes in a row failed ({self._scheduler.last_failure})"
         return self._status
 
-    # What a session asks of the engine (SessionHost).
+    # What a session reports (SessionSink).
+
+    def publish(self, info: SessionInfo, events: Sequence[Event]) -> None:
+        """Count a session's events and hand them to the listeners (a failing listener is logged, not fatal);
+        shutdown may be waiting for its utterance to end."""
+        for event in events:
+            self._metrics.observe_event(event)
+            for listener in self._listeners:
+                try:
+                    listener(info, event)
+                except Exception:
+                    _LOGGER.exception("Event listener %r failed", listener)
+        self._settled.set()
 
     def decode_wanted(self) -> None:
         """A session may want a decode: start it if a worker is free."""
         self._scheduler.kick()
 
-    def publish(self, info: SessionInfo, event: Event) -> None:
-        """Count one session's event and hand it to the listeners; a failing listener is logged, not fatal."""
-        self._metrics.observe_event(event)
-        for listener in self._listeners:
-            try:
-                listener(info, event)
-            except Exception:
-                _LOGGER.exception("Event listener %r failed", listener)
-
-    def audio_received(self, seconds: float) -> None:
-        """Count audio taken in."""
-        self._metrics.audio_seconds_total.inc(seconds)
-
-    def event_dropped(self) -> None:
-        """Count a partial or error dropped for a client that did not keep up."""
-        self._metrics.events_dropped_total.inc()
-
-    def session_changed(self) -> None:
-        """A session moved on: shutdown may be waiting for its utterance to end."""
-        self._settled.set()
-
-    def session_closed(self, session_id: int) -> None:
-        """Forget a closed session."""
-        self._sessions.pop(session_id, None)
-        peer = self._session_peers.pop(session_id, None)
-        if peer is not None:
-            self._peers[peer] -= 1
-            if not self._peers[peer]:
-                del self._peers[peer]
+    def closed(self, session: EngineSession) -> None:
+        """Forget a closed session and free its address's slot."""
+        if self._sessions.pop(session.info.id, None) is not None:
+            self._admission.release(session.admitted)
         self._settled.set()
         self._metrics.sessions_active.set(len(self._sessions))

@@ -18,26 +18,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.decode_seconds = Histogram(
-            "edge_asr_decode_seconds",
-            "Model time per decode",
-            ["kind"],
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
+        self.decode_seconds = self._latency("edge_asr_decode_seconds", "Model time per decode", "kind")
+        self.e2e_seconds = self._latency(
+            "edge_asr_e2e_seconds", "Newest audio of a decode arriving to its event leaving", "type"
         )
-        self.e2e_seconds = Histogram(
-            "edge_asr_e2e_seconds",
-            "Newest audio of a decode arriving to its event leaving",
-            ["type"],
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        )
-        self.ttct_seconds = Histogram(
-            "edge_asr_ttct_seconds",
-            "Silence start or end-of-audio to the final leaving",
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        )
+        self.ttct_seconds = self._latency("edge_asr_ttct_seconds", "Silence start or end-of-audio to the final leaving")
         self.events_total = Counter("edge_asr_events_total", "Events emitted", ["type"], registry=self.registry)
         self.sessions_total = Counter("edge_asr_sessions_total", "Sessions opened", ["source"], registry=self.registry)
         self.rejected_total = Counter(
@@ -65,6 +50,9 @@ class Metrics:
             "edge_asr_event_loop_tasks", "Tasks on the service's event loop (a leak shows here)", registry=self.registry
         )
         self.event_loop_tasks.set_function(_running_tasks)
+
+    def _latency(self, name: str, documentation: str, *labels: str) -> Histogram:
+        return Histogram(name, documentation, labels, registry=self.registry, buckets=_LATENCY_BUCKETS)
 
     def observe_event(self, event: Event) -> None:
         """Count an event and record its timings."""

@@ -90,17 +90,17 @@ class UtteranceTracker:
     @property
     def active(self) -> bool:
         """An utterance is open: speech was heard and its final is not out yet."""
-        return self._start_s is not None
+        return self.state().active
 
     @property
     def ending(self) -> bool:
         """The open utterance has ended and waits for its final."""
-        return self._end_s is not None
+        return self.state().ending
 
     @property
     def voice_end_s(self) -> float:
         """The end of the last voiced frame of the open utterance."""
-        return self._voice_end_s if self.ending else self._vad.last_voice_end_s
+        return self._voice_end_s if self._end_s is not None else self._vad.last_voice_end_s
 
     def state(self) -> UtteranceState:
         """The open utterance now, for the decode policy."""

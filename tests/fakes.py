@@ -18,6 +18,7 @@ from edge_asr.api import (
     Health,
     InvalidSite,
     Listener,
+    SessionRequest,
     UnsupportedLanguage,
 )
 from edge_asr.audio import SAMPLE_RATE, FloatAudio
@@ -248,32 +249,22 @@ class FakeEngine:
             raise UnsupportedLanguage(f"language {language!r} is not one the model knows")
         return code
 
-    def session(
-        self,
-        source: str,
-        language: str | None = None,
-        prompt: str = "",
-        split_on_silence: bool = True,
-        site: str | None = None,
-        peer: str | None = None,
-        names: tuple[str, ...] = (),
-        terms: tuple[str, ...] = (),
-    ) -> FakeSession:
+    def session(self, request: SessionRequest) -> FakeSession:
         """A new scripted session, or the configured refusal; records the client's address."""
         if self.refusal is not None:
             raise self.refusal
         if len(self.open_sessions) >= self.max_open_sessions:
             raise EngineBusy(f"all {self.max_open_sessions} sessions are in use")
-        self.peers.append(peer)
-        checked_site = self.check_site(site or "default")
+        self.peers.append(request.peer)
+        checked_site = self.check_site(request.site or "default")
         session = FakeSession(
             self,
             len(self.sessions) + 1,
-            source,
+            request.source,
             checked_site,
-            self.check_language(language or "en"),
-            prompt,
-            names + terms,
+            self.check_language(request.language or "en"),
+            request.prompt,
+            request.names + request.terms,
         )
         self.sessions.append(session)
         return session

@@ -11,16 +11,18 @@ from typing import Any
 
 import pytest
 
-from edge_asr.api import InvalidSite
+from edge_asr.api import InvalidSite, SessionRequest
 from edge_asr.config import (
     ConfigError,
     HttpSettings,
     LimitSettings,
     ModelSettings,
     MqttSettings,
+    ServiceSettings,
     Settings,
     SiteSettings,
     StreamSettings,
+    WyomingSettings,
     _build_section,
     _converter,
     _section_keys,
@@ -407,6 +409,54 @@ def test_wyoming_uri_is_checked() -> None:
     assert config_error({"wyoming": {"uri": "stdio://", "zeroconf": "edge-asr"}}).startswith("wyoming.zeroconf:")
 
 
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ({"http": {"allowed_networks": ["lan"]}}, "http.allowed_networks: 'lan' is not a network"),
+        ({"http": {"trusted_proxies": ["10.0.0.1/33"]}}, "http.trusted_proxies: '10.0.0.1/33' is not a network"),
+        ({"wyoming": {"allowed_networks": ["home"]}}, "wyoming.allowed_networks: 'home' is not a network"),
+        ({"wyoming": {"trusted_proxies": ["10.0.0.300"]}}, "wyoming.trusted_proxies: '10.0.0.300' is not a network"),
+    ],
+)
+def test_networks_are_checked_by_name(layer: dict[str, Any], message: str) -> None:
+    assert config_error(layer) == f"{message} (CIDR, e.g. 192.168.1.0/24)"
+
+
+@pytest.mark.parametrize("origin", ["hub.local", "ftp://hub.local", "http://hub.local/page"])
+def test_an_allowed_origin_must_be_an_origin(origin: str) -> None:
+    assert config_error({"http": {"allowed_origins": [origin]}}) == (
+        f"http.allowed_origins: {origin!r} is not an origin (e.g. http://homeassistant.local:8123)"
+    )
+    assert build_settings({"http": {"allowed_origins": ["https://hub.local:8123/"]}}).http.allowed_origins
+
+
+def test_node_names_are_checked_like_sites() -> None:
+    assert config_error({"mqtt": {"nodes": ["node_a", "node b"]}}) == (
+        "mqtt.nodes: 'node b' must be 1 to 64 letters, digits, '_' or '-'"
+    )
+
+
+def test_home_assistant_needs_a_url_and_a_token_only_when_named(tmp_path: Path) -> None:
+    url = "http://homeassistant.local:8123"
+    assert build_settings({"homeassistant": {"token_file": str(tmp_path / "nope")}}).homeassistant.url == ""
+    assert config_error({"homeassistant": {"url": "homeassistant.local"}}) == (
+        "homeassistant.url: 'homeassistant.local' is not a URL (e.g. http://homeassistant.local:8123)"
+    )
+    assert config_error({"homeassistant": {"url": url}}) == (
+        "homeassistant.token_file: Home Assistant needs a long-lived access token"
+    )
+    assert build_settings({"homeassistant": {"url": url, "token": "inline"}}).homeassistant.token == "inline"
+
+
+def test_a_section_checks_itself_naming_keys_as_the_user_wrote_them() -> None:
+    written = {"sites.default": "mqtt.default_site", "sites.allowed": "mqtt.sites"}
+    with pytest.raises(ConfigError, match=r"^mqtt\.default_site: 'attic' is not one of mqtt\.sites$"):
+        SiteSettings(default="attic", allowed=("hall",)).checked({}, written)
+    with pytest.raises(ConfigError, match=r"^wyoming\.uri: "):
+        WyomingSettings(uri="http://x:1").checked({}, {})
+    assert ServiceSettings().checked({}, {}) == ServiceSettings()
+
+
 # --- sites, and the keys that moved there from mqtt ----------------------------------------------
 
 
@@ -526,12 +576,12 @@ def test_moved_keys_are_not_mqtt_keys_any_more() -> None:
 async def test_the_engine_checks_sites_from_an_old_key_with_mqtt_disabled() -> None:
     settings = build_settings({"model": {"threads": 1, "workers": 1}, "mqtt": {"enabled": False, **OLD_SITES["mqtt"]}})
     engine = Engine(settings, ScriptedTranscriber)
-    with pytest.raises(InvalidSite, match=r"^site 'attic' is not one of sites\.allowed$"):
-        engine.check_site("attic")
     await engine.start()
     try:
-        async with engine.session("test") as session:
-            assert session.site == "hall"
+        with pytest.raises(InvalidSite, match=r"^site 'attic' is not one of sites\.allowed$"):
+            engine.session(SessionRequest("test", site="attic"))
+        async with engine.session(SessionRequest("test")) as session:
+            assert session.info.site == "hall"
     finally:
         await engine.stop()
 
@@ -758,6 +808,54 @@ def test_load_settings_passes_its_environment_on(tmp_path: Path) -> None:
         "CREDENTIALS_DIRECTORY": str(tmp_path),
     }
     assert load_settings(None, environ=environ).mqtt.password == "from-credentials"
+
+
+# --- HTTP and Home Assistant: the files they read -------------------------------------------------
+
+
+def test_the_http_token_and_tls_files_are_looked_up_in_the_credentials_directory(
+    tmp_path: Path, cert_pair: tuple[Path, Path]
+) -> None:
+    for source in cert_pair:
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    (tmp_path / "http-token").write_text("from-credentials\n")
+    cert, key = (source.name for source in cert_pair)
+    layer = {"http": {"token_file": "http-token", "tls_cert_file": cert, "tls_key_file": key}}
+    http = build_settings(layer, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)}).http
+    assert http.token == "from-credentials"
+    assert (http.token_file, http.tls_cert_file, http.tls_key_file) == (
+        str(tmp_path / "http-token"),
+        str(tmp_path / cert),
+        str(tmp_path / key),
+    )
+
+
+def test_http_tls_problems_name_the_key(tmp_path: Path, cert_pair: tuple[Path, Path], other_key: Path) -> None:
+    cert, key = cert_pair
+    assert config_error({"http": {"tls_key_file": str(key)}}) == (
+        "http.tls_cert_file: needs http.tls_key_file too (and the other way round)"
+    )
+    mismatch = config_error({"http": {"tls_cert_file": str(cert), "tls_key_file": str(other_key)}})
+    assert mismatch.startswith(
+        f"http.tls_key_file: {other_key} holds no unencrypted private key for http.tls_cert_file"
+    )
+    missing = tmp_path / "nope"
+    assert config_error({"http": {"token_file": str(missing)}}) == (
+        f"http.token_file: cannot read {missing}: No such file or directory"
+    )
+
+
+def test_a_disabled_listeners_files_are_not_read(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope")
+    http = build_settings({"http": {"enabled": False, "token_file": missing, "tls_key_file": missing}}).http
+    assert (http.token, http.token_file) == ("", missing)
+
+
+def test_the_home_assistant_token_is_read_from_the_credentials_directory(tmp_path: Path) -> None:
+    (tmp_path / "ha-token").write_text("from-credentials\n")
+    layer = {"homeassistant": {"url": "http://homeassistant.local:8123", "token_file": "ha-token"}}
+    homeassistant = build_settings(layer, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)}).homeassistant
+    assert (homeassistant.token, homeassistant.token_file) == ("from-credentials", str(tmp_path / "ha-token"))
 
 
 # --- field types -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from edge_asr.api import AudioFormatError, EngineBusy, EngineNotReady
+from edge_asr.api import AudioFormatError, EngineBusy, EngineNotReady, SessionRequest
 from edge_asr.config import Settings, build_settings
 from edge_asr.engine import Engine
 from edge_asr.events import Done, Event, Final, SessionError
@@ -28,14 +28,14 @@ async def _drain(events: list[Event], stream: AsyncIterator[Event]) -> None:
 async def test_sessions_are_refused_until_the_model_is_ready_and_above_the_limit() -> None:
     engine = Engine(_settings(max_sessions=1), ScriptedTranscriber)
     with pytest.raises(EngineNotReady):
-        engine.session("test")
+        engine.session(SessionRequest("test"))
     await engine.start()
     try:
-        async with engine.session("test"):
+        async with engine.session(SessionRequest("test")):
             with pytest.raises(EngineBusy):
-                engine.session("test")
+                engine.session(SessionRequest("test"))
             assert engine.health().sessions == 1
-        async with engine.session("test"):
+        async with engine.session(SessionRequest("test")):
             assert engine.health().sessions == 1
         assert engine.health().sessions == 0
     finally:
@@ -46,7 +46,7 @@ async def test_odd_byte_counts_are_refused_whole() -> None:
     engine = Engine(_settings(), ScriptedTranscriber)
     await engine.start()
     try:
-        async with engine.session("test") as session:
+        async with engine.session(SessionRequest("test")) as session:
             with pytest.raises(AudioFormatError):
                 session.feed(b"\x00\x01\x02")
             assert session.audio_s == 0
@@ -59,7 +59,7 @@ async def test_a_session_never_has_more_than_a_partial_and_a_whole_decode_at_onc
     engine = Engine(build_settings({"model": {"threads": 1, "workers": 3}}), lambda: transcriber)
     await engine.start()
     try:
-        async with engine.session("test") as session:
+        async with engine.session(SessionRequest("test")) as session:
             events: list[Event] = []
             reader = asyncio.create_task(_drain(events, session.events()))
             pcm = read_pcm("asterisk_conf-onlyone")
@@ -82,7 +82,7 @@ async def test_a_failing_decode_is_reported_and_the_engine_keeps_serving() -> No
     engine = Engine(_settings(), lambda: transcriber)
     await engine.start()
     try:
-        async with engine.session("test") as session:
+        async with engine.session(SessionRequest("test")) as session:
             events: list[Event] = []
             reader = asyncio.create_task(_drain(events, session.events()))
             session.feed(read_pcm("cmd_piper_joe_01"))
@@ -91,7 +91,7 @@ async def test_a_failing_decode_is_reported_and_the_engine_keeps_serving() -> No
             await reader
         assert any(isinstance(e, SessionError) and e.code == "decode_failed" for e in events)
         transcriber.fail = False
-        async with engine.session("test") as session:
+        async with engine.session(SessionRequest("test")) as session:
             session.feed(read_pcm("cmd_piper_joe_01"))
             assert await session.finish() is not None
     finally:
@@ -104,12 +104,12 @@ async def test_the_real_model_finishes_audio_fed_faster_than_real_time() -> None
     try:
         assert engine.health().ready
         assert engine.health().languages == ("en",)
-        async with engine.session("test") as session:
+        async with engine.session(SessionRequest("test")) as session:
             session.feed(read_pcm("asterisk_conf-onlyone"))
             final = await session.finish()
             assert final is not None
             assert normalise(final.text) == normalise(reference("asterisk_conf-onlyone"))
-        async with engine.session("test") as session:
+        async with engine.session(SessionRequest("test")) as session:
             session.feed(read_pcm("silence_3s"))
             assert await session.finish() is None
     finally:
@@ -120,7 +120,7 @@ async def test_a_client_that_asks_for_answers_faster_than_it_reads_them_gets_no_
     engine = Engine(_settings(max_queued_events=8), ScriptedTranscriber)
     await engine.start()
     try:
-        async with engine.session("test") as session:
+        async with engine.session(SessionRequest("test")) as session:
             for _ in range(8):
                 await asyncio.wait_for(session.room(), 1.0)
                 await session.finish()  # nothing said: its answer is a `Done`, which is never dropped
@@ -141,7 +141,7 @@ async def test_an_event_the_writer_took_counts_as_undelivered_until_it_asks_for_
     engine = Engine(_settings(), ScriptedTranscriber)
     await engine.start()
     try:
-        async with engine.session("test") as session:
+        async with engine.session(SessionRequest("test")) as session:
             events = session.events()
             session.report_error("bad_json", "one")
             taken = await anext(events)

@@ -15,7 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.client import MQTTMessageInfo
 
-from adapters.mqtt import FailureLog, MqttAdapter, discovery_topics
+from adapters.mqtt import FailureLog, MqttAdapter
+from adapters.mqtt_topics import discovery_topics
 from edge_asr.bench.processes import Broker, make_broker
 from edge_asr.config import MqttSettings, Settings
 from edge_asr.events import Final, Partial, SessionInfo

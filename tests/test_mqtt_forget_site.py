@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.mqtt import discovery_topics
+from adapters.mqtt_topics import discovery_topics
 from edge_asr.bench.processes import Broker, Service, free_port, make_broker
 from edge_asr.config import MqttSettings
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_asr.api import SessionRequest
 from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 
@@ -46,7 +47,7 @@ async def _finals(settings_layer: dict[str, object], clips: list[bytes]) -> list
     texts = []
     try:
         for pcm in clips:
-            async with engine.session("test") as session:
+            async with engine.session(SessionRequest("test")) as session:
                 session.feed(silence(0.3) + pcm + silence(0.8))
                 final = await session.finish()
                 texts.append(final.text if final else "")

@@ -11,6 +11,7 @@ from functools import partial
 import numpy as np
 import pytest
 
+from edge_asr.api import SessionRequest
 from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 from edge_asr.metrics import Metrics
@@ -232,10 +233,10 @@ async def test_audio_stop_while_every_worker_is_busy_still_gets_its_final(worker
     await engine.start()
     speech = silence(0.3) + read_pcm("asterisk_conf-usermenu")
     half = 32000 * 2
-    others = [engine.session("test", prompt=f"other{index}") for index in range(workers - 1)]
+    others = [engine.session(SessionRequest("test", prompt=f"other{index}")) for index in range(workers - 1)]
     ending: list[asyncio.Task[object]] = []
     try:
-        satellite = engine.session("test", prompt="satellite")
+        satellite = engine.session(SessionRequest("test", prompt="satellite"))
         satellite.feed(speech[:half])
         await eventually(lambda: model.started == ["satellite"], HANG_S, "the satellite's partial")
         for other in others:

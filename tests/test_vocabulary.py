@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_asr.agreement import join_words
+from edge_asr.api import SessionRequest
 from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 from edge_asr.events import Final, SessionInfo
@@ -196,7 +197,7 @@ async def test_the_engine_merges_request_config_file_and_outside_names_and_tells
     await engine.start()
     try:
         with caplog.at_level(logging.INFO):
-            async with engine.session("test", names=("Calloway",), terms=("Tarrow",)) as session:
+            async with engine.session(SessionRequest("test", names=("Calloway",), terms=("Tarrow",))) as session:
                 session.feed(silence(0.3) + read_pcm("cmd_piper_joe_01") + silence(1.0))
                 await session.finish()
     finally:

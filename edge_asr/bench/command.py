@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 from ..config import Settings
 from .corpus import load_corpus, load_vocabulary
 from .errors import BenchError
 from .nodes import read_all, sessions_during
+from .output import print_report
 from .report import (
     Report,
     RunResult,
@@ -79,16 +79,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         offline_clips=tuple(offline_clips),
         nodes=nodes,
     )
-    table = format_table(report)
-    if args.json == "-":
-        print(table, file=sys.stderr)
-        print(report_json(report))
-        return 1 if report.clip_errors else 0
-    print(table)
-    if args.json:
-        try:
-            Path(args.json).write_text(report_json(report) + "\n", encoding="utf-8")
-        except OSError as err:
-            print(f"edge-asr bench: cannot write {args.json}: {err.strerror or err}", file=sys.stderr)
-            return 1
+    if not print_report(format_table(report), lambda: report_json(report), args.json):
+        return 1
     return 1 if report.clip_errors else 0

@@ -4,15 +4,14 @@ and as JSON."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ..events import Final, Partial, SessionError
 from .corpus import Clip
 from .nodes import NodeSessions, format_nodes
+from .output import json_text
 from .resources import Resources
 from .scoring import normalize, percentile, ratio, score_names, score_words
 from .timing import Playback, end_to_final, final_text, first_text_lag, word_lags
@@ -65,17 +64,10 @@ class OfflineClip:
 
 
 @dataclass(frozen=True)
-class StreamingSummary:
-    """The streaming run over the corpus; times in ms. `names_right` is `names_found` / `names_expected` (None
-    when no reference holds a name of the vocabulary, or there is none)."""
+class Latencies:
+    """A streaming run's latency percentiles in ms, None where nothing was measured (in `RunMedians`, their
+    medians across runs)."""
 
-    clips: int
-    audio_s: float
-    reference_words: int
-    word_errors: int
-    wer: float | None
-    no_speech_clips: int
-    hallucinations: int
     word_lag_p50_ms: float | None
     word_lag_p90_ms: float | None
     end_to_final_p50_ms: float | None
@@ -85,6 +77,28 @@ class StreamingSummary:
     e2e_partial_p50_ms: float | None
     e2e_final_p50_ms: float | None
     first_partial_p50_ms: float | None
+
+
+# A dataclass's fields run from its last base to its first, then its own: `StreamingSummary` and `RunMedians` take
+# their leading fields from a base after `Latencies`, so that the JSON report keeps its order of keys.
+@dataclass(frozen=True)
+class _CorpusWords:
+    """`StreamingSummary`'s leading fields: the corpus and its word errors."""
+
+    clips: int
+    audio_s: float
+    reference_words: int
+    word_errors: int
+    wer: float | None
+    no_speech_clips: int
+    hallucinations: int
+
+
+@dataclass(frozen=True)
+class StreamingSummary(Latencies, _CorpusWords):
+    """The streaming run over the corpus; times in ms. `names_right` is `names_found` / `names_expected` (None
+    when no reference holds a name of the vocabulary, or there is none)."""
+
     clip_errors: int
     inserted_after_speech: int
     lost_first_two: int
@@ -125,12 +139,8 @@ class RunResult:
 
 
 @dataclass(frozen=True)
-class RunMedians:
-    """The median across runs of each numeric column, taken over the runs that measured it.
-
-    Each field is the median of the same-named field of the runs' `StreamingSummary` or `Resources`
-    (WER is the median of the per-run WERs, not a WER of the pooled errors).
-    """
+class _ScoreMedians:
+    """`RunMedians`' leading fields: the medians of the word scores (see `_CorpusWords` for why a base)."""
 
     wer: float | None
     word_errors: float | None
@@ -142,15 +152,16 @@ class RunMedians:
     names_found: float | None
     names_expected: float | None
     names_right: float | None
-    word_lag_p50_ms: float | None
-    word_lag_p90_ms: float | None
-    end_to_final_p50_ms: float | None
-    end_to_final_p90_ms: float | None
-    ttct_p50_ms: float | None
-    ttct_p90_ms: float | None
-    e2e_partial_p50_ms: float | None
-    e2e_final_p50_ms: float | None
-    first_partial_p50_ms: float | None
+
+
+@dataclass(frozen=True)
+class RunMedians(Latencies, _ScoreMedians):
+    """The median across runs of each numeric column, taken over the runs that measured it.
+
+    Each field is the median of the same-named field of the runs' `StreamingSummary` or `Resources`
+    (WER is the median of the per-run WERs, not a WER of the pooled errors).
+    """
+
     clip_errors: float | None
     cpu_s_per_audio_s: float | None
     peak_rss_mb: float | None
@@ -416,16 +427,6 @@ def format_table(report: Report) -> str:
     return "\n".join([title, *lines, stable])
 
 
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, dict):
-        return {key: _rounded(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(item) for item in value]
-    return value
-
-
 def report_json(report: Report) -> str:
     """The report as indented JSON (floats rounded to 4 decimals).
 
@@ -433,4 +434,4 @@ def report_json(report: Report) -> str:
     top level, where readers of single-run reports find them.
     """
     data = dataclasses.asdict(report) | dataclasses.asdict(report.runs[0])
-    return json.dumps(_rounded(data), indent=2)
+    return json_text(data, 4)

@@ -55,6 +55,7 @@ from ..config import Settings
 from ..scheduler import IDLE_RELEASE_S
 from .corpus import Clip, load_corpus
 from .errors import BenchError
+from .output import print_report
 from .pacing import CHUNK_BYTES, Replay
 from .processes import Broker, Service, ServiceMetrics, make_broker, start_service
 from .soak_clients import ClientKind, ClientRun, never_read, satellite, speak, vanish
@@ -211,17 +212,8 @@ def run_soak(args: argparse.Namespace, settings: Settings) -> int:
         print(f"edge-asr bench: service and broker logs kept in {directory}", file=sys.stderr)
     else:
         shutil.rmtree(directory, ignore_errors=True)
-    if args.json == "-":
-        print(format_soak(report), file=sys.stderr)
-        print(soak_json(report))
-        return 1 if report.misses else 0
-    print(format_soak(report))
-    if args.json:
-        try:
-            Path(args.json).write_text(soak_json(report) + "\n", encoding="utf-8")
-        except OSError as err:
-            print(f"edge-asr bench: cannot write {args.json}: {err.strerror or err}", file=sys.stderr)
-            return 1
+    if not print_report(format_soak(report), lambda: soak_json(report), args.json):
+        return 1
     return 1 if report.misses else 0
 
 

@@ -4,13 +4,12 @@ targets, and the report as a few lines of text and as JSON."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from .output import json_text
 from .soak_clients import ClientKind, ClientRun
 from .soak_mqtt import BrokerFinal
 
@@ -397,17 +396,7 @@ def format_soak(report: SoakReport) -> str:
     return "\n".join(lines)
 
 
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 3)
-    if isinstance(value, dict):
-        return {key: _rounded(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(item) for item in value]
-    return value
-
-
 def soak_json(report: SoakReport) -> str:
     """The report as indented JSON (floats rounded to 3 decimals), with `passed` and `tasks_left`."""
     data = {"passed": not report.misses, "tasks_left": report.tasks_left, **dataclasses.asdict(report)}
-    return json.dumps(_rounded(data), indent=2)
+    return json_text(data, 3)

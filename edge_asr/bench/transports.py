@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from ..api import SessionRequest
 from ..engine import Engine
 from ..events import Done, Event, Final, Message, Partial, Ready, SessionError, message_from_dict
 from .errors import BenchError
@@ -43,7 +44,7 @@ class EngineTransport:
         """Feed the clip to a new session, then finish it."""
         received: list[Received] = []
         sent: list[tuple[float, float]] = []
-        async with self._engine.session(source="bench", names=self._replay.names) as session:
+        async with self._engine.session(SessionRequest(source="bench", names=self._replay.names)) as session:
 
             async def read() -> None:
                 async for event in session.events():
