@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
-from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
+from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop, VadSensitivity
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
 from wyoming.event import Event, async_get_stdin, async_get_stdout, async_write_event
@@ -35,6 +35,7 @@ from edge_asr.api import (
 )
 from edge_asr.audio import PcmConverter
 from edge_asr.config import ConfigError, Settings, WyomingSettings
+from edge_asr.endpointing import Sensitivity
 from edge_asr.events import Done, Final, Partial, SessionError, quoted, words_after
 
 from .access import IPAddress, network_allowed, parse_address, parse_networks
@@ -154,12 +155,14 @@ def _optional_text(value: object, key: str) -> str | None:
 @dataclass(frozen=True)
 class _Request:
     """What a `transcribe` asks of the requests that follow: their language, site and names (Wyoming 1.10's
-    transcript_names, then transcript_terms, bias the transcription)."""
+    transcript_names, then transcript_terms, bias the transcription) and how soon their command ends (its
+    vad_sensitivity)."""
 
     language: str | None = None
     site: str | None = None
     names: tuple[str, ...] = ()
     terms: tuple[str, ...] = ()
+    sensitivity: Sensitivity = "default"
 
 
 def _request_of(event: Event) -> _Request:
@@ -175,7 +178,21 @@ def _request_of(event: Event) -> _Request:
         terms = request_names(transcribe.transcript_terms, "transcript_terms")
     except ValueError as err:
         raise ProtocolError("bad_event", str(err)) from None
-    return _Request(language or None, site or None, names, terms)
+    return _Request(language or None, site or None, names, terms, _sensitivity(transcribe.vad_sensitivity))
+
+
+def _sensitivity(value: object) -> Sensitivity:
+    """Wyoming's vad_sensitivity (the library makes a known one its enum); ProtocolError `bad_event` otherwise."""
+    if value is None:
+        return "default"
+    if value is VadSensitivity.RELAXED:
+        return "relaxed"
+    if value is VadSensitivity.AGGRESSIVE:
+        return "aggressive"
+    if value is VadSensitivity.DEFAULT:
+        return "default"
+    known = ", ".join(sensitivity.value for sensitivity in VadSensitivity)
+    raise ProtocolError("bad_event", f"vad_sensitivity must be one of {known}")
 
 
 def _audio_of(kind: type[_Audio], event: Event) -> _Audio:
@@ -276,8 +293,9 @@ def model_info(settings: Settings, languages: tuple[str, ...]) -> Info:
                     )
                 ],
                 supports_transcript_streaming=True,
-                # The satellite's (or Home Assistant's) VAD decides when a request ends.
-                requires_external_vad=True,
+                # With endpointing the service ends each command itself; without, the satellite's (or Home
+                # Assistant's) voice-activity detection sends audio-stop.
+                requires_external_vad=not settings.wyoming.endpointing,
                 prefers_auto_gain_enabled=True,
                 prefers_noise_reduction_enabled=True,
             )
@@ -445,6 +463,8 @@ class WyomingHandler(AsyncEventHandler):
                     peer=None if self._client is None else str(self._client),
                     names=request.names,
                     terms=request.terms,
+                    endpointing=self._settings.wyoming.endpointing,
+                    vad_sensitivity=request.sensitivity,
                 )
             )
         except EngineRefusal as err:

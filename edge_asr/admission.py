@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .api import EngineBusy, InvalidSite, SessionRequest, UnsupportedLanguage
 from .config import SITE_PATTERN, Settings
+from .endpointing import EndpointRules
 from .events import quoted
 from .metrics import Metrics
 from .vocabulary import NamesFile, NameSpeller, Vocabulary, names_prompt
@@ -27,12 +28,14 @@ class DecodingNames:
 
 @dataclass(frozen=True)
 class Admitted:
-    """A request the engine took, settled: the model's language code, the checked site and the merged names."""
+    """A request the engine took, settled: the model's language code, the checked site, the merged names and, for a
+    request whose command the service ends, the endpoint rules at its sensitivity."""
 
     request: SessionRequest
     language: str
     site: str
     names: DecodingNames
+    endpoint_rules: EndpointRules | None = None
 
 
 class Admission:
@@ -70,6 +73,7 @@ class Admission:
             self.language(request.language or self._settings.model.language),
             self.site(request.site or self._settings.sites.default),
             self.names(request.names, request.terms),
+            EndpointRules.of(self._settings.endpointing, request.vad_sensitivity) if request.endpointing else None,
         )
         if peer is not None:
             self._peers[peer] = self._peers.get(peer, 0) + 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Protocol, TypeGuard
 
+from .endpointing import Sensitivity
 from .events import Event, Final, SessionError, SessionInfo
 from .metrics import Metrics
 
@@ -98,7 +99,8 @@ class SessionRequest:
     """What a client asks for when it opens a session. `language` and `site` default to `model.language` and
     `sites.default`; `peer` is the client's address, counted for `limits.max_sessions_per_address`; `names` and
     `terms` are the request's own vocabulary, which biases decoding before the configured one; a stream that does
-    not `split_on_silence` is one utterance until `finish` (a Wyoming request)."""
+    not `split_on_silence` is one utterance until `finish` (a Wyoming request), or, with `endpointing`, until the
+    service hears the command end (`vad_sensitivity` scales the silences it waits for, as Home Assistant's does)."""
 
     source: str
     language: str | None = None
@@ -108,6 +110,8 @@ class SessionRequest:
     peer: str | None = None
     names: tuple[str, ...] = ()
     terms: tuple[str, ...] = ()
+    endpointing: bool = False
+    vad_sensitivity: Sensitivity = "default"
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,11 @@ class ModelSettings(_Section):
 class StreamSettings(_Section):
     """The streaming decoder: VAD, retranscribe cycle, window and prompt."""
 
+    # The speech detector: Silero holds in a room's noise; webrtcvad costs nearly nothing but hears noise as speech.
+    vad: str = _setting("silero", choices=("silero", "webrtc"))
+    # Silero: the speech probability from which a frame is speech.
+    vad_threshold: float = _setting(0.5, low=0.05, high=0.95)
+    # webrtcvad: how readily a frame is not speech (0-3).
     vad_aggressiveness: int = _setting(2, low=0, high=3)
     silence_ms: int = _setting(350, low=90, high=10_000)
     cycle_ms: int = _setting(250, low=50, high=5_000)
@@ -131,6 +136,26 @@ class StreamSettings(_Section):
             raise ConfigError("stream.min_window_s: must not exceed stream.max_window_s")
         if self.overlap_ms >= self.min_window_s * 1000:
             raise ConfigError("stream.overlap_ms: must be shorter than stream.min_window_s")
+        return self
+
+
+@dataclass(frozen=True)
+class EndpointingSettings(_Section):
+    """How a Wyoming request's voice command is ended by the service: the silence after a command the whole decode
+    says is complete or unfinished, the decoder's confidence it needs, and the waits for no speech and a long command.
+    """
+
+    complete_silence_ms: int = _setting(600, low=90, high=5_000)
+    unfinished_silence_ms: int = _setting(1000, low=90, high=10_000)
+    # A command's last word the decoder is less sure of than this waits as an unfinished one.
+    min_word_probability: float = _setting(0.5, low=0.0, high=1.0)
+    no_speech_s: float = _setting(8.0, low=1.0, high=600.0)
+    max_command_s: float = _setting(15.0, low=1.0, high=600.0)
+
+    def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> EndpointingSettings:
+        """A complete command waits no longer than an unfinished one."""
+        if self.complete_silence_ms > self.unfinished_silence_ms:
+            raise ConfigError("endpointing.complete_silence_ms: must not exceed endpointing.unfinished_silence_ms")
         return self
 
 
@@ -250,6 +275,8 @@ class WyomingSettings(_Section):
 
     enabled: bool = True
     uri: str = "tcp://0.0.0.0:10300"
+    # The service ends each request's command itself (`describe` says requires_external_vad: false).
+    endpointing: bool = True
     zeroconf: str = ""
     allowed_networks: tuple[str, ...] = HOME_NETWORKS
     max_connections: int = _setting(64, low=1, high=100_000)
@@ -406,6 +433,7 @@ class Settings:
 
     model: ModelSettings = field(default_factory=ModelSettings)
     stream: StreamSettings = field(default_factory=StreamSettings)
+    endpointing: EndpointingSettings = field(default_factory=EndpointingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     wyoming: WyomingSettings = field(default_factory=WyomingSettings)
@@ -426,6 +454,7 @@ class Settings:
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings,
     "stream": StreamSettings,
+    "endpointing": EndpointingSettings,
     "limits": LimitSettings,
     "http": HttpSettings,
     "wyoming": WyomingSettings,

@@ -99,6 +99,14 @@ class DecodePolicy:
         """The newest whole decode of the utterance."""
         return self._candidate
 
+    def whole_words(self, voice_end_s: float) -> list[Word] | None:
+        """All the words of the utterance as its newest trusted whole decode heard them (the committed prefix before
+        its window, then its own), when it heard the voice up to `voice_end_s`; None when no such decode is in."""
+        candidate = self._candidate
+        if candidate is None or not candidate.trusted or candidate.voice_end_s < voice_end_s:
+            return None
+        return self.committed_before(candidate.window_start_s) + list(candidate.words)
+
     def committed_before(self, time_s: float) -> list[Word]:
         """The committed words that end by `time_s`: the prefix a window starting there does not hear."""
         return [w for w in self._agreement.committed if w.end <= time_s + _SAME_TIME_S]

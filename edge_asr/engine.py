@@ -117,6 +117,7 @@ class EngineSession:
             split_on_silence=request.split_on_silence,
             prompt=request.prompt,
             language=admitted.language,
+            endpoint_rules=admitted.endpoint_rules,
         )
         self._state.set_names(admitted.names.prompt, admitted.names.speller)
         vocabulary = admitted.names.vocabulary
@@ -190,6 +191,9 @@ class EngineSession:
 
         A `Done` event follows the final. Audio fed meanwhile is transcribed as the next utterance.
         """
+        if self._state.finished:
+            # The service ended the request at its command's end: its final and `Done` are out or on their way.
+            return self._last_final
         finals_before = self._finals
         self._publish(self._state.end_of_audio(time.monotonic()))
         self._sink.decode_wanted()

@@ -9,11 +9,11 @@ from .agreement import join_words, normalise, strip_committed
 from .audio import FloatAudio, pcm16_to_float, seconds_to_bytes
 from .config import LimitSettings, StreamSettings
 from .decode_policy import DecodePolicy, FinalCandidate
-from .events import Event, Final, Partial, words_after
+from .endpointing import EndpointRules, Verdict
+from .events import Done, Event, Final, Partial, words_after
 from .stream_audio import AudioBuffer
 from .transcript import Word
 from .utterance import UtteranceTracker
-from .vad import START_LOOKBACK_S
 from .vocabulary import NamesInPrompt, NameSpeller
 
 if TYPE_CHECKING:
@@ -99,8 +99,10 @@ class StreamSession:
         split_on_silence: bool = True,
         prompt: str = "",
         language: str = "en",
+        endpoint_rules: EndpointRules | None = None,
     ) -> None:
         self._stream = stream
+        self._endpoint_rules = endpoint_rules
         self._prompt = prompt
         self._language = language
         # The household's names: a sentence the decoder reads first, and the speller of words heard close to one.
@@ -109,7 +111,9 @@ class StreamSession:
         # Finals of earlier utterances: the context the partial decodes condition on across short pauses.
         self._history = ""
         self._audio = AudioBuffer()
-        self._utterance = UtteranceTracker(stream, limits, self._audio, split_on_silence=split_on_silence)
+        self._utterance = UtteranceTracker(
+            stream, limits, self._audio, split_on_silence=split_on_silence, endpoint_rules=endpoint_rules
+        )
         self._policy = DecodePolicy(stream)
         self._utterances_emitted = 0
         self._start_decoding()
@@ -146,6 +150,11 @@ class StreamSession:
         return self._utterance.ending
 
     @property
+    def finished(self) -> bool:
+        """The endpointer ended the request (its `Done` is out, or follows its final): later audio is not heard."""
+        return self._utterance.finished
+
+    @property
     def undecoded_s(self) -> float:
         """Seconds of the open utterance's audio (and of what came after its end) that no decode has reached:
         how far the decoding lags behind the client."""
@@ -176,8 +185,8 @@ class StreamSession:
             self._start_decoding()
         if not self.active:
             # The VAD reports a start a few frames after it: keep those frames as well as the preroll.
-            self._audio.drop_before(self.stream_s - self._stream.preroll_ms / 1000 - START_LOOKBACK_S)
-        return self._final_if_ready(now)
+            self._audio.drop_before(self.stream_s - self._stream.preroll_ms / 1000 - self._utterance.start_lookback_s)
+        return self._final_if_ready(now) + self._endpoint(now)
 
     def end_of_audio(self, now: float) -> list[Event]:
         """The client ended the audio: the open utterance, if any, gets its final."""
@@ -255,9 +264,26 @@ class StreamSession:
         if not trusted:
             if request.final:
                 self._policy.whole_unusable()
-            return self._final_if_ready(now)
+            return self._final_if_ready(now) + self._endpoint(now)
         # A trusted decode of either kind is the newest hypothesis of the partial stream.
-        return self._update_partial(request, words, transcript.asr_ms, now) + self._final_if_ready(now)
+        events = self._update_partial(request, words, transcript.asr_ms, now) + self._final_if_ready(now)
+        return events + self._endpoint(now)
+
+    def _endpoint(self, now: float) -> list[Event]:
+        """With endpoint rules, end the request where they say; `Done` follows its final at once, or when the final
+        still needs its whole decode, once that is out."""
+        if self._endpoint_rules is None or self._utterance.endpoint(self._verdict(self._endpoint_rules), now) is None:
+            return []
+        if self.active:
+            return self._final_if_ready(now)
+        return [Done(self.utterance - 1)]
+
+    def _verdict(self, rules: EndpointRules) -> Verdict:
+        """What the newest trusted whole decode that heard all the speech says of the command."""
+        if not self.active:
+            return Verdict.UNDECODED if self._utterances_emitted else Verdict.NOTHING
+        words = self._policy.whole_words(self._utterance.voice_end_s)
+        return Verdict.UNDECODED if words is None else rules.verdict(words, self._language)
 
     def _update_partial(self, request: DecodeRequest, words: list[Word], asr_ms: float, now: float) -> list[Event]:
         self._policy.take_hypothesis(words, request.end_s)
@@ -341,4 +367,6 @@ class StreamSession:
         self._audio.drop_before(end_s)
         self._utterance.close()
         self._start_decoding()
+        if self.finished:
+            events.append(Done(self.utterance - 1))
         return events

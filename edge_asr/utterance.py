@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import LimitSettings, StreamSettings
+from .endpointing import EndpointRules, EndReason, Verdict
 from .stream_audio import AudioBuffer
 from .vad import VadChange, VadGate
 
@@ -50,18 +51,29 @@ class UtteranceTracker:
     """Opens an utterance where the VAD hears speech start and ends it at a pause, the end of the audio or
     `max_utterance_s`; speech and ends that come while an ended utterance waits for its final wait with it.
 
+    With endpoint rules (a voice command), its endpointer may also end the whole request: then the utterance ends,
+    and audio after it is not heard.
+
     Reads the stream's audio buffer for its length, the oldest audio held and arrival times; `now`/`wall`
     are the caller's monotonic clock in seconds.
     """
 
     def __init__(
-        self, stream: StreamSettings, limits: LimitSettings, audio: AudioBuffer, *, split_on_silence: bool
+        self,
+        stream: StreamSettings,
+        limits: LimitSettings,
+        audio: AudioBuffer,
+        *,
+        split_on_silence: bool,
+        endpoint_rules: EndpointRules | None = None,
     ) -> None:
         self._preroll_s = stream.preroll_ms / 1000
+        self._rules = endpoint_rules
+        self._finished = False
         self._max_utterance_s = limits.max_utterance_s
         self._split_on_silence = split_on_silence
         self._audio = audio
-        self._vad = VadGate(stream.vad_aggressiveness, stream.silence_ms)
+        self._vad = VadGate.of(stream)
         self._queued_changes: list[VadChange] = []
         self._pending_end: _PendingEnd | None = None
         self._open(None)
@@ -98,6 +110,16 @@ class UtteranceTracker:
         return self.state().ending
 
     @property
+    def start_lookback_s(self) -> float:
+        """How far before the moment the VAD reports it a speech start can lie."""
+        return self._vad.start_lookback_s
+
+    @property
+    def finished(self) -> bool:
+        """The endpointer ended the request: no audio after its end is heard."""
+        return self._finished
+
+    @property
     def voice_end_s(self) -> float:
         """The end of the last voiced frame of the open utterance."""
         return self._voice_end_s if self._end_s is not None else self._vad.last_voice_end_s
@@ -108,6 +130,8 @@ class UtteranceTracker:
 
     def push(self, pcm: bytes, now: float) -> bool:
         """Hear audio the buffer has just taken; whether an utterance opened."""
+        if self._finished:
+            return False
         opened = False
         for change in self._vad.push(pcm):
             opened |= self._on_vad(change)
@@ -130,8 +154,30 @@ class UtteranceTracker:
             self._end_wall = self._audio.arrival_of(change.at_s)
         return False
 
+    def endpoint(self, verdict: Verdict, now: float) -> EndReason | None:
+        """With endpoint rules, end the request if they say so, given what the newest whole decode says of the
+        command; the open utterance ends with it (at its last voice, or cut where the audio is when too long)."""
+        if self._rules is None or self._finished or self.ending:
+            return None
+        active = self.active
+        silence_s = self._audio.end_s - self._vad.last_voice_end_s if active else None
+        reason = self._rules.end(audio_s=self._audio.end_s, silence_s=silence_s, verdict=verdict)
+        if reason is None:
+            return None
+        self._finished = True
+        if active:
+            self._end_s = self._audio.end_s
+            if reason is EndReason.TOO_LONG:
+                self._voice_end_s, self._end_wall = self._audio.end_s, now
+            else:
+                self._voice_end_s = self._vad.last_voice_end_s
+                self._end_wall = self._audio.arrival_of(self._voice_end_s)
+        return reason
+
     def end_of_audio(self, now: float) -> None:
         """The client ended the audio: it ends the open utterance, or the speech after the one ending."""
+        if self._finished:
+            return
         if self.active and not self.ending:
             self._end_s = self._audio.end_s
             self._voice_end_s = self._vad.last_voice_end_s
@@ -149,6 +195,9 @@ class UtteranceTracker:
         end_s = self._end_s
         queued, self._queued_changes = self._queued_changes, []
         pending, self._pending_end = self._pending_end, None
+        if self._finished:
+            self._open(None)
+            return
         next_start_s = max(end_s, self._audio.start_s)
         # Forced ends (max_utterance_s) cut running speech: the rest is the next utterance.
         self._open(next_start_s if self._vad.speaking and not queued else None)

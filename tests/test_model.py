@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_asr.audio import FloatAudio, pcm16_to_float
-from edge_asr.config import ModelSettings
+from edge_asr.config import ModelSettings, StreamSettings
 from edge_asr.decoding import Decoder, WhisperTranscriber
 from edge_asr.memory import EncoderBudget
 from edge_asr.model import ModelError, WhisperBackend, bundled_model_dir, languages_of, resolve_model
@@ -122,7 +122,7 @@ def test_languages_are_known_from_the_model_files_before_it_loads(tmp_path: Path
 
 def test_a_whole_utterance_with_no_word_at_the_short_context_gets_a_second_opinion_at_30_s() -> None:
     transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1, encoder_floor_s=15.0))
-    gate = VadGate(2, 350)
+    gate = VadGate.of(StreamSettings())
     pcm = read_pcm("asterisk_digits_50") + silence(0.5)
     start = next(change.at_s for change in gate.push(pcm) if change.speaking)
     first, last = max(0.0, start - 0.3), gate.last_voice_end_s + 0.12  # the final's window, as a session cuts it

@@ -16,7 +16,8 @@ from edge_asr.decode_policy import WHOLE_DECODE_MAX_S
 from edge_asr.events import Event, Final, Partial
 from edge_asr.session import FINAL_TAIL_S, DecodeRequest, StreamSession
 from edge_asr.transcript import Transcript, Word
-from edge_asr.vad import FRAME_BYTES, VadGate
+from edge_asr.vad import WEBRTC_FRAME_BYTES as FRAME_BYTES
+from edge_asr.vad import VadGate
 
 from .speech import BYTES_PER_S, RATE, read_pcm, reference, silence
 
@@ -230,7 +231,7 @@ def one_command(lead_s: float = 0.3, trailing_s: float = 1.0, name: str = "cmd_p
 
 def last_voiced_end(pcm: bytes) -> float:
     """Where the session's VAD puts the end of the last voiced frame of pcm."""
-    gate = VadGate(2, 350)
+    gate = VadGate.of(StreamSettings())
     gate.push(pcm)
     return gate.last_voice_end_s
 
@@ -705,7 +706,7 @@ def test_client_prompt_survives_a_long_committed_text() -> None:
 def test_window_starts_preroll_ms_before_the_detected_speech() -> None:
     """The first window begins `preroll_ms` before where the VAD put the speech start."""
     audio = one_command(lead_s=1.0)
-    gate = VadGate(2, 350)
+    gate = VadGate.of(StreamSettings())
     start = next(change for change in gate.push(audio.pcm) if change.speaking)
     preroll_s = StreamSettings().preroll_ms / 1000
     driver = make_driver(audio.script)
@@ -950,7 +951,7 @@ def test_words_the_whole_decode_puts_after_the_voice_ended_are_not_in_the_final(
 
 
 def test_speech_that_resumes_after_a_pause_gets_a_new_whole_decode_of_all_of_it() -> None:
-    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.25).say("cmd_piper_joe_01").pause(1.0)
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.15).say("cmd_piper_joe_01").pause(1.0)
     driver = make_driver(audio.script, cut_words=False)
     driver.feed(audio.pcm)
 
@@ -1035,7 +1036,7 @@ def test_partial_decodes_come_less_often_when_the_cpu_is_slow() -> None:
 
 @pytest.mark.parametrize("chunk_bytes", [320, 3200, 9600])
 def test_the_final_window_depends_on_the_audio_not_on_chunking_or_decode_speed(chunk_bytes: int) -> None:
-    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.25).say("cmd_piper_joe_01").pause(1.0)
+    audio = Audio().pause(0.3).say("cmd_piper_joe_03").pause(0.15).say("cmd_piper_joe_01").pause(1.0)
     reference_driver = make_driver(audio.script)
     reference_driver.feed(audio.pcm)
     expected = [(r.start_s, r.end_s) for r in reference_driver.requests if r.final]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,14 +17,16 @@ from .speech import BYTES_PER_S, read_pcm, silence
 pytestmark = pytest.mark.fast
 
 CHUNK_BYTES = 640  # 20 ms
-FRAME_S = 0.03
+FRAME_S = VadGate.of(StreamSettings()).frame_s
+# The frames of non-speech after which the VAD ends speech (stream.silence_ms).
+SILENCE_FRAMES = math.ceil(StreamSettings().silence_ms / 1000 / FRAME_S - 1e-9)
 PREROLL_S = StreamSettings().preroll_ms / 1000
 COMMAND = "cmd_piper_joe_03"
 
 
 def voice(pcm: bytes) -> tuple[list[float], float]:
     """Where the tracker's VAD puts the speech starts in a stream of pcm, and the end of its last voiced frame."""
-    gate = VadGate(2, 350)
+    gate = VadGate.of(StreamSettings())
     starts = [change.at_s for change in gate.push(pcm) if change.speaking]
     return starts, gate.last_voice_end_s
 
@@ -84,7 +87,7 @@ def test_speech_opens_one_utterance_with_its_preroll_and_a_pause_ends_it() -> No
     assert feed.tracker.ending
     assert feed.tracker.voice_end_s == pytest.approx(last_voiced_s)
     # The end is decided after silence_ms (350 ms: 12 frames) of unvoiced frames.
-    assert feed.tracker.end_s == pytest.approx(last_voiced_s + 12 * FRAME_S)
+    assert feed.tracker.end_s == pytest.approx(last_voiced_s + SILENCE_FRAMES * FRAME_S)
     # Its wall time is when the audio at the end of the voice arrived, not when the end was decided.
     assert feed.tracker.end_wall == feed.audio.arrival_of(last_voiced_s)
     assert feed.tracker.end_wall < feed.now - 0.5
@@ -142,7 +145,7 @@ def test_speech_while_an_utterance_waits_for_its_final_opens_the_next_at_close()
     (_, second_voiced_s), last_voiced_s = voice(first + second)
     assert feed.tracker.start_s == pytest.approx(second_voiced_s - PREROLL_S)
     assert feed.tracker.voice_end_s == pytest.approx(last_voiced_s)
-    assert feed.tracker.end_s == pytest.approx(last_voiced_s + 12 * FRAME_S)
+    assert feed.tracker.end_s == pytest.approx(last_voiced_s + SILENCE_FRAMES * FRAME_S)
     feed.close()
     assert not feed.tracker.active
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import webrtcvad
 
-from edge_asr.vad import FRAME_BYTES, FRAME_MS, VadChange, VadGate
+from edge_asr.vad import WEBRTC_FRAME_BYTES as FRAME_BYTES
+from edge_asr.vad import WEBRTC_FRAME_MS as FRAME_MS
+from edge_asr.vad import VadChange, VadGate, WebRtcFrames
 
 from .speech import BYTES_PER_S, RATE, read_pcm, silence
 
@@ -43,7 +45,7 @@ def utterance(trailing_s: float = 1.0) -> bytes:
 
 
 def test_speech_gives_one_start_then_one_end() -> None:
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     changes = gate.push(utterance())
     assert [change.speaking for change in changes] == [True, False]
     start, end = changes
@@ -57,7 +59,7 @@ def test_start_is_the_first_voiced_frame() -> None:
     pcm = utterance()
     flags = voiced_frames(pcm)
     first_voiced = flags.index(True)
-    changes = VadGate(AGGRESSIVENESS, 350).push(pcm)
+    changes = VadGate(WebRtcFrames(AGGRESSIVENESS), 350).push(pcm)
     vote_frame = next(i for i in range(len(flags)) if sum(flags[max(0, i - 4) : i + 1]) >= 3)
     assert changes[0].speaking
     assert changes[0].at_s == pytest.approx(first_voiced * FRAME_S)
@@ -68,7 +70,7 @@ def test_start_is_reported_once_three_of_five_frames_are_voiced() -> None:
     pcm = utterance()
     flags = voiced_frames(pcm)
     vote_frame = next(i for i in range(len(flags)) if sum(flags[max(0, i - 4) : i + 1]) >= 3)
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     for index in range(len(flags)):
         changes = gate.push(pcm[index * FRAME_BYTES : (index + 1) * FRAME_BYTES])
         if changes:
@@ -78,14 +80,14 @@ def test_start_is_reported_once_three_of_five_frames_are_voiced() -> None:
 
 
 def test_silence_gives_no_change() -> None:
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     assert gate.push(read_pcm("silence_3s")) == []
     assert gate.speaking is False
     assert gate.last_voice_end_s == 0.0
 
 
 def test_speaking_while_speech_goes_on() -> None:
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     speech = read_pcm(SPEECH)
     changes = gate.push(silence(LEAD_S) + speech[: len(speech) // 2])
     assert [change.speaking for change in changes] == [True]
@@ -96,7 +98,7 @@ def test_end_is_at_the_last_voiced_frame() -> None:
     pcm = utterance()
     flags = voiced_frames(pcm)
     last_voiced_end_s = (len(flags) - flags[::-1].index(True)) * FRAME_S
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     changes = gate.push(pcm)
     assert changes[-1].speaking is False
     assert changes[-1].at_s == pytest.approx(last_voiced_end_s)
@@ -106,7 +108,7 @@ def test_end_is_at_the_last_voiced_frame() -> None:
 
 def end_position(silence_ms: int, pcm: bytes) -> tuple[float, VadChange]:
     """Feed pcm one frame at a time; return how much audio was in when the end came, and the end."""
-    gate = VadGate(AGGRESSIVENESS, silence_ms)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), silence_ms)
     for offset in range(0, len(pcm), FRAME_BYTES):
         for change in gate.push(pcm[offset : offset + FRAME_BYTES]):
             if not change.speaking:
@@ -130,7 +132,7 @@ def test_no_end_while_the_silence_is_shorter_than_silence_ms(silence_ms: int) ->
     flags = voiced_frames(speech + silence(1.0))
     last_voiced_end_s = (len(flags) - flags[::-1].index(True)) * FRAME_S
     pcm = (speech + silence(1.0))[: round((last_voiced_end_s + silence_ms / 1000 - 0.01) * RATE) * 2]
-    gate = VadGate(AGGRESSIVENESS, silence_ms)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), silence_ms)
     changes = gate.push(pcm)
     assert [change.speaking for change in changes] == [True]
     assert gate.speaking is True
@@ -140,9 +142,9 @@ def test_no_end_while_the_silence_is_shorter_than_silence_ms(silence_ms: int) ->
 def test_chunked_feed_gives_the_same_changes_as_whole(sizes: list[int]) -> None:
     pcm = utterance() + read_pcm("cmd_piper_joe_01") + silence(1.0)
     assert len(pcm) % 2 == 0
-    whole_gate = VadGate(AGGRESSIVENESS, 350)
+    whole_gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     whole = whole_gate.push(pcm)
-    chunked_gate = VadGate(AGGRESSIVENESS, 350)
+    chunked_gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     chunked = push_in_chunks(chunked_gate, pcm, sizes)
     assert [change.speaking for change in whole] == [True, False, True, False]
     assert chunked == whole
@@ -150,7 +152,7 @@ def test_chunked_feed_gives_the_same_changes_as_whole(sizes: list[int]) -> None:
 
 
 def test_empty_push_changes_nothing() -> None:
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     assert gate.push(b"") == []
     assert gate.push(silence(LEAD_S) + read_pcm(SPEECH)[: FRAME_BYTES * 20]) != []
     assert gate.push(b"") == []
@@ -158,7 +160,7 @@ def test_empty_push_changes_nothing() -> None:
 
 
 def test_reset_forgets_speech_and_the_next_speech_starts_anew() -> None:
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     speech = read_pcm(SPEECH)
     head = silence(LEAD_S) + speech[: len(speech) // 2 // FRAME_BYTES * FRAME_BYTES]
     assert [change.speaking for change in gate.push(head)] == [True]
@@ -172,7 +174,7 @@ def test_reset_forgets_speech_and_the_next_speech_starts_anew() -> None:
 
 
 def test_reset_during_silence_changes_nothing() -> None:
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     gate.push(silence(0.6))
     gate.reset()
     assert gate.push(silence(0.6)) == []
@@ -181,7 +183,7 @@ def test_reset_during_silence_changes_nothing() -> None:
 
 def test_reset_keeps_the_stream_position() -> None:
     """`reset()` forgets the speech state, "not the stream position": later times stay stream positions."""
-    gate = VadGate(AGGRESSIVENESS, 350)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
     for _ in range(10):
         gate.push(silence(FRAME_S / 2))  # half a frame, held back until the frame is whole
         gate.reset()

@@ -14,7 +14,6 @@ from hypothesis import example, given, settings
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.info import Describe, Info
 
 from edge_asr.bench.processes import Service
 from edge_asr.bench.wyoming_client import ReceivedEvent as Received
@@ -22,7 +21,15 @@ from edge_asr.bench.wyoming_client import read_until, send_clip, transcribe, tra
 
 from .server import start_service
 from .speech import normalise, read_pcm, reference
-from .wyoming_client import assert_answered, error_codes, exchange_to_end, raw_exchange, wire_event, wire_inputs
+from .wyoming_client import (
+    assert_answered,
+    describe,
+    error_codes,
+    exchange_to_end,
+    raw_exchange,
+    wire_event,
+    wire_inputs,
+)
 
 CHUNK_S = 0.1
 
@@ -34,19 +41,12 @@ def wyoming_service(service: Service) -> Service:
 
 
 def test_describe_answers_with_the_model_and_its_real_languages(wyoming_service: Service) -> None:
-    async def describe() -> Info:
-        async with AsyncTcpClient("127.0.0.1", wyoming_service.wyoming_port) as client:
-            await client.write_event(Describe().event())
-            event = await asyncio.wait_for(client.read_event(), 5)
-            assert event is not None
-            return Info.from_event(event)
-
-    info = asyncio.run(describe())
-    [program] = info.asr
+    [program] = describe(wyoming_service.wyoming_port).asr
     assert program.name == "edge-asr"
     assert program.installed
     assert program.version
     assert program.supports_transcript_streaming is True
+    assert program.requires_external_vad is False  # the service ends each command itself
     assert program.attribution.name
     assert program.description
     [model] = program.models
@@ -72,9 +72,10 @@ def test_a_request_streams_committed_chunks_before_audio_stop_then_the_transcrip
     assert len(streamed) >= len(normalise(text).split()) // 2
 
 
-def test_internal_silence_does_not_split_a_request(wyoming_service: Service) -> None:
+def test_a_pause_shorter_than_a_command_s_end_does_not_split_a_request(wyoming_service: Service) -> None:
     first, second = read_pcm("asterisk_conf-hasjoin"), read_pcm("asterisk_conf-leaderhasleft")
-    received, _stop_at = asyncio.run(transcribe(wyoming_service.wyoming_port, first + bytes(32000) + second))
+    # 0.2 s between two sentences, with the first one's own trailing silence: under endpointing.complete_silence_ms.
+    received, _stop_at = asyncio.run(transcribe(wyoming_service.wyoming_port, first + bytes(6400) + second))
 
     expected = f"{reference('asterisk_conf-hasjoin')} {reference('asterisk_conf-leaderhasleft')}"
     assert normalise(transcript_text(received)) == normalise(expected)

@@ -17,8 +17,10 @@ from typing import Any
 from hypothesis import strategies as st
 from wyoming.asr import Transcribe
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.event import Event, async_read_event, read_event
+from wyoming.info import Describe, Info
 
 from adapters.proxy_protocol import V2_SIGNATURE
 from adapters.wyoming import WyomingAdapter
@@ -74,6 +76,19 @@ def raw_exchange(port: int, data: bytes, wait_s: float = 5.0, linger_s: float = 
                 # a connection the server means to close is closed right after the error
                 deadline = min(deadline, time.monotonic() + linger_s)
     return events, False
+
+
+def describe(port: int) -> Info:
+    """The `info` a Wyoming server on a loopback port answers `describe` with."""
+
+    async def ask() -> Info:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Describe().event())
+            event = await asyncio.wait_for(client.read_event(), 5)
+            assert event is not None
+            return Info.from_event(event)
+
+    return asyncio.run(ask())
 
 
 def wire_event(event_type: str, data: dict[str, object] | None = None, payload: bytes = b"") -> bytes:

@@ -101,6 +101,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay the corpus N times: a row per run, their median and how often a clip's final text held (1)",
     )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' prints it on stdout)")
+    endpointing = parser.add_argument_group(
+        "endpointing",
+        "--endpointing replays each clip through --wyoming as a satellite that never sends audio-stop: as it is, with"
+        " a 0.3 s and a 0.5 s pause put between two words, and under room noise at 5 dB SNR; after the clip it sends"
+        " silence (or the noise) until the transcript comes. It reports speech end → transcript, commands cut (a"
+        " transcript before the speech ended), empty and missing transcripts, and the WER of the transcripts.",
+    )
+    endpointing.add_argument(
+        "--endpointing", action="store_true", help="measure how the --wyoming server ends commands by itself"
+    )
+    endpointing.add_argument(
+        "--endpoint-wait",
+        type=_positive_float,
+        default=20.0,
+        metavar="S",
+        help="with --endpointing: seconds of audio a satellite sends at most before it gives up (20)",
+    )
     soak = parser.add_argument_group(
         "soak",
         "--soak starts mosquitto and `edge-asr serve` itself (with --config, --model, --threads, --set) and runs"

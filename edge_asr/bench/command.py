@@ -8,6 +8,7 @@ import sys
 
 from ..config import Settings
 from .corpus import load_corpus, load_vocabulary
+from .endpointing import run_endpointing
 from .errors import BenchError
 from .nodes import read_all, sessions_during
 from .output import print_report
@@ -39,6 +40,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     if args.soak is not None:
         return run_soak(args, settings)
+    if args.endpointing:
+        return run_endpointing(args, settings)
     protocol = "websocket" if args.url else "wyoming" if args.wyoming else "in-process"
     try:
         if args.max_rss_growth_mb is not None:

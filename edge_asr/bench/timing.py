@@ -92,6 +92,6 @@ def end_to_final(playback: Playback) -> float | None:
 
 def speech_span(pcm: bytes, stream: StreamSettings) -> tuple[float, float] | None:
     """Speech start and last voiced frame end (seconds) that `VadGate` finds in a clip; None without speech."""
-    gate = VadGate(stream.vad_aggressiveness, stream.silence_ms)
+    gate = VadGate.of(stream)
     starts = [change.at_s for change in gate.push(pcm) if change.speaking]
     return (starts[0], gate.last_voice_end_s) if starts else None

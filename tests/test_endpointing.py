@@ -1,0 +1,223 @@
+"""The endpointer: when a voice command is over (the silence after it, and what its whole decode says), on real speech
+and a scripted transcriber; and its rules on their own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from edge_asr.config import ConfigError, EndpointingSettings, LimitSettings, StreamSettings, build_settings
+from edge_asr.endpointing import MIN_SILENCE_S, EndpointRules, EndReason, Verdict
+from edge_asr.events import Done, Final
+from edge_asr.session import StreamSession
+from edge_asr.transcript import Word
+
+from .speech import read_pcm, silence
+from .test_session import Audio, Driver, Script, last_voiced_end
+
+pytestmark = pytest.mark.fast
+
+RULES = EndpointRules.of(EndpointingSettings())
+COMMAND = "cmd_piper_joe_03"  # "set the thermostat to seventy two degrees"
+# The stream position of an event is that of the chunk after which it came: the VAD's frame and the driver's chunk.
+GRAIN_S = 0.06
+
+
+def words(*texts: str, probability: float = 0.9) -> tuple[Word, ...]:
+    """Words one after another, 0.3 s each."""
+    return tuple(Word(index * 0.3, index * 0.3 + 0.25, text, probability) for index, text in enumerate(texts))
+
+
+def punctuated(script: Script) -> Script:
+    """The script with the decoder's full stop on its last word."""
+    *head, (text, start, end) = script
+    return [*head, (f"{text}.", start, end)]
+
+
+def endpointed(
+    script: Script, rules: EndpointRules = RULES, language: str = "en", limits: LimitSettings | None = None
+) -> Driver:
+    """A driver for a Wyoming request whose command the session ends."""
+    stream = StreamSettings()
+    session = StreamSession(
+        stream, limits or LimitSettings(), split_on_silence=False, language=language, endpoint_rules=rules
+    )
+    return Driver(session, script, stream.final_silence_ms / 1000)
+
+
+def voice_end(lead_s: float, name: str) -> float:
+    """Where the session's VAD puts the end of the last voiced frame of a command said after `lead_s` of silence."""
+    return last_voiced_end(silence(lead_s) + read_pcm(name))
+
+
+def done_at(driver: Driver) -> float:
+    """Where in the stream the request's `Done` came."""
+    [done] = [emitted for emitted in driver.log if isinstance(emitted.event, Done)]
+    return done.stream_s
+
+
+# --- the rules -----------------------------------------------------------------------------------
+
+
+def test_a_command_that_ends_on_a_word_a_command_ends_on_with_a_full_stop_is_complete() -> None:
+    assert RULES.verdict(words(" Turn", " on", " the", " lights."), "en") is Verdict.COMPLETE
+    assert RULES.verdict(words(" What", " time", " is", " it?"), "en") is Verdict.COMPLETE
+    assert RULES.verdict(words(" Turn", " the", " fan", " on."), "en") is Verdict.COMPLETE
+    assert RULES.verdict(words(" Stop."), "en") is Verdict.COMPLETE
+    assert RULES.verdict(words(" Is", " the", " garage", " door", " open?"), "en") is Verdict.COMPLETE
+    assert RULES.verdict(words(" Dim", " the", " lights", " to", " 30%."), "en") is Verdict.COMPLETE
+    assert RULES.verdict(words(" Set", " an", " alarm", " for", " 7.30."), "en") is Verdict.COMPLETE
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        (" Turn", " on", " the."),  # an article
+        (" Set", " a", " timer", " for."),  # a preposition
+        (" Lights", " and."),  # a conjunction
+        (" Set", " it", " to", " twenty."),  # a number that may go on
+        (" Set", " it", " to", " 20."),  # the same number in digits
+        (" Turn", " on."),  # a particle right after its verb
+        (" Set.",),  # a verb that waits for its object
+        (" Can", " you", " open."),  # ... and after a pronoun
+        (" Set", " it", " to", " 200."),  # hundreds may go on
+        (" Turn", " on", " the", " lights"),  # no end-of-sentence punctuation
+    ],
+)
+def test_a_command_that_cannot_end_there_is_unfinished(texts: tuple[str, ...]) -> None:
+    assert RULES.verdict(words(*texts), "en") is Verdict.UNFINISHED
+
+
+def test_a_last_word_the_decoder_was_unsure_of_is_unfinished() -> None:
+    assert RULES.verdict(words(" Turn", " on", " the", " lights.", probability=0.3), "en") is Verdict.UNFINISHED
+
+
+def test_other_languages_use_no_word_list_only_punctuation_and_confidence() -> None:
+    assert RULES.verdict(words(" Mach", " das", " Licht", " an", " the."), "de") is Verdict.COMPLETE
+    assert RULES.verdict(words(" Mach", " das", " Licht", " an"), "de") is Verdict.UNFINISHED
+    assert RULES.verdict(words(" 把灯打开。"), "zh") is Verdict.COMPLETE
+
+
+def test_no_word_is_nothing() -> None:
+    assert RULES.verdict((), "en") is Verdict.NOTHING
+    assert RULES.verdict(words(" ...", " ."), "en") is Verdict.NOTHING
+
+
+def test_the_silence_a_command_waits_for_depends_on_its_verdict() -> None:
+    complete, unfinished = RULES.complete_silence_s, RULES.unfinished_silence_s
+    assert complete < unfinished
+    assert RULES.end(audio_s=3.0, silence_s=complete - 0.01, verdict=Verdict.COMPLETE) is None
+    assert RULES.end(audio_s=3.0, silence_s=complete, verdict=Verdict.COMPLETE) is EndReason.COMMAND
+    for verdict in (Verdict.UNFINISHED, Verdict.UNDECODED):
+        assert RULES.end(audio_s=3.0, silence_s=complete, verdict=verdict) is None
+        assert RULES.end(audio_s=3.0, silence_s=unfinished, verdict=verdict) is EndReason.COMMAND
+    assert RULES.end(audio_s=3.0, silence_s=None, verdict=Verdict.COMPLETE) is None
+
+
+def test_no_speech_ends_only_after_no_speech_s_and_a_long_command_at_max_command_s() -> None:
+    assert RULES.end(audio_s=RULES.no_speech_s - 0.1, silence_s=None, verdict=Verdict.NOTHING) is None
+    assert RULES.end(audio_s=RULES.no_speech_s, silence_s=None, verdict=Verdict.NOTHING) is EndReason.NO_SPEECH
+    # Speech the decoder found nothing in is no speech: it is not ended by its silence.
+    assert RULES.end(audio_s=3.0, silence_s=5.0, verdict=Verdict.NOTHING) is None
+    assert RULES.end(audio_s=RULES.max_command_s, silence_s=None, verdict=Verdict.UNDECODED) is EndReason.TOO_LONG
+
+
+def test_a_client_s_sensitivity_scales_the_silences_as_home_assistant_s_does() -> None:
+    settings = EndpointingSettings(complete_silence_ms=300, unfinished_silence_ms=1400)
+    relaxed = EndpointRules.of(settings, "relaxed")
+    aggressive = EndpointRules.of(settings, "aggressive")
+    assert relaxed.complete_silence_s == pytest.approx(0.3 * 1.25 / 0.7)
+    assert relaxed.unfinished_silence_s == pytest.approx(1.4 * 1.25 / 0.7)
+    assert aggressive.unfinished_silence_s == pytest.approx(1.4 * 0.25 / 0.7)
+    assert aggressive.complete_silence_s == MIN_SILENCE_S  # 0.107 s scaled, but never below the floor
+    assert EndpointRules.of(settings, "default") == EndpointRules.of(settings)
+
+
+def test_a_complete_command_may_not_wait_longer_than_an_unfinished_one() -> None:
+    with pytest.raises(ConfigError, match=r"^endpointing\.complete_silence_ms: must not exceed"):
+        build_settings({"endpointing": {"complete_silence_ms": 1200, "unfinished_silence_ms": 1000}})
+
+
+# --- a session that ends its command ---------------------------------------------------------------
+
+
+def test_a_complete_command_ends_after_its_short_silence_with_one_final_and_done() -> None:
+    audio = Audio().pause(0.3).say(COMMAND).pause(3.0)
+    driver = endpointed(punctuated(audio.script))
+    driver.feed(audio.pcm)
+
+    [final] = driver.finals()
+    assert final.text == "set the thermostat to seventy two degrees."
+    assert [type(event) for event in driver.events if not isinstance(event, Final)][-1] is Done
+    spoken_end = voice_end(0.3, COMMAND)
+    assert spoken_end + RULES.complete_silence_s <= done_at(driver) <= spoken_end + RULES.complete_silence_s + GRAIN_S
+    assert driver.session.finished
+
+
+def test_an_unfinished_command_waits_for_the_long_silence() -> None:
+    audio = Audio().pause(0.3).say(COMMAND).pause(3.0)
+    driver = endpointed(audio.script)  # no full stop: the decoder did not end the sentence
+    driver.feed(audio.pcm)
+
+    [final] = driver.finals()
+    assert final.text == "set the thermostat to seventy two degrees"
+    spoken_end = voice_end(0.3, COMMAND)
+    assert (
+        spoken_end + RULES.unfinished_silence_s <= done_at(driver) <= spoken_end + RULES.unfinished_silence_s + GRAIN_S
+    )
+
+
+def test_a_pause_inside_a_command_shorter_than_the_silence_does_not_end_it() -> None:
+    audio = Audio().pause(0.3).say("cmd_piper_joe_05").pause(0.15).say(COMMAND).pause(2.0)
+    driver = endpointed(punctuated(audio.script))
+    driver.feed(audio.pcm)
+
+    [final] = driver.finals()
+    assert final.text.startswith("open the garage door")
+    assert final.text.endswith("seventy two degrees.")
+
+
+def test_audio_after_the_end_is_not_heard_and_the_end_of_audio_adds_nothing() -> None:
+    audio = Audio().pause(0.3).say(COMMAND).pause(1.0)
+    driver = endpointed(punctuated(audio.script))
+    driver.feed(audio.pcm)
+    requests = len(driver.requests)
+    events = len(driver.events)
+
+    driver.feed(read_pcm("cmd_piper_joe_05") + silence(1.0))
+    assert driver.end() == []
+    assert len(driver.requests) == requests
+    assert len(driver.events) == events
+    assert not driver.session.wants_decode()
+
+
+def test_no_speech_at_all_ends_the_request_with_done_and_no_final() -> None:
+    rules = dataclasses.replace(RULES, no_speech_s=2.0)
+    driver = endpointed([], rules)
+    driver.feed(silence(3.0))
+
+    assert driver.finals() == []
+    assert [type(event) for event in driver.events] == [Done]
+    assert done_at(driver) == pytest.approx(2.0, abs=0.021)
+
+
+def test_speech_the_decoder_hears_nothing_in_is_not_a_command_until_no_speech_s() -> None:
+    rules = dataclasses.replace(RULES, no_speech_s=5.0)
+    audio = Audio().pause(0.3).say(COMMAND).pause(5.0)
+    driver = endpointed([], rules)  # the transcriber hears nothing: a cough, a door
+    driver.feed(audio.pcm)
+
+    assert driver.finals() == []
+    assert done_at(driver) == pytest.approx(5.0, abs=0.021)
+
+
+def test_a_command_that_goes_on_ends_at_max_command_s() -> None:
+    rules = dataclasses.replace(RULES, max_command_s=4.0)
+    audio = Audio().pause(0.3).say(COMMAND).pause(0.1).say(COMMAND).pause(0.1).say(COMMAND)
+    driver = endpointed(punctuated(audio.script), rules)
+    driver.feed(audio.pcm)
+
+    [final] = driver.finals()
+    assert final.end == pytest.approx(4.0, abs=0.021)
+    assert done_at(driver) == pytest.approx(4.0, abs=0.021)
