@@ -112,10 +112,12 @@ class ModelSettings(_Section):
 class StreamSettings(_Section):
     """The streaming decoder: VAD, retranscribe cycle, window and prompt."""
 
-    # The speech detector: Silero holds in a room's noise; webrtcvad costs nearly nothing but hears noise as speech.
-    vad: str = _setting("silero", choices=("silero", "webrtc"))
+    # The speech detector: Silero holds in a room's noise, where webrtcvad hears noise as speech; "auto" takes
+    # Silero where the service ends a command by its silence (a Wyoming request with endpointing) and webrtcvad,
+    # cheaper and as accurate in quiet, everywhere else.
+    vad: str = _setting("auto", choices=("auto", "silero", "webrtc"))
     # Silero: the speech probability from which a frame is speech.
-    vad_threshold: float = _setting(0.5, low=0.05, high=0.95)
+    vad_threshold: float = _setting(0.5, low=0.2, high=0.95)
     # webrtcvad: how readily a frame is not speech (0-3).
     vad_aggressiveness: int = _setting(2, low=0, high=3)
     silence_ms: int = _setting(350, low=90, high=10_000)

@@ -23,10 +23,6 @@ if TYPE_CHECKING:
 SILENT_WORD_TOLERANCE_S = 0.3
 # A run of this many words said twice in a row is a decoding loop, not speech.
 _LOOP_WORDS = 4
-# Whisper ends its last segment on silence; without enough of it, it leaves the last words to a later pass of their
-# own, which may drop them. A final's audio ends on at least this much: where the pause that started its decode
-# was shorter (`final_silence_ms`), or the audio stopped with the voice, digital silence makes up the rest.
-FINAL_TAIL_S = 0.12
 
 
 @dataclass(frozen=True)
@@ -218,7 +214,10 @@ class StreamSession:
         plain_prompt = build_prompt(self._prompt, context, self._stream.prompt_chars)
         pcm = self._audio.slice(window.start_s, window.end_s)
         if window.final:
-            tail_end_s = window.voice_end_s + max(self._stream.final_silence_ms / 1000, FINAL_TAIL_S)
+            # Whisper ends its last segment on silence; without enough of it, it leaves the last words to a later
+            # pass of their own, which may drop them. Where the pause that started this decode was shorter than the
+            # VAD's tail, or the audio stopped with the voice, digital silence makes up the rest.
+            tail_end_s = window.voice_end_s + max(self._stream.final_silence_ms / 1000, self._utterance.final_tail_s)
             pcm += bytes(max(0, seconds_to_bytes(tail_end_s - window.end_s)))
         return DecodeRequest(
             audio=pcm16_to_float(pcm),

@@ -73,7 +73,7 @@ class UtteranceTracker:
         self._max_utterance_s = limits.max_utterance_s
         self._split_on_silence = split_on_silence
         self._audio = audio
-        self._vad = VadGate.of(stream)
+        self._vad = VadGate.of(stream, ends_commands=endpoint_rules is not None)
         self._queued_changes: list[VadChange] = []
         self._pending_end: _PendingEnd | None = None
         self._open(None)
@@ -108,6 +108,11 @@ class UtteranceTracker:
     def ending(self) -> bool:
         """The open utterance has ended and waits for its final."""
         return self.state().ending
+
+    @property
+    def final_tail_s(self) -> float:
+        """The digital silence a final's audio needs after the VAD's last voiced frame."""
+        return self._vad.final_tail_s
 
     @property
     def start_lookback_s(self) -> float:

@@ -12,9 +12,10 @@ from edge_asr.endpointing import MIN_SILENCE_S, EndpointRules, EndReason, Verdic
 from edge_asr.events import Done, Final
 from edge_asr.session import StreamSession
 from edge_asr.transcript import Word
+from edge_asr.vad import VadGate
 
 from .speech import read_pcm, silence
-from .test_session import Audio, Driver, Script, last_voiced_end
+from .test_session import Audio, Driver, Script
 
 pytestmark = pytest.mark.fast
 
@@ -43,12 +44,14 @@ def endpointed(
     session = StreamSession(
         stream, limits or LimitSettings(), split_on_silence=False, language=language, endpoint_rules=rules
     )
-    return Driver(session, script, stream.final_silence_ms / 1000)
+    return Driver(session, script, stream.final_silence_ms / 1000, VadGate.of(stream, ends_commands=True).final_tail_s)
 
 
 def voice_end(lead_s: float, name: str) -> float:
     """Where the session's VAD puts the end of the last voiced frame of a command said after `lead_s` of silence."""
-    return last_voiced_end(silence(lead_s) + read_pcm(name))
+    gate = VadGate.of(StreamSettings(), ends_commands=True)
+    gate.push(silence(lead_s) + read_pcm(name))
+    return gate.last_voice_end_s
 
 
 def done_at(driver: Driver) -> float:

@@ -14,7 +14,7 @@ from edge_asr.audio import pcm16_to_float
 from edge_asr.config import LimitSettings, StreamSettings
 from edge_asr.decode_policy import WHOLE_DECODE_MAX_S
 from edge_asr.events import Event, Final, Partial
-from edge_asr.session import FINAL_TAIL_S, DecodeRequest, StreamSession
+from edge_asr.session import DecodeRequest, StreamSession
 from edge_asr.transcript import Transcript, Word
 from edge_asr.vad import WEBRTC_FRAME_BYTES as FRAME_BYTES
 from edge_asr.vad import VadGate
@@ -106,6 +106,7 @@ class Driver:
     session: StreamSession
     script: Script
     final_silence_s: float  # the session's stream.final_silence_ms, in seconds
+    final_tail_s: float  # the digital silence its VAD's finals end on at least
     cut_words: bool = True
     auto_decode: bool = True
     now: float = 1000.0
@@ -149,7 +150,7 @@ class Driver:
     def request(self) -> DecodeRequest:
         request = self.session.next_request()
         self.requests.append(request)
-        check_window(request, self.fed, self.final_silence_s)
+        check_window(request, self.fed, self.final_silence_s, self.final_tail_s)
         return request
 
     def apply(
@@ -187,9 +188,9 @@ class Driver:
         return [event for event in self.events if isinstance(event, Partial)]
 
 
-def check_window(request: DecodeRequest, fed: bytes, final_silence_s: float) -> None:
+def check_window(request: DecodeRequest, fed: bytes, final_silence_s: float, final_tail_s: float) -> None:
     """The request's audio is exactly the stream's audio from start_s to end_s, and for a final that stops before
-    `final_silence_s` (or FINAL_TAIL_S, the longer) after the voice, digital silence up to there."""
+    `final_silence_s` (or the VAD's `final_tail_s`, the longer) after the voice, digital silence up to there."""
     first = round(request.start_s * RATE) * 2
     last = round(request.end_s * RATE) * 2
     assert 0 <= request.start_s < request.end_s <= len(fed) / BYTES_PER_S + 1e-9
@@ -197,7 +198,7 @@ def check_window(request: DecodeRequest, fed: bytes, final_silence_s: float) -> 
     heard = pcm16_to_float(fed[first:last])
     assert np.array_equal(request.audio[: len(heard)], heard)
     padding = request.audio[len(heard) :]
-    short_s = request.voice_end_s + max(final_silence_s, FINAL_TAIL_S) - request.end_s
+    short_s = request.voice_end_s + max(final_silence_s, final_tail_s) - request.end_s
     assert len(padding) == (max(0, round(short_s * RATE)) if request.final else 0)
     assert not padding.any()
 
@@ -214,7 +215,8 @@ def make_driver(
 ) -> Driver:
     stream = stream or StreamSettings()
     session = StreamSession(stream, limits or LimitSettings(), split_on_silence=split_on_silence, prompt=prompt)
-    return Driver(session, script, stream.final_silence_ms / 1000, cut_words=cut_words, auto_decode=auto_decode)
+    tail_s = VadGate.of(stream).final_tail_s
+    return Driver(session, script, stream.final_silence_ms / 1000, tail_s, cut_words=cut_words, auto_decode=auto_decode)
 
 
 def by_utterance(events: Iterable[Event]) -> dict[int, list[Event]]:
@@ -507,7 +509,7 @@ def test_audio_that_stops_with_the_voice_gets_the_silence_of_a_pause_in_its_fina
     stopped = make_driver(speech.script)
     stopped.feed(speech.pcm[: len(speech.pcm) // CHUNK_BYTES * CHUNK_BYTES])
     stopped.end()
-    tail_s = max(stopped.final_silence_s, FINAL_TAIL_S)
+    tail_s = max(stopped.final_silence_s, stopped.final_tail_s)
 
     [with_pause] = [r for r in paused.requests if r.final][-1:]
     [at_the_stop] = [r for r in stopped.requests if r.final]

@@ -123,7 +123,7 @@ def satellite(service: Service, pcm: bytes, *, sensitivity: str | None = None, s
 
 def voice_end_s(pcm: bytes) -> float:
     """Where the service's VAD puts the end of the last voiced frame of pcm."""
-    gate = VadGate.of(StreamSettings())
+    gate = VadGate.of(StreamSettings(), ends_commands=True)
     gate.push(pcm)
     return gate.last_voice_end_s
 
