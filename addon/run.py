@@ -148,12 +148,10 @@ def check_options(raw: object) -> dict[str, Any]:
 def read_options(path: Path) -> dict[str, Any]:
     """The checked options in `path`; OptionsError says what is wrong with the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise OptionsError(f"cannot read {path}: {err.strerror or err} (the Supervisor writes it)") from None
-    try:
-        raw = json.loads(text)
-    except ValueError as err:
+    except ValueError as err:  # not UTF-8 (UnicodeDecodeError) or not JSON
         raise OptionsError(f"{path} is not JSON: {err}") from None
     return check_options(raw)
 

@@ -403,6 +403,9 @@ def test_a_missing_or_broken_options_file_is_refused_clearly(tmp_path: Path) -> 
     (tmp_path / "options.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(run.OptionsError, match=r"options\.json is not JSON"):
         run.read_options(tmp_path / "options.json")
+    (tmp_path / "options.json").write_bytes(b'{"model": "\xff"}')  # not UTF-8
+    with pytest.raises(run.OptionsError, match=r"options\.json is not JSON"):
+        run.read_options(tmp_path / "options.json")
     (tmp_path / "options.json").write_text("[]", encoding="utf-8")
     with pytest.raises(run.OptionsError, match="must be a JSON object"):
         run.read_options(tmp_path / "options.json")
