@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .agreement import normalise
+from .agreement import join_words, normalise
 from .config import EndpointingSettings
 from .transcript import Word
 
@@ -104,23 +104,27 @@ class EndpointRules:
         if not spoken:
             return Verdict.NOTHING
         last = spoken[-1]
-        text = "".join(word.text for word in words).rstrip()
-        if text[-1:] not in _SENTENCE_ENDS or last.probability < self.min_word_probability:
+        if join_words(words)[-1:] not in _SENTENCE_ENDS or last.probability < self.min_word_probability:
             return Verdict.UNFINISHED
         if language == "en" and not _can_end_en([normalise(word.text) for word in spoken[-2:]], last.text):
             return Verdict.UNFINISHED
         return Verdict.COMPLETE
 
-    def end(self, *, audio_s: float, silence_s: float | None, verdict: Verdict) -> EndReason | None:
+    def end(self, *, audio_s: float, silence_s: float | None, verdict: Callable[[], Verdict]) -> EndReason | None:
         """Whether the request ends now, `audio_s` into it, after `silence_s` of silence since the last voice of an
-        open utterance (None when none is open or the voice goes on)."""
+        open utterance (None when none is open or the voice goes on). `verdict` says what the decode makes of the
+        command; it is asked only once the silence or the clock could end the request, not on every chunk."""
         if audio_s >= self.max_command_s:
             return EndReason.TOO_LONG
-        if verdict is Verdict.NOTHING:
+        waited = silence_s is not None and silence_s >= self.complete_silence_s
+        if not waited and audio_s < self.no_speech_s:
+            return None
+        found = verdict()
+        if found is Verdict.NOTHING:
             return EndReason.NO_SPEECH if audio_s >= self.no_speech_s else None
         if silence_s is None:
             return None
-        needed = self.complete_silence_s if verdict is Verdict.COMPLETE else self.unfinished_silence_s
+        needed = self.complete_silence_s if found is Verdict.COMPLETE else self.unfinished_silence_s
         return EndReason.COMMAND if silence_s >= needed else None
 
 

@@ -271,7 +271,8 @@ class StreamSession:
     def _endpoint(self, now: float) -> list[Event]:
         """With endpoint rules, end the request where they say; `Done` follows its final at once, or when the final
         still needs its whole decode, once that is out."""
-        if self._endpoint_rules is None or self._utterance.endpoint(self._verdict(self._endpoint_rules), now) is None:
+        rules = self._endpoint_rules
+        if rules is None or self._utterance.endpoint(lambda: self._verdict(rules), now) is None:
             return []
         if self.active:
             return self._final_if_ready(now)

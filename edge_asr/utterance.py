@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import LimitSettings, StreamSettings
@@ -102,12 +103,12 @@ class UtteranceTracker:
     @property
     def active(self) -> bool:
         """An utterance is open: speech was heard and its final is not out yet."""
-        return self.state().active
+        return self._start_s is not None
 
     @property
     def ending(self) -> bool:
         """The open utterance has ended and waits for its final."""
-        return self.state().ending
+        return self._end_s is not None
 
     @property
     def final_tail_s(self) -> float:
@@ -127,7 +128,7 @@ class UtteranceTracker:
     @property
     def voice_end_s(self) -> float:
         """The end of the last voiced frame of the open utterance."""
-        return self._voice_end_s if self._end_s is not None else self._vad.last_voice_end_s
+        return self._voice_end_s if self.ending else self._vad.last_voice_end_s
 
     def state(self) -> UtteranceState:
         """The open utterance now, for the decode policy."""
@@ -159,9 +160,10 @@ class UtteranceTracker:
             self._end_wall = self._audio.arrival_of(change.at_s)
         return False
 
-    def endpoint(self, verdict: Verdict, now: float) -> EndReason | None:
+    def endpoint(self, verdict: Callable[[], Verdict], now: float) -> EndReason | None:
         """With endpoint rules, end the request if they say so, given what the newest whole decode says of the
-        command; the open utterance ends with it (at its last voice, or cut where the audio is when too long)."""
+        command (asked only when it matters); the open utterance ends with it (at its last voice, or cut where the
+        audio is when too long)."""
         if self._rules is None or self._finished or self.ending:
             return None
         active = self.active

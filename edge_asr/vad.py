@@ -1,5 +1,5 @@
 """The speech gate: finds speech start and end (after `silence_ms` of non-speech) in 16 kHz PCM, frame by frame, with
-Silero (the default: it holds in a room's noise) or webrtcvad (cheaper, for quiet rooms)."""
+Silero (it holds in a room's noise) or webrtcvad (cheaper, and as accurate in quiet)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ and a scripted transcriber; and its rules on their own."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
@@ -107,23 +108,37 @@ def test_no_word_is_nothing() -> None:
     assert RULES.verdict(words(" ...", " ."), "en") is Verdict.NOTHING
 
 
+def said(verdict: Verdict) -> Callable[[], Verdict]:
+    """A decode's verdict, as the rules ask for it."""
+    return lambda: verdict
+
+
+def test_the_decode_is_not_asked_while_neither_the_silence_nor_the_clock_could_end_the_request() -> None:
+    def unasked() -> Verdict:
+        raise AssertionError("the verdict was asked")
+
+    assert RULES.end(audio_s=3.0, silence_s=RULES.complete_silence_s - 0.01, verdict=unasked) is None
+    assert RULES.end(audio_s=3.0, silence_s=None, verdict=unasked) is None
+    assert RULES.end(audio_s=RULES.max_command_s, silence_s=None, verdict=unasked) is EndReason.TOO_LONG
+
+
 def test_the_silence_a_command_waits_for_depends_on_its_verdict() -> None:
     complete, unfinished = RULES.complete_silence_s, RULES.unfinished_silence_s
     assert complete < unfinished
-    assert RULES.end(audio_s=3.0, silence_s=complete - 0.01, verdict=Verdict.COMPLETE) is None
-    assert RULES.end(audio_s=3.0, silence_s=complete, verdict=Verdict.COMPLETE) is EndReason.COMMAND
+    assert RULES.end(audio_s=3.0, silence_s=complete - 0.01, verdict=said(Verdict.COMPLETE)) is None
+    assert RULES.end(audio_s=3.0, silence_s=complete, verdict=said(Verdict.COMPLETE)) is EndReason.COMMAND
     for verdict in (Verdict.UNFINISHED, Verdict.UNDECODED):
-        assert RULES.end(audio_s=3.0, silence_s=complete, verdict=verdict) is None
-        assert RULES.end(audio_s=3.0, silence_s=unfinished, verdict=verdict) is EndReason.COMMAND
-    assert RULES.end(audio_s=3.0, silence_s=None, verdict=Verdict.COMPLETE) is None
+        assert RULES.end(audio_s=3.0, silence_s=complete, verdict=said(verdict)) is None
+        assert RULES.end(audio_s=3.0, silence_s=unfinished, verdict=said(verdict)) is EndReason.COMMAND
+    assert RULES.end(audio_s=3.0, silence_s=None, verdict=said(Verdict.COMPLETE)) is None
 
 
 def test_no_speech_ends_only_after_no_speech_s_and_a_long_command_at_max_command_s() -> None:
-    assert RULES.end(audio_s=RULES.no_speech_s - 0.1, silence_s=None, verdict=Verdict.NOTHING) is None
-    assert RULES.end(audio_s=RULES.no_speech_s, silence_s=None, verdict=Verdict.NOTHING) is EndReason.NO_SPEECH
+    assert RULES.end(audio_s=RULES.no_speech_s - 0.1, silence_s=None, verdict=said(Verdict.NOTHING)) is None
+    assert RULES.end(audio_s=RULES.no_speech_s, silence_s=None, verdict=said(Verdict.NOTHING)) is EndReason.NO_SPEECH
     # Speech the decoder found nothing in is no speech: it is not ended by its silence.
-    assert RULES.end(audio_s=3.0, silence_s=5.0, verdict=Verdict.NOTHING) is None
-    assert RULES.end(audio_s=RULES.max_command_s, silence_s=None, verdict=Verdict.UNDECODED) is EndReason.TOO_LONG
+    assert RULES.end(audio_s=3.0, silence_s=5.0, verdict=said(Verdict.NOTHING)) is None
+    assert RULES.end(audio_s=RULES.max_command_s, silence_s=None, verdict=said(Verdict.UNDECODED)) is EndReason.TOO_LONG
 
 
 def test_a_client_s_sensitivity_scales_the_silences_as_home_assistant_s_does() -> None:
