@@ -17,7 +17,7 @@ from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.event import Event
 
-from edge_asr.bench.pacing import CHUNK_BYTES, CHUNK_S
+from edge_asr.bench.pacing import CHUNK_S, Replay, send_audio
 from edge_asr.bench.processes import Service
 from edge_asr.config import StreamSettings
 from edge_asr.vad import VadGate
@@ -37,7 +37,7 @@ ENDPOINTING = (
 COMMAND = "cmd_piper_joe_05"  # "open the garage door"
 # How long a satellite reads after its audio for anything more the service sends.
 LINGER_S = 1.0
-# The service has a chunk's audio this long before the satellite's clock reaches its end (sent at its start).
+# A chunk's length, and a little, of slack between the satellite's clock and what the service has been sent.
 AHEAD_S = CHUNK_S + 0.005
 
 
@@ -74,12 +74,11 @@ def endpointing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 async def _send(client: AsyncTcpClient, pcm: bytes) -> None:
     """Audio in 20 ms chunks at the pace it is spoken."""
-    started = time.monotonic()
-    for offset in range(0, len(pcm), CHUNK_BYTES):
-        await asyncio.sleep(max(0.0, started + offset / CHUNK_BYTES * CHUNK_S - time.monotonic()))
-        await client.write_event(
-            AudioChunk(rate=16000, width=2, channels=1, audio=pcm[offset : offset + CHUNK_BYTES]).event()
-        )
+
+    async def chunk(audio: bytes) -> None:
+        await client.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=audio).event())
+
+    await send_audio(pcm, Replay(realtime=True, trailing_silence_s=0.0), chunk)
 
 
 async def _request(

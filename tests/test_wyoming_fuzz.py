@@ -20,6 +20,7 @@ from wyoming.event import Event
 import adapters.wyoming
 from adapters.wyoming import MAX_CHANNELS, MAX_RATE, MIN_RATE, WIDTHS
 from edge_asr.config import SITE_PATTERN
+from edge_asr.endpointing import SENSITIVITY_SCALE
 
 from .fakes import FakeEngine
 from .wyoming_client import (
@@ -45,6 +46,8 @@ FUZZ = settings(
     # caplog is per test, not per example: each example looks only at the records it added.
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
+# What a transcribe's vad_sensitivity may be (Wyoming 1.10's, as Home Assistant sends it).
+SENSITIVITIES = tuple(SENSITIVITY_SCALE)
 REQUEST_TYPES = ("describe", "ping", "transcribe", "audio-start", "audio-chunk", "audio-stop")
 
 
@@ -216,7 +219,13 @@ def _events(draw: st.DrawFn) -> Generated:
         names = st.sampled_from(["kitchen", "living_room", "", "no spaces", "ü"]) | st.text(max_size=8)
         site = st.fixed_dictionaries({}, optional={"site": names | json_values(2)})
         language = st.sampled_from(["en", "de", "EN-us", "fr", ""]) | json_values(2)
-        data = draw(st.fixed_dictionaries({}, optional={"language": language, "context": site | json_values(2)}))
+        sensitivity = st.sampled_from([*SENSITIVITIES, "RELAXED", "sleepy"]) | json_values(2)
+        data = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={"language": language, "context": site | json_values(2), "vad_sensitivity": sensitivity},
+            )
+        )
     elif kind in ("audio-start", "audio-chunk"):
         data = draw(_format_fields())
         if kind == "audio-chunk":
@@ -275,6 +284,7 @@ def _expected_answers(events: list[Generated]) -> list[str]:
                 not _text_or_none(data.get("language"))
                 or not (context is None or isinstance(context, dict))
                 or (isinstance(context, dict) and not _text_or_none(context.get("site")))
+                or data.get("vad_sensitivity") not in (None, *SENSITIVITIES)
             ):
                 answers.append("error:bad_event")
             else:
@@ -326,6 +336,7 @@ def _answers(events: list[Event]) -> list[str]:
 @FUZZ
 @given(events=st.lists(st.tuples(_events(), st.booleans()), max_size=12))
 @example(events=[(("transcribe", {"language": 5}, b""), False)])
+@example(events=[(("transcribe", {"vad_sensitivity": ["relaxed"]}, b""), False)])
 @example(events=[(("transcribe", {"context": "kitchen"}, b""), True)])
 @example(events=[(("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, bytes(2)), False)])
 @example(

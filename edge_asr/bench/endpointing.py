@@ -34,7 +34,7 @@ from ..transcript import Word
 from .corpus import Clip, load_corpus
 from .errors import BenchError
 from .output import json_text, print_report
-from .pacing import CHUNK_S
+from .pacing import Replay, send_audio
 from .room import (
     NOISE_KINDS,
     NoiseKind,
@@ -177,24 +177,18 @@ async def play(uri: str, trial: Trial, language: str, wait_s: float) -> TrialRes
     stop sending then, and close."""
     filler_s = max(0.0, wait_s - len(trial.pcm) / (SAMPLE_RATE * SAMPLE_WIDTH))
     audio = trial.pcm + _filler(trial, filler_s, np.random.default_rng(_seed(trial.clip) + 1))
-    step = int(CHUNK_S * SAMPLE_RATE) * SAMPLE_WIDTH
     sent: list[tuple[float, float]] = []
     async with WyomingClient(uri, CONNECT_TIMEOUT_S) as client:
         connection = client.connection
         await client.ask(language)
         await connection.write_event(AudioStart(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1).event())
 
-        async def send() -> None:
-            started = time.monotonic()
-            for offset in range(0, len(audio), step):
-                chunk = audio[offset : offset + step]
-                position_s = (offset + len(chunk)) / (SAMPLE_RATE * SAMPLE_WIDTH)
-                await asyncio.sleep(max(0.0, started + position_s - time.monotonic()))
-                event = AudioChunk(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1, audio=chunk).event()
-                await connection.write_event(event)
-                sent.append((position_s, time.monotonic()))
+        async def chunk(pcm: bytes) -> None:
+            await connection.write_event(
+                AudioChunk(rate=SAMPLE_RATE, width=SAMPLE_WIDTH, channels=1, audio=pcm).event()
+            )
 
-        sender = asyncio.create_task(send())
+        sender = asyncio.create_task(send_audio(audio, Replay(realtime=True, trailing_silence_s=0.0), chunk, sent))
         text: str | None = None
         error: str | None = None
         arrived = 0.0
