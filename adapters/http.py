@@ -235,9 +235,13 @@ class WebSocketStream:
         self._finishing = asyncio.create_task(self._session.finish())
 
     def _on_config(self, message: dict[str, Any]) -> None:
-        unknown = sorted(set(message) - {"type", "language", "prompt", "site", "vocabulary"})
+        unknown = sorted(set(message) - {"type", "language", "prompt", "site", "vocabulary", "partials"})
         if unknown:
             self._session.report_error("bad_config", f"unknown config keys: {quoted(', '.join(unknown))}")
+            return
+        partials = message.get("partials", True)
+        if not isinstance(partials, bool):
+            self._session.report_error("bad_config", "partials must be true or false")
             return
         prompt, language = message.get("prompt", ""), message.get("language", self._session.info.language)
         site = message.get("site", self._session.info.site)
@@ -259,6 +263,8 @@ class WebSocketStream:
             return
         if "prompt" in message:
             self._session.set_prompt(prompt)
+        if "partials" in message:
+            self._session.set_partials(partials)
 
     def _refused(self, refusal: EngineRefusal, detail: str = "") -> None:
         error = refusal_error(refusal)

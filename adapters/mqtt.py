@@ -300,7 +300,7 @@ class MqttAdapter(BrokerCallbacks):
         self._client.will_set(self._status_topic, "offline", qos=1, retain=True)
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._loop = asyncio.get_running_loop()
-        self._engine.add_listener(self._on_event)
+        self._engine.add_listener(self._on_event, reads_partials=settings.partials)
         self._set_state("connecting", logging.INFO, f"MQTT connecting to {self._broker}")
         self._client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
         self._client.loop_start()
@@ -443,7 +443,7 @@ class MqttAdapter(BrokerCallbacks):
         if site not in self._sites:
             self._new_site(site)
         if isinstance(event, Partial):
-            if self._connected:
+            if self._connected and self._settings.partials:
                 self._publish(
                     "partial", site_topic(self._settings, site, "partial"), event_payload(info, site, event), qos=0
                 )

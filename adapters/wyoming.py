@@ -292,7 +292,7 @@ def model_info(settings: Settings, languages: tuple[str, ...]) -> Info:
                         languages=list(languages),
                     )
                 ],
-                supports_transcript_streaming=True,
+                supports_transcript_streaming=settings.wyoming.transcript_chunks,
                 # With endpointing the service ends each command itself; without, the satellite's (or Home
                 # Assistant's) voice-activity detection sends audio-stop.
                 requires_external_vad=not settings.wyoming.endpointing,
@@ -465,6 +465,7 @@ class WyomingHandler(AsyncEventHandler):
                     terms=request.terms,
                     endpointing=self._settings.wyoming.endpointing,
                     vad_sensitivity=request.sensitivity,
+                    partials=self._settings.wyoming.transcript_chunks,
                 )
             )
         except EngineRefusal as err:
@@ -516,7 +517,8 @@ class WyomingHandler(AsyncEventHandler):
         await self._write(TranscriptStop().event())
 
     async def _respond(self, session: SpeechSession) -> bool:
-        """Committed text as transcript-chunks while audio flows, then transcript and transcript-stop; whether it
+        """Committed text as transcript-chunks while audio flows (with wyoming.transcript_chunks; the session makes
+        partials only then), then transcript and transcript-stop; whether it
         got that far (it does not when the session closes before its `Done`)."""
         sent = ""  # committed text of the open utterance already sent as chunks
         finals: list[str] = []
@@ -526,7 +528,7 @@ class WyomingHandler(AsyncEventHandler):
                 sent = event.stable
             elif isinstance(event, Final):
                 # The final may revise committed words: then the chunks stop short, and the transcript says it.
-                if new := words_after(event.text, sent):
+                if self._settings.wyoming.transcript_chunks and (new := words_after(event.text, sent)):
                     await self._chunk(new, first=not (sent or finals))
                 finals.append(event.text)
                 sent = ""

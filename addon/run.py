@@ -106,6 +106,8 @@ OPTIONS: dict[str, Option] = {
     "mqtt_username": Option(str, False, "mqtt.username"),
     "mqtt_password": Option(str, False, "mqtt.password"),
     "mqtt_topic_prefix": Option(str, True, "mqtt.topic_prefix"),
+    # Missing in the options of an add-on installed before it: partials stay on, as then.
+    "mqtt_partials": Option(bool, False, "mqtt.partials"),
     "log_level": Option(str, True, "log_level"),
 }
 # The service's defaults these two are checked against: a window never longer than the utterance, and more audio
@@ -203,6 +205,7 @@ def service_config(
     _set(config, OPTIONS["mqtt"].key, bool(options["mqtt"]))
     if options["mqtt"]:
         _set(config, OPTIONS["mqtt_topic_prefix"].key, options["mqtt_topic_prefix"])
+        _set(config, OPTIONS["mqtt_partials"].key, options.get("mqtt_partials", True))
         config["mqtt"].update(_broker_keys(options, broker))
     return config
 

@@ -100,7 +100,9 @@ class SessionRequest:
     `sites.default`; `peer` is the client's address, counted for `limits.max_sessions_per_address`; `names` and
     `terms` are the request's own vocabulary, which biases decoding before the configured one; a stream that does
     not `split_on_silence` is one utterance until `finish` (a Wyoming request), or, with `endpointing`, until the
-    service hears the command end (`vad_sensitivity` scales the silences it waits for, as Home Assistant's does)."""
+    service hears the command end (`vad_sensitivity` scales the silences it waits for, as Home Assistant's does);
+    `partials`: the client reads partials (without them, and with no listener that reads them, the session decodes
+    only what its finals need)."""
 
     source: str
     language: str | None = None
@@ -112,6 +114,7 @@ class SessionRequest:
     terms: tuple[str, ...] = ()
     endpointing: bool = False
     vad_sensitivity: Sensitivity = "default"
+    partials: bool = True
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,9 @@ class SpeechSession(Protocol):
     def set_vocabulary(self, names: tuple[str, ...], terms: tuple[str, ...] = ()) -> None:
         """The client's own names (and terms) for later decodes, before the configured vocabulary."""
 
+    def set_partials(self, wanted: bool) -> None:
+        """Whether the client reads partials from now on."""
+
     def report_error(self, code: str, message: str) -> None:
         """Queue an error for the client, in order with the session's other events."""
 
@@ -215,8 +221,9 @@ class SpeechEngine(Protocol):
     def health(self) -> Health:
         """Model, sessions, uptime and decode facts."""
 
-    def add_listener(self, listener: Listener) -> None:
-        """Call `listener` on the event loop with every event of every session, in order."""
+    def add_listener(self, listener: Listener, *, reads_partials: bool) -> None:
+        """Call `listener` on the event loop with every event of every session, in order; while a listener
+        `reads_partials`, every session decodes them."""
 
     def set_component(self, name: str, state: str, healthy: bool) -> None:
         """Record the state of a part outside the engine (e.g. the MQTT connection) for /health."""

@@ -279,6 +279,9 @@ class WyomingSettings(_Section):
     uri: str = "tcp://0.0.0.0:10300"
     # The service ends each request's command itself (`describe` says requires_external_vad: false).
     endpointing: bool = True
+    # Committed words as transcript-chunk events while the speaker goes on (`describe` then says
+    # supports_transcript_streaming). Home Assistant reads only the transcript: chunks cost decodes nobody reads.
+    transcript_chunks: bool = False
     zeroconf: str = ""
     allowed_networks: tuple[str, ...] = HOME_NETWORKS
     max_connections: int = _setting(64, low=1, high=100_000)
@@ -325,6 +328,8 @@ class MqttSettings(_Section):
     """The MQTT adapter: every session's partials and finals, availability and Home Assistant discovery."""
 
     enabled: bool = False
+    # Every session's partials on <prefix>/<site>/partial: while on, every session decodes partials.
+    partials: bool = True
     host: str = "localhost"
     port: int = _setting(1883, low=1, high=65_535)
     protocol: str = _setting("5", choices=("5", "3.1.1"))

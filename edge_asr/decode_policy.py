@@ -56,10 +56,15 @@ class DecodePolicy:
     speaker pauses for `final_silence_ms`, the whole utterance is decoded (from its start, or from its committed
     prefix when longer than Whisper's window), ahead of any partial. At most one partial and one whole decode are
     out at a time; they may run side by side.
+
+    Without `partials` (nobody reads them), partials are decoded only for an utterance longer than Whisper's
+    window, whose final needs the words they commit; the whole decodes at pauses make the final and tell the
+    endpointer what was said.
     """
 
-    def __init__(self, stream: StreamSettings) -> None:
+    def __init__(self, stream: StreamSettings, *, partials: bool = True) -> None:
         self._stream = stream
+        self._partials = partials
         self._partial_in_flight = False
         self._final_in_flight = False
         # Model time of the newest partial decode: partial decodes get no more than their share of the CPU.
@@ -78,6 +83,10 @@ class DecodePolicy:
         self._whole_voice_end_s: float | None = None
         # The voiced end whose whole decode failed: not retried until more speech or the end comes.
         self._failed_voice_end_s: float | None = None
+
+    def set_partials(self, wanted: bool) -> None:
+        """Whether partials are read from now on."""
+        self._partials = wanted
 
     @property
     def in_flight(self) -> bool:
@@ -130,6 +139,8 @@ class DecodePolicy:
         if self._partial_in_flight or state.ending:
             return None
         if state.stream_s - state.start_s < self._stream.min_window_s:
+            return None
+        if not self._partials and self._whole_from_start(state.start_s, state.stream_s):
             return None
         # Partials are for display: when the CPU is slow, they come less often rather than fall behind.
         cycle_s = max(self._stream.cycle_ms / 1000, self._partial_asr_s / _PARTIAL_CPU_SHARE)

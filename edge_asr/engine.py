@@ -105,12 +105,16 @@ class EngineSession:
         sink: SessionSink,
         admission: Admission,
         metrics: Metrics,
+        *,
+        listeners_read_partials: bool,
     ) -> None:
         request = admitted.request
         self.admitted = admitted
         self._sink = sink
         self._admission = admission
         self._metrics = metrics
+        self._client_reads_partials = request.partials
+        self._listeners_read_partials = listeners_read_partials
         self._state = StreamSession(
             settings.stream,
             settings.limits,
@@ -118,6 +122,7 @@ class EngineSession:
             prompt=request.prompt,
             language=admitted.language,
             endpoint_rules=admitted.endpoint_rules,
+            partials=request.partials or listeners_read_partials,
         )
         self._state.set_names(admitted.names.prompt, admitted.names.speller)
         vocabulary = admitted.names.vocabulary
@@ -226,6 +231,11 @@ class EngineSession:
         )
         self._state.set_names(decoding.prompt, decoding.speller)
 
+    def set_partials(self, wanted: bool) -> None:
+        """Whether the client reads partials from now on; while neither it nor a listener does, none is decoded."""
+        self._client_reads_partials = wanted
+        self._state.set_partials(wanted or self._listeners_read_partials)
+
     def report_error(self, code: str, message: str) -> None:
         """Queue an error for the client, in order with the session's other events."""
         self._publish([SessionError(code, message)])
@@ -294,6 +304,8 @@ class EngineSession:
             if isinstance(event, Final):
                 self._finals += 1
                 self._last_final = event
+            elif isinstance(event, Partial) and not self._client_reads_partials:
+                continue  # decoded for a listener only
             self._events.put(event)
         self._changed.set()
         self._sink.publish(self.info, events)
@@ -315,6 +327,7 @@ class Engine:
         self._started = time.monotonic()
         self._status = "loading model"
         self._listeners: list[Listener] = []
+        self._listeners_read_partials = False
         self._components: dict[str, ComponentState] = {}
         self._languages_before_load: tuple[str, ...] | None = None
         self._draining = False
@@ -424,9 +437,11 @@ class Engine:
         await self._scheduler.stop()
         self._status = "stopped"
 
-    def add_listener(self, listener: Listener) -> None:
-        """Call `listener` on the event loop with every event of every session, in order."""
+    def add_listener(self, listener: Listener, *, reads_partials: bool) -> None:
+        """Call `listener` on the event loop with every event of every session, in order; while a listener
+        `reads_partials`, sessions opened from then on decode them."""
         self._listeners.append(listener)
+        self._listeners_read_partials |= reads_partials
 
     def set_component(self, name: str, state: str, healthy: bool) -> None:
         """Record the state of a part outside the engine (e.g. the MQTT connection) for /health."""
@@ -446,7 +461,15 @@ class Engine:
             self._metrics.rejected_total.labels("not_ready").inc()
             raise EngineNotReady(self._status)
         admitted = self._admission.admit(request, len(self._sessions))
-        session = EngineSession(next(self._ids), admitted, self.settings, self, self._admission, self._metrics)
+        session = EngineSession(
+            next(self._ids),
+            admitted,
+            self.settings,
+            self,
+            self._admission,
+            self._metrics,
+            listeners_read_partials=self._listeners_read_partials,
+        )
         self._sessions[session.info.id] = session
         self._metrics.sessions_total.labels(request.source).inc()
         self._metrics.sessions_active.set(len(self._sessions))

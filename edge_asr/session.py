@@ -96,8 +96,10 @@ class StreamSession:
         prompt: str = "",
         language: str = "en",
         endpoint_rules: EndpointRules | None = None,
+        partials: bool = True,
     ) -> None:
         self._stream = stream
+        self._partials = partials
         self._endpoint_rules = endpoint_rules
         self._prompt = prompt
         self._language = language
@@ -110,7 +112,7 @@ class StreamSession:
         self._utterance = UtteranceTracker(
             stream, limits, self._audio, split_on_silence=split_on_silence, endpoint_rules=endpoint_rules
         )
-        self._policy = DecodePolicy(stream)
+        self._policy = DecodePolicy(stream, partials=partials)
         self._utterances_emitted = 0
         self._start_decoding()
 
@@ -168,6 +170,11 @@ class StreamSession:
     def set_language(self, language: str) -> None:
         """The language later decodes ask for."""
         self._language = language
+
+    def set_partials(self, wanted: bool) -> None:
+        """Whether something reads partials from now on: without a reader, none is decoded or made."""
+        self._partials = wanted
+        self._policy.set_partials(wanted)
 
     def set_names(self, names_prompt: str, speller: NameSpeller | None) -> None:
         """The household's names for later decodes: the prompt sentence naming them and their speller."""
@@ -291,7 +298,7 @@ class StreamSession:
         self._latest_arrival = request.newest_arrival
         text = join_words(self._policy.committed + self._policy.tentative)
         stable = join_words(self._policy.committed)
-        if (text, stable) == self._last_partial:
+        if not self._partials or (text, stable) == self._last_partial:
             return []
         self._last_partial = (text, stable)
         self._emitted = True

@@ -122,6 +122,8 @@ class FakeSession:
     language: str
     prompt: str
     vocabulary: tuple[str, ...] = ()
+    # Whether the client reads partials: as the engine, listeners hear them all the same.
+    partials: bool = True
     fed: bytearray = field(default_factory=bytearray)
     words: list[str] = field(default_factory=list)
     closed: bool = False
@@ -191,6 +193,10 @@ class FakeSession:
         """Record the client's names and terms."""
         self.vocabulary = names + terms
 
+    def set_partials(self, wanted: bool) -> None:
+        """Record whether the client reads partials."""
+        self.partials = wanted
+
     def report_error(self, code: str, message: str) -> None:
         """Queue an error in order."""
         self._emit(SessionError(code, message))
@@ -210,7 +216,8 @@ class FakeSession:
     def _emit(self, event: Event) -> None:
         if self.closed:
             return
-        self._queue.put_nowait(event)
+        if self.partials or not isinstance(event, Partial):
+            self._queue.put_nowait(event)
         for listener in self.engine.listeners:
             listener(self.info, event)
 
@@ -265,6 +272,7 @@ class FakeEngine:
             self.check_language(request.language or "en"),
             request.prompt,
             request.names + request.terms,
+            request.partials,
         )
         self.sessions.append(session)
         return session
@@ -294,8 +302,8 @@ class FakeEngine:
             components=tuple(self.components.values()),
         )
 
-    def add_listener(self, listener: Listener) -> None:
-        """Record a listener."""
+    def add_listener(self, listener: Listener, *, reads_partials: bool) -> None:
+        """Record a listener (the fake's sessions make partials whoever reads them)."""
         self.listeners.append(listener)
 
     def set_component(self, name: str, state: str, healthy: bool) -> None:

@@ -162,6 +162,7 @@ def every_option(token_file: str) -> tuple[dict[str, Any], str]:
         "mqtt_username": "asr",
         "mqtt_password": "broker secret",
         "mqtt_topic_prefix": "voice",
+        "mqtt_partials": False,
         "log_level": "debug",
     }, token_file
 
@@ -328,6 +329,7 @@ def test_the_defaults_are_the_services_defaults() -> None:
     assert settings.stream == stream
     assert settings.limits == limits
     assert (settings.mqtt.enabled, settings.mqtt.topic_prefix) == (mqtt.enabled, mqtt.topic_prefix)
+    assert addon_config()["options"]["mqtt_partials"] is mqtt.partials
     assert settings.log_level == "INFO"
     # What the add-on sets itself: the container's fixed ports, models kept in /data.
     assert settings.wyoming.uri == "tcp://0.0.0.0:10300"
@@ -355,6 +357,7 @@ def test_each_option_lands_on_its_key(token_file: str) -> None:
     assert (settings.mqtt.host, settings.mqtt.port) == ("broker.lan", 8883)
     assert (settings.mqtt.username, settings.mqtt.password) == ("asr", "broker secret")
     assert settings.mqtt.topic_prefix == "voice"
+    assert not settings.mqtt.partials
     assert settings.log_level == "DEBUG"
     # Names from Home Assistant: the Supervisor's proxy of Core's WebSocket API, with the add-on's token.
     assert settings.homeassistant.url == "http://supervisor/core"
@@ -825,3 +828,12 @@ def test_the_addon_image_runs_the_service_as_the_supervisor_would(
     assert "announced tcp://" in logs
     assert TOKEN not in logs
     assert "edge-asr exited with status 0" in logs
+
+
+@pytest.mark.fast
+def test_options_from_before_mqtt_partials_keep_the_partials(token_file: str) -> None:
+    options, token_path = every_option(token_file)
+    del options["mqtt_partials"]
+    config = run.service_config(run.check_options(options), supervisor="http://supervisor", token_file=token_path)
+
+    assert build_settings(json.loads(json.dumps(config)), environ={}).mqtt.partials

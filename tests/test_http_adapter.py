@@ -141,6 +141,8 @@ async def test_an_unknown_language_is_unsupported_language_at_connect_and_in_a_c
         ('{"type": "config", "volume": 11}', "bad_config"),
         ('{"type": "config", "site": 7}', "bad_config"),
         ('{"type": "config", "site": "living room"}', "bad_config"),
+        ('{"type": "config", "partials": "no"}', "bad_config"),
+        ('{"type": "config", "partials": 0}', "bad_config"),
         ("[" * 33 + "]" * 33, "bad_json"),  # deeper than MAX_JSON_DEPTH
         ('{"type": "config", "prompt": ' * 2000, "bad_json"),  # deeper than the interpreter's stack
         ("1" * 5000, "bad_json"),  # more digits than Python converts
@@ -278,3 +280,22 @@ async def test_a_config_message_gives_the_session_its_vocabulary_and_a_bad_one_i
     assert len(refusals) == 3, errors
     assert all("vocabulary" in refusal.message for refusal in refusals[:2]), refusals
     assert "prompt" in refusals[2].message
+
+
+async def test_a_client_that_turns_partials_off_gets_none_and_the_session_is_told(
+    engine: FakeEngine, base_url: str
+) -> None:
+    async with connect(f"ws://{base_url}/ws/stream") as ws:
+        await _receive(ws)
+        await ws.send(bytes(640))
+        first = await _receive(ws)
+        await ws.send(json.dumps({"type": "config", "partials": False}))
+        await ws.send(bytes(640))
+        await ws.send(bytes(640))
+        await ws.send(json.dumps({"type": "end"}))
+        rest = await _until_done(ws)
+
+    assert first == Partial("w1", "", 1, 1, 1)
+    assert rest == [Final("w1 w2 w3", 1, 1, 1, 1, 0.0, 0.06), Done(1)]
+    [session] = engine.sessions
+    assert not session.partials

@@ -344,3 +344,50 @@ def test_sites_past_max_sites_are_published_without_entities_and_logged_once(tmp
     assert log.count("gets no Home Assistant entities") == 1
     assert "site cap_three gets no Home Assistant entities" in log
     assert component["state"] == "connected"
+
+
+def _speak_wyoming(port: int, clip: str, site: str) -> str:
+    """One Wyoming request of `clip` from `site`; its transcript."""
+
+    async def speak() -> str:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Transcribe(language="en", context={"site": site}).event())
+            reader = asyncio.create_task(read_until(client, TranscriptStop().event().type))
+            await send_clip(client, read_pcm(clip))
+            events = await reader
+        return next(Transcript.from_event(got.event).text for got in events if Transcript.is_type(got.event.type))
+
+    return asyncio.run(speak())
+
+
+def test_partials_for_automations_are_decoded_for_a_wyoming_request_that_reads_none(
+    service: Service, broker: Broker
+) -> None:
+    clip = "asterisk_conf-getconfno"
+    with subscribed(broker.port) as subscriber:
+        text = _speak_wyoming(service.wyoming_port, clip, "porch")
+        final = subscriber.on("edge_asr/porch/final").json()
+        received = subscriber.wait_for(lambda got: True)
+
+    assert final["text"] == text
+    assert [m for m in received if m.topic == "edge_asr/porch/partial"], "mqtt.partials is on: automations read them"
+
+
+def test_with_mqtt_partials_off_a_wyoming_request_decodes_no_partial(tmp_path: Path, broker: Broker) -> None:
+    clip = "asterisk_conf-getconfno"
+    service = mqtt_service(tmp_path, broker, "mqtt.partials=false")
+    try:
+        with subscribed(broker.port) as subscriber:
+            assert subscriber.on("edge_asr/status").payload == "online"
+            text = _speak_wyoming(service.wyoming_port, clip, "attic")
+            final = subscriber.on("edge_asr/attic/final").json()
+            received = subscriber.wait_for(lambda got: True)
+        metrics = service.metrics()
+    finally:
+        service.stop()
+
+    assert final["text"] == text
+    assert normalise(text) == normalise(reference(clip))
+    assert not [m for m in received if m.topic.endswith("/partial")]
+    assert metrics.partial_decodes == 0, "nothing read partials: none was decoded"
+    assert metrics.finals == 1

@@ -192,7 +192,9 @@ async def test_the_engine_merges_request_config_file_and_outside_names_and_tells
     transcriber = PromptRecorder()
     engine = Engine(settings, lambda: transcriber)
     seen: list[tuple[SessionInfo, Final]] = []
-    engine.add_listener(lambda info, event: seen.append((info, event)) if isinstance(event, Final) else None)
+    engine.add_listener(
+        lambda info, event: seen.append((info, event)) if isinstance(event, Final) else None, reads_partials=False
+    )
     engine.set_names("homeassistant", ("Kestrel", "brannoc"))
     await engine.start()
     try:

@@ -45,7 +45,7 @@ def test_describe_answers_with_the_model_and_its_real_languages(wyoming_service:
     assert program.name == "edge-asr"
     assert program.installed
     assert program.version
-    assert program.supports_transcript_streaming is True
+    assert program.supports_transcript_streaming is False  # Home Assistant reads only the transcript
     assert program.requires_external_vad is False  # the service ends each command itself
     assert program.attribution.name
     assert program.description
@@ -54,9 +54,22 @@ def test_describe_answers_with_the_model_and_its_real_languages(wyoming_service:
     assert model.languages == ["en"]
 
 
-def test_a_request_streams_committed_chunks_before_audio_stop_then_the_transcript(wyoming_service: Service) -> None:
+def test_by_default_a_request_gets_its_transcript_and_no_chunk(wyoming_service: Service) -> None:
     clip = "asterisk_conf-usermenu"
-    received, stop_at = asyncio.run(transcribe(wyoming_service.wyoming_port, read_pcm(clip)))
+    received, _stop_at = asyncio.run(transcribe(wyoming_service.wyoming_port, read_pcm(clip)))
+
+    types = [r.event.type for r in received]
+    assert types == ["transcript-start", "transcript", "transcript-stop"]
+    assert normalise(transcript_text(received)) == normalise(reference(clip))
+
+
+def test_with_transcript_chunks_a_request_streams_committed_chunks_before_audio_stop_then_the_transcript(
+    tmp_path: Path,
+) -> None:
+    service = start_service(tmp_path, "wyoming.transcript_chunks=true")
+    assert describe(service.wyoming_port).asr[0].supports_transcript_streaming is True
+    clip = "asterisk_conf-usermenu"
+    received, stop_at = asyncio.run(transcribe(service.wyoming_port, read_pcm(clip)))
 
     types = [r.event.type for r in received]
     assert types[0] == TranscriptStart().event().type

@@ -98,18 +98,45 @@ async def _request(client: AsyncTcpClient, chunks: list[bytes], language: str | 
     await client.write_event(AudioStop().event())
 
 
-async def test_describe_names_the_engines_languages(port: int) -> None:
+@pytest.fixture
+async def chunks_port(engine: FakeEngine) -> AsyncIterator[int]:
+    """The adapter with wyoming.transcript_chunks on, on a free loopback port."""
+    async with serving(engine, {"transcript_chunks": True}) as port:
+        yield port
+
+
+async def _describe(port: int) -> Info:
     async with AsyncTcpClient("127.0.0.1", port) as client:
         await client.write_event(Describe().event())
-        info = Info.from_event(await _read(client))
+        return Info.from_event(await _read(client))
 
-    [program] = info.asr
-    assert program.supports_transcript_streaming
+
+async def test_describe_names_the_engines_languages_and_streams_only_with_chunks(port: int, chunks_port: int) -> None:
+    [program] = (await _describe(port)).asr
+    assert not program.supports_transcript_streaming
     assert program.models[0].languages == ["en", "de"]
+    [streaming] = (await _describe(chunks_port)).asr
+    assert streaming.supports_transcript_streaming
 
 
-async def test_a_request_streams_committed_text_then_the_whole_transcript(engine: FakeEngine, port: int) -> None:
+async def test_without_chunks_a_request_reads_no_partials_and_gets_only_its_transcript(
+    engine: FakeEngine, port: int
+) -> None:
+    heard: list[SessionEvent] = []
+    engine.add_listener(lambda info, event: heard.append(event), reads_partials=True)
     async with AsyncTcpClient("127.0.0.1", port) as client:
+        await _request(client, [bytes(640)] * 3)
+        events = await _until_stop(client)
+
+    assert [e.type for e in events] == ["transcript-start", "transcript", "transcript-stop"]
+    assert Transcript.from_event(events[1]).text == "w1 w2 w3"
+    [session] = engine.sessions
+    assert not session.partials, "the session was told that its client reads no partials"
+    assert sum(isinstance(event, Partial) for event in heard) == 3, "a listener that reads partials still gets them"
+
+
+async def test_a_request_streams_committed_text_then_the_whole_transcript(engine: FakeEngine, chunks_port: int) -> None:
+    async with AsyncTcpClient("127.0.0.1", chunks_port) as client:
         await _request(client, [bytes(640)] * 3, language="de")
         events = [await _read(client)]
         while not TranscriptStop.is_type(events[-1].type):
@@ -127,10 +154,10 @@ async def test_a_request_streams_committed_text_then_the_whole_transcript(engine
 
 
 async def test_a_final_that_revises_sent_chunks_still_gives_the_corrected_transcript(
-    engine: FakeEngine, port: int
+    engine: FakeEngine, chunks_port: int
 ) -> None:
     engine.revisions = {"w2": "wX"}
-    async with AsyncTcpClient("127.0.0.1", port) as client:
+    async with AsyncTcpClient("127.0.0.1", chunks_port) as client:
         await _request(client, [bytes(640)] * 3)
         events = [await _read(client)]
         while not TranscriptStop.is_type(events[-1].type):
@@ -391,7 +418,7 @@ async def test_a_client_that_vanishes_mid_request_has_its_utterance_finished_for
         if isinstance(event, Final):
             finals.append(event.text)
 
-    engine.add_listener(listen)
+    engine.add_listener(listen, reads_partials=False)
     fed = _partials_heard(engine, 3)
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(_transcribe({"language": "en"}) + START + _chunk() * 3)
@@ -417,7 +444,7 @@ def _partials_heard(engine: FakeEngine, count: int) -> asyncio.Event:
         if partials >= count:
             heard.set()
 
-    engine.add_listener(listen)
+    engine.add_listener(listen, reads_partials=True)
     return heard
 
 

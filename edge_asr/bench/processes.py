@@ -153,6 +153,7 @@ class ServiceMetrics:
     finals: int | None
     events_dropped: int | None
     mqtt_finals_dropped: int | None
+    partial_decodes: int | None
 
 
 def parse_metrics(text: str) -> ServiceMetrics:
@@ -176,6 +177,7 @@ def parse_metrics(text: str) -> ServiceMetrics:
         finals=value("edge_asr_events", "edge_asr_events_total", type="final"),
         events_dropped=value("edge_asr_events_dropped", "edge_asr_events_dropped_total"),
         mqtt_finals_dropped=value("edge_asr_mqtt_finals_dropped", "edge_asr_mqtt_finals_dropped_total"),
+        partial_decodes=value("edge_asr_decode_seconds", "edge_asr_decode_seconds_count", kind="partial"),
     )
 
 
