@@ -39,9 +39,13 @@ def utc_timestamp() -> str:
 
 
 def event_payload(info: SessionInfo, site: str, event: Partial | Final) -> str:
-    """The JSON of `<prefix>/<site>/partial` or `/final`: the event's wire form, whose session it is, and
-    when it was published (for a final queued while the broker was away, when it was made)."""
-    return json.dumps({**event.to_dict(), **info.to_dict(), "site": site, "timestamp": utc_timestamp()})
+    """The JSON of `<prefix>/<site>/partial` or `/final`: the event's wire form, whose session it is (a final's own
+    language before the session's), and when it was published (for a final queued while the broker was away, when
+    it was made)."""
+    facts = info.to_dict()
+    if isinstance(event, Final) and event.language:
+        facts["language"] = event.language  # the one heard, for a session that detects it
+    return json.dumps({**event.to_dict(), **facts, "site": site, "timestamp": utc_timestamp()})
 
 
 def node_name(settings: MqttSettings) -> str:

@@ -34,7 +34,7 @@ from edge_asr.api import (
     request_names,
 )
 from edge_asr.audio import PcmConverter
-from edge_asr.config import ConfigError, Settings, WyomingSettings
+from edge_asr.config import AUTO_LANGUAGE, ConfigError, Settings, WyomingSettings
 from edge_asr.endpointing import Sensitivity
 from edge_asr.events import Done, Final, Partial, SessionError, quoted, words_after
 
@@ -193,6 +193,11 @@ def _sensitivity(value: object) -> Sensitivity:
         return "default"
     known = ", ".join(sensitivity.value for sensitivity in VadSensitivity)
     raise ProtocolError("bad_event", f"vad_sensitivity must be one of {known}")
+
+
+def _known_language(language: str) -> str | None:
+    """A session's language as Wyoming names it: None while the model is still to hear it."""
+    return None if language == AUTO_LANGUAGE else language
 
 
 def _audio_of(kind: type[_Audio], event: Event) -> _Audio:
@@ -473,7 +478,7 @@ class WyomingHandler(AsyncEventHandler):
             return
         self._refused = False
         self._session = session
-        await self._write(TranscriptStart(language=session.info.language).event())
+        await self._write(TranscriptStart(language=_known_language(session.info.language)).event())
         self._responder = asyncio.create_task(self._respond(session))
 
     async def _audio(self, event: Event) -> None:
@@ -508,7 +513,7 @@ class WyomingHandler(AsyncEventHandler):
         if self._responder is not None and not await self._responder:
             # The engine closed the session mid-request (it broke, after an error event): Home Assistant still waits
             # for a transcript, and an empty one tells it that nothing was understood.
-            await self._answer("", session.info.language)
+            await self._answer("", _known_language(session.info.language))
         await self._end_request()
 
     async def _answer(self, text: str, language: str | None) -> None:
@@ -522,6 +527,7 @@ class WyomingHandler(AsyncEventHandler):
         got that far (it does not when the session closes before its `Done`)."""
         sent = ""  # committed text of the open utterance already sent as chunks
         finals: list[str] = []
+        language = _known_language(session.info.language)
         async for event in session.events():
             if isinstance(event, Partial) and (new := words_after(event.stable, sent)):
                 await self._chunk(new, first=not (sent or finals))
@@ -531,6 +537,7 @@ class WyomingHandler(AsyncEventHandler):
                 if self._settings.wyoming.transcript_chunks and (new := words_after(event.text, sent)):
                     await self._chunk(new, first=not (sent or finals))
                 finals.append(event.text)
+                language = event.language or language
                 sent = ""
             elif isinstance(event, SessionError):
                 await self._error(event.code, event.message)
@@ -538,7 +545,7 @@ class WyomingHandler(AsyncEventHandler):
                 # The request is over: free its session slot before the satellite, told so, opens the next one
                 # (a satellite that is quick to ask again must not find its own slot still taken).
                 session.close()
-                await self._answer(" ".join(text for text in finals if text), session.info.language)
+                await self._answer(" ".join(text for text in finals if text), language)
                 return True
         return False
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .api import EngineBusy, InvalidSite, SessionRequest, UnsupportedLanguage
-from .config import SITE_PATTERN, Settings
+from .config import AUTO_LANGUAGE, SITE_PATTERN, Settings
 from .endpointing import EndpointRules
 from .events import quoted
 from .metrics import Metrics
@@ -89,9 +89,12 @@ class Admission:
             del self._peers[peer]
 
     def language(self, language: str) -> str:
-        """The model's code for a language tag (`en-US` → `en`); raises UnsupportedLanguage."""
+        """The model's code for a language tag (`en-US` → `en`), or AUTO_LANGUAGE for a model of several languages
+        (a model of one speaks only it); raises UnsupportedLanguage."""
         code = language.strip().lower().replace("_", "-").split("-")[0]
         languages = self._languages()
+        if code == AUTO_LANGUAGE and languages:
+            return code if len(languages) > 1 else languages[0]
         if code not in languages:
             known = ", ".join(languages) if len(languages) <= 10 else f"{len(languages)} languages"
             raise UnsupportedLanguage(f"language {language!r} is not one the model knows ({known})")

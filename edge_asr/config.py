@@ -50,6 +50,10 @@ def _setting(default: Any, low: float | None = None, high: float | None = None, 
     return field(default=default, metadata={"low": low, "high": high, "choices": choices})
 
 
+# `model.language` or a client's language: the one the model hears in each utterance.
+AUTO_LANGUAGE = "auto"
+
+
 def default_threads() -> int:
     """Half the cores, at least one: leaves room for audio I/O and the adapters."""
     return max(1, (os.cpu_count() or 2) // 2)
@@ -72,6 +76,7 @@ class ModelSettings(_Section):
     compute_type: str = _setting("int8", choices=("int8", "int8_float32", "float32", "int16", "default"))
     threads: int = _setting(0, low=0, high=256)
     workers: int = _setting(0, low=0, high=16)
+    # A language code, or AUTO_LANGUAGE: each utterance in the language the model hears in all of it.
     language: str = "en"
     beam_size: int = _setting(1, low=1, high=10)
     encoder_floor_s: float = _setting(15.0, low=1.0, high=30.0)

@@ -47,6 +47,7 @@ class FinalCandidate:
     asr_ms: float
     arrival: float
     trusted: bool
+    language: str = ""
 
 
 class DecodePolicy:

@@ -85,7 +85,8 @@ class Decoder:
         else:
             transcript = self._decode(audio, names.plain, language, self._floor_frames)
             if is_unsure(transcript.words):
-                named = self._decode(audio, prompt, language, self._floor_frames)
+                # In the language the first decode heard, so that the names do not change it.
+                named = self._decode(audio, prompt, transcript.language or language, self._floor_frames)
                 words = (
                     transcript.words
                     if named.hallucinated

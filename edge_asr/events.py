@@ -90,7 +90,8 @@ class Partial(Message):
 @dataclass(frozen=True)
 class Final(Message):
     """The transcript of one utterance, from a decode of all of it; `start`/`end` are seconds of the session's
-    audio. It is authoritative: `revised` says it changed words the partials had shown as `stable`."""
+    audio. It is authoritative: `revised` says it changed words the partials had shown as `stable`. `language` is
+    the language it was decoded as: the session's, or the one the model heard (a session in `auto`)."""
 
     kind: ClassVar[str] = "final"
     text: str
@@ -101,6 +102,7 @@ class Final(Message):
     start: float
     end: float
     revised: bool = False
+    language: str = ""
 
 
 @dataclass(frozen=True)

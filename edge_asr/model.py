@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .audio import SAMPLE_RATE, FloatAudio
-from .config import ModelSettings
+from .config import AUTO_LANGUAGE, ModelSettings
 from .memory import free_memory_release, limit_malloc_arenas
 from .transcript import Transcript, Word
 
@@ -121,12 +121,19 @@ def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:
     from faster_whisper import WhisperModel
 
     class _ShortenedWhisper(WhisperModel):  # type: ignore[misc]
-        """Encodes as many mel frames as the transcription on this thread was told, instead of always 30 s."""
+        """Encodes as many mel frames as the transcription on this thread was told, instead of always 30 s; when
+        told to detect the language, reads it from the first window's encoder output, as the decoder does."""
 
         def encode(self, features: np.ndarray) -> Any:
             frames = min(features.shape[-1], getattr(_decode_state, "encoder_frames", WHISPER_FRAMES))
+            first = _decode_state.encoded_frames == 0
             _decode_state.encoded_frames = frames
-            return super().encode(features[..., :frames])
+            output = super().encode(features[..., :frames])
+            if first and _decode_state.detect_language:
+                # The same call faster-whisper makes on this output for each window (multilingual=True).
+                best_token, _probability = self.model.detect_language(output)[0][0]
+                _decode_state.detected_language = best_token[2:-2]
+            return output
 
     location = resolve_model(settings.name)
     try:
@@ -186,11 +193,18 @@ class WhisperBackend:
         at most); blocking, so the engine runs it on a decode thread."""
         duration = len(audio) / SAMPLE_RATE
         started = time.monotonic()
+        detect = language == AUTO_LANGUAGE and len(self.languages) > 1
+        asked = language if language in self.languages else self.languages[0]
         _decode_state.encoder_frames = encoder_frames
         _decode_state.encoded_frames = 0
+        _decode_state.detect_language = detect
+        _decode_state.detected_language = asked
         segments, _info = self._model.transcribe(
             audio,
-            language=language if language in self.languages else self.languages[0],
+            # Detecting, the language asked for is only a placeholder: each window's own encoder output names
+            # it (multilingual), so the language costs no encoder pass of its own (language=None would).
+            language=asked,
+            multilingual=detect,
             beam_size=self._settings.beam_size,
             temperature=0.0,
             initial_prompt=prompt or None,
@@ -216,4 +230,5 @@ class WhisperBackend:
             asr_ms=(time.monotonic() - started) * 1000,
             encoder_s=_decode_state.encoded_frames / FRAMES_PER_SECOND,
             hallucinated=any(segment.compression_ratio > _REPETITIVE_COMPRESSION for segment in kept),
+            language=_decode_state.detected_language,
         )

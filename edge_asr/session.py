@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .agreement import join_words, normalise, strip_committed
 from .audio import FloatAudio, pcm16_to_float, seconds_to_bytes
-from .config import LimitSettings, StreamSettings
+from .config import AUTO_LANGUAGE, LimitSettings, StreamSettings
 from .decode_policy import DecodePolicy, FinalCandidate
 from .endpointing import EndpointRules, Verdict
 from .events import Done, Event, Final, Partial, words_after
@@ -119,6 +119,8 @@ class StreamSession:
     def _start_decoding(self) -> None:
         """Decode the utterance the tracker has open (if any) afresh: nothing of the one before carries over."""
         self._policy.reset(self._utterance.start_s)
+        # The language the newest trusted decode of this utterance heard it in (a session in AUTO_LANGUAGE).
+        self._heard_language = ""
         # The newest trusted hypothesis's model time and newest audio arrival: the final's when it stands in.
         self._latest_asr_ms = 0.0
         self._latest_arrival: float | None = None
@@ -226,12 +228,15 @@ class StreamSession:
             # VAD's tail, or the audio stopped with the voice, digital silence makes up the rest.
             tail_end_s = window.voice_end_s + max(self._stream.final_silence_ms / 1000, self._utterance.final_tail_s)
             pcm += bytes(max(0, seconds_to_bytes(tail_end_s - window.end_s)))
+        # A whole decode hears the language in all of the utterance so far; a partial keeps the one heard last.
+        auto = self._language == AUTO_LANGUAGE
+        language = self._heard_language if auto and not window.final and self._heard_language else self._language
         return DecodeRequest(
             audio=pcm16_to_float(pcm),
             start_s=window.start_s,
             end_s=window.end_s,
             prompt=" ".join(part for part in (self._names_prompt, plain_prompt) if part),
-            language=self._language,
+            language=language,
             final=window.final,
             newest_arrival=self._audio.arrival_of(window.end_s),
             utterance_start_s=start,
@@ -252,6 +257,8 @@ class StreamSession:
         words = [Word(w.start + request.start_s, w.end + request.start_s, spell(w.text)) for w in transcript.words]
         # A decode Whisper marks as looping, or that repeats itself, heard nothing worth showing.
         trusted = not transcript.hallucinated and not repeats_itself(words)
+        if trusted and transcript.language and self._language == AUTO_LANGUAGE:
+            self._heard_language = transcript.language
         if request.final:
             # Whisper invents words in silence; the VAD heard none after the voice ended.
             heard = tuple(w for w in words if w.start <= request.voice_end_s + SILENT_WORD_TOLERANCE_S)
@@ -262,6 +269,7 @@ class StreamSession:
                 asr_ms=transcript.asr_ms,
                 arrival=request.newest_arrival,
                 trusted=trusted,
+                language=transcript.language,
             )
             self._policy.take_whole(candidate)
             if self.ending and candidate.voice_end_s >= self._utterance.voice_end_s:
@@ -346,6 +354,16 @@ class StreamSession:
         tentative = [w for w in self._policy.tentative if w.start <= voice_end_s + SILENT_WORD_TOLERANCE_S]
         return [*self._policy.committed, *tentative], self._latest_asr_ms, self._latest_arrival or 0.0
 
+    def _final_language(self) -> str:
+        """The language of the final: the session's, or, detecting, the one its whole decode (else the newest
+        decode) heard."""
+        if self._language != AUTO_LANGUAGE:
+            return self._language
+        candidate = self._policy.candidate
+        if candidate is not None and candidate.trusted and candidate.language:
+            return candidate.language
+        return self._heard_language or self._language
+
     def _emit_final(self, now: float) -> list[Event]:
         start_s, end_s = self._utterance.start_s, self._utterance.end_s
         assert start_s is not None
@@ -365,6 +383,7 @@ class StreamSession:
                     start=start_s,
                     end=end_s,
                     revised=words_after(text, self._last_partial[1]) is None,
+                    language=self._final_language(),
                 )
             )
             self._utterances_emitted += 1

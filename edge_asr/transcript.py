@@ -27,12 +27,15 @@ class Transcript:
 
     `encoder_s` is the encoder input the decode used, in seconds (Whisper's own is 30). `hallucinated` is
     Whisper's own verdict on the text: a segment so repetitive that it compresses more than 2.4 times.
+    `language` is the language the words were decoded as: the one asked for, or the one detected ("" when the
+    transcriber does not say).
     """
 
     words: tuple[Word, ...]
     asr_ms: float
     encoder_s: float = 0.0
     hallucinated: bool = False
+    language: str = ""
 
 
 class Transcriber(Protocol):
@@ -53,7 +56,8 @@ class Transcriber(Protocol):
     def decode(
         self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
     ) -> Transcript:
-        """Transcribe a window of 16 kHz float audio, with text that came before it as prompt; `whole` says the
+        """Transcribe a window of 16 kHz float audio in `language` (AUTO_LANGUAGE: the one the model hears in it),
+        with text that came before it as prompt; `whole` says the
         window is a whole utterance whose transcript may become its final; `names` that its prompt names the
         household's names."""
         ...

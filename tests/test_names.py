@@ -4,9 +4,6 @@ with the names right when the session has them, and not without."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import wave
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from edge_asr.config import build_settings
 from edge_asr.engine import Engine
 
 from .speech import normalise, read_pcm, reference, silence
+from .spoken import speak
 
 NAMES = ("Calloway", "Pellmire", "Wrenfold", "Glasnoc", "Sunderby")
 COMMANDS = (
@@ -25,15 +23,6 @@ COMMANDS = (
     "Close the Glasnoc garage door",
     "Is the Sunderby window open",
 )
-
-
-def _speak(text: str, path: Path) -> bytes:
-    espeak = shutil.which("espeak-ng")
-    assert espeak, "espeak-ng is missing: script/test installs Debian's espeak-ng"
-    subprocess.run([espeak, "-v", "en-us", "-s", "150", "-w", str(path), text], check=True, timeout=30)
-    subprocess.run(["sox", str(path), "-r", "16000", "-c", "1", "-b", "16", f"{path}.16k.wav"], check=True, timeout=30)
-    with wave.open(f"{path}.16k.wav", "rb") as wav:
-        return wav.readframes(wav.getnframes())
 
 
 def _names_heard(text: str) -> set[str]:
@@ -58,8 +47,7 @@ async def _finals(settings_layer: dict[str, object], clips: list[bytes]) -> list
 
 @pytest.mark.system
 async def test_names_in_the_vocabulary_come_out_right(tmp_path: Path) -> None:
-    assert shutil.which("sox"), "sox is missing: script/test installs Debian's sox"
-    clips = [_speak(command, tmp_path / f"command{index}.wav") for index, command in enumerate(COMMANDS)]
+    clips = [speak(command, "en-us", tmp_path / f"command{index}.wav") for index, command in enumerate(COMMANDS)]
 
     without = await _finals({}, clips)
     with_names = await _finals({"model": {"threads": 1, "workers": 1, "vocabulary": list(NAMES)}}, clips)
