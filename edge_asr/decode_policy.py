@@ -155,8 +155,14 @@ class DecodePolicy:
             return None
         return "partial"
 
+    def heard_whole(self, state: UtteranceState) -> bool:
+        """The newest whole decode heard the utterance's voice to its end, and none after its end (an utterance split
+        at a pause ends before speech a whole decode may have heard)."""
+        candidate = self._candidate
+        return candidate is not None and state.voice_end_s <= candidate.voice_end_s <= state.audio_end_s
+
     def _wants_whole_decode(self, state: UtteranceState) -> bool:
-        if self._candidate is not None and self._candidate.voice_end_s >= state.voice_end_s:
+        if self.heard_whole(state):
             return False
         if state.ending:
             return True

@@ -272,7 +272,7 @@ class StreamSession:
                 language=transcript.language,
             )
             self._policy.take_whole(candidate)
-            if self.ending and candidate.voice_end_s >= self._utterance.voice_end_s:
+            if self.ending and self._policy.heard_whole(self._utterance.state()):
                 return self._emit_final(now)
             words = list(heard)
         if not trusted:
@@ -322,8 +322,7 @@ class StreamSession:
 
     def _final_if_ready(self, now: float) -> list[Event]:
         """The utterance has ended and a whole decode already heard every voiced frame: its final is out."""
-        candidate = self._policy.candidate
-        if not self.ending or candidate is None or candidate.voice_end_s < self._utterance.voice_end_s:
+        if not self.ending or not self._policy.heard_whole(self._utterance.state()):
             return []
         return self._emit_final(now)
 
@@ -352,7 +351,10 @@ class StreamSession:
             return prefix + strip_committed(prefix, candidate.words), candidate.asr_ms, candidate.arrival
         voice_end_s = self._utterance.voice_end_s
         tentative = [w for w in self._policy.tentative if w.start <= voice_end_s + SILENT_WORD_TOLERANCE_S]
-        return [*self._policy.committed, *tentative], self._latest_asr_ms, self._latest_arrival or 0.0
+        # An utterance split at a pause ends before words the partials heard after it: they are the next one's.
+        end_s = self._utterance.state().audio_end_s
+        words = [w for w in (*self._policy.committed, *tentative) if w.start < end_s]
+        return words, self._latest_asr_ms, self._latest_arrival or 0.0
 
     def _final_language(self) -> str:
         """The language of the final: the session's, or, detecting, the one its whole decode (else the newest

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .config import LimitSettings, StreamSettings
 from .endpointing import EndpointRules, EndReason, Verdict
 from .stream_audio import AudioBuffer
-from .vad import VadChange, VadGate
+from .vad import VadChange, VadGate, VadPause
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,44 @@ class UtteranceState:
         return self.end_s if self.end_s is not None else self.stream_s
 
 
+# Pause lengths are whole VAD frames: a difference smaller than this is the rounding of their float times.
+_SAME_LENGTH_S = 1e-6
+
+
 @dataclass(frozen=True)
-class _PendingEnd:
-    """An end of audio that came while the utterance before was waiting for its final: it ends the speech
-    after that one (the VAD changes queued before it, and a voice still going on when it came)."""
+class _AudioEnd:
+    """The client's end of audio: it ends the open utterance, or once the final it waits for is out, the speech
+    after that one."""
 
     stream_s: float
     voice_end_s: float
     wall: float
-    queued_changes: int
-    speaking: bool
+
+
+@dataclass(frozen=True)
+class _NextPart:
+    """The speech after the pause where a long utterance was split: it opens the next utterance at `start_s` once
+    the final is out, with the pauses it already holds."""
+
+    start_s: float
+    pauses: tuple[VadPause, ...]
+
+
+def _add_pause(pauses: list[VadPause], pause: VadPause) -> None:
+    """Remember a pause after the others, forgetting those no longer than it: a later pause at least as long is
+    always as good a split. Each pause kept is then a frame longer than the next, so n of them span n(n+1)/2 frames:
+    a few dozen in 30 s at most, even from a VAD that flaps between every two frames."""
+    while pauses and pauses[-1].length_s <= pause.length_s + _SAME_LENGTH_S:
+        pauses.pop()
+    pauses.append(pause)
 
 
 class UtteranceTracker:
     """Opens an utterance where the VAD hears speech start and ends it at a pause, the end of the audio or
     `max_utterance_s`; speech and ends that come while an ended utterance waits for its final wait with it.
+
+    An utterance that reaches `max_utterance_s` ends at its best pause (see `_split`), and the speech after that
+    pause opens the next one; only an utterance without any pause is cut at the limit, in running speech.
 
     With endpoint rules (a voice command), its endpointer may also end the whole request: then the utterance ends,
     and audio after it is not heard.
@@ -75,15 +98,17 @@ class UtteranceTracker:
         self._split_on_silence = split_on_silence
         self._audio = audio
         self._vad = VadGate.of(stream, ends_commands=endpoint_rules is not None)
-        self._queued_changes: list[VadChange] = []
-        self._pending_end: _PendingEnd | None = None
+        self._queued: list[VadChange | VadPause | _AudioEnd] = []
         self._open(None)
 
-    def _open(self, start_s: float | None) -> None:
+    def _open(self, start_s: float | None, pauses: tuple[VadPause, ...] = ()) -> None:
         self._start_s = start_s
         self._end_s: float | None = None
         self._end_wall = 0.0
         self._voice_end_s = 0.0
+        # The pauses inside the open utterance where it could be split, each longer than those after it.
+        self._pauses = list(pauses)
+        self._next_part: _NextPart | None = None
 
     @property
     def start_s(self) -> float | None:
@@ -97,7 +122,8 @@ class UtteranceTracker:
 
     @property
     def end_wall(self) -> float:
-        """When the open utterance ended: when the audio of its pause arrived, or the end of audio came."""
+        """When the open utterance ended: when the audio of its pause arrived, the end of audio came, or it reached
+        `max_utterance_s`."""
         return self._end_wall
 
     @property
@@ -139,26 +165,72 @@ class UtteranceTracker:
         if self._finished:
             return False
         opened = False
-        for change in self._vad.push(pcm):
-            opened |= self._on_vad(change)
+        for event in self._vad.hear(pcm):
+            opened |= self._hear(event)
         too_long = self._start_s is not None and self._audio.end_s - self._start_s >= self._max_utterance_s
         if too_long and not self.ending:
-            self._end_s = self._voice_end_s = self._audio.end_s
-            self._end_wall = now
+            self._split(now)
         return opened
 
-    def _on_vad(self, change: VadChange) -> bool:
+    def _hear(self, event: VadChange | VadPause | _AudioEnd) -> bool:
+        """Apply a speech start or end, a pause or an end of audio to the open utterance; whether one opened."""
         if self.ending:
-            # Speech that comes while a final is pending belongs to the next utterance.
-            self._queued_changes.append(change)
-        elif change.speaking and not self.active:
-            self._open(max(self._audio.start_s, change.at_s - self._preroll_s))
+            # What comes while a final is pending belongs to the utterances after it.
+            self._queued.append(event)
+        elif isinstance(event, _AudioEnd):
+            if self.active:
+                self._end(event.stream_s, event.voice_end_s, event.wall)
+        elif isinstance(event, VadPause):
+            if self.active:
+                _add_pause(self._pauses, event)
+            else:
+                # The voice goes on after a pause that a split ended the utterance before in: it opens the next.
+                self._open(max(self._audio.start_s, event.end_s - self._preroll_s))
+                return True
+        elif event.speaking and not self.active:
+            self._open(max(self._audio.start_s, event.at_s - self._preroll_s))
             return True
-        elif not change.speaking and self.active and self._split_on_silence:
-            self._end_s = change.detected_s
-            self._voice_end_s = change.at_s
-            self._end_wall = self._audio.arrival_of(change.at_s)
+        elif not event.speaking and self.active and self._split_on_silence:
+            self._end(event.detected_s, event.at_s, self._audio.arrival_of(event.at_s))
         return False
+
+    def _end(self, end_s: float, voice_end_s: float, wall: float) -> None:
+        self._end_s = end_s
+        self._voice_end_s = voice_end_s
+        self._end_wall = wall
+
+    def _split(self, now: float) -> None:
+        """End the open utterance, `max_utterance_s` long, at its best pause; the speech after that pause is the
+        next utterance.
+
+        The best pause is the longest of those that start in the second half of the limit, or the latest one when
+        none does: the longest pause is the likeliest end of a sentence, which Whisper decodes best whole, and one
+        in the second half keeps each part at least half the limit long, so that a long talk is not cut into many
+        short finals with little context each. Only without any pause is the utterance cut at the limit.
+        """
+        assert self._start_s is not None
+        candidates = list(self._pauses)
+        # A pause going on now is the latest one; when it is the split, the VAD opens the next utterance.
+        in_progress = VadPause(self._vad.last_voice_end_s, self._audio.end_s) if self._vad.paused else None
+        if in_progress is not None:
+            _add_pause(candidates, in_progress)
+        # A pause that began before the utterance (the voice had stopped before a cut) ends none of its voice.
+        pauses = [p for p in candidates if p.start_s > self._start_s]
+        second_half_s = self._start_s + self._max_utterance_s / 2
+        pause = next((p for p in pauses if p.start_s >= second_half_s), pauses[-1] if pauses else None)
+        if pause is None:
+            # Running speech without a pause: cut where the audio is; the speech goes on as the next utterance.
+            self._end(self._audio.end_s, self._audio.end_s, now)
+            self._next_part = _NextPart(self._audio.end_s, ())
+            return
+        # The next utterance gets its preroll where the pause holds it, and at least half the pause; the utterance
+        # ending gets the rest (the soft end of its last word). The session drops only the audio before the end
+        # once the final is out: the next utterance's is still held.
+        end_s = max((pause.start_s + pause.end_s) / 2, pause.end_s - self._preroll_s)
+        self._end(end_s, pause.start_s, now)
+        if pause is not in_progress:
+            later = tuple(p for p in self._pauses if p.start_s >= pause.end_s)
+            self._next_part = _NextPart(end_s, later)
 
     def endpoint(self, verdict: Callable[[], Verdict], now: float) -> EndReason | None:
         """With endpoint rules, end the request if they say so, given what the newest whole decode says of the
@@ -185,43 +257,21 @@ class UtteranceTracker:
         """The client ended the audio: it ends the open utterance, or the speech after the one ending."""
         if self._finished:
             return
-        if self.active and not self.ending:
-            self._end_s = self._audio.end_s
-            self._voice_end_s = self._vad.last_voice_end_s
-            self._end_wall = now
-        elif self.ending:
-            self._pending_end = _PendingEnd(
-                self._audio.end_s, self._vad.last_voice_end_s, now, len(self._queued_changes), self._vad.speaking
-            )
+        self._hear(_AudioEnd(self._audio.end_s, self._vad.last_voice_end_s, now))
         # What follows the end signal is a new request: speech must start afresh.
         self._vad.reset()
 
     def close(self) -> None:
-        """The ended utterance's final is out: the speech that waited for it opens (and may end) the next one."""
+        """The ended utterance's final is out: the speech that waited for it opens (and may end) the next ones."""
         assert self._end_s is not None
-        end_s = self._end_s
-        queued, self._queued_changes = self._queued_changes, []
-        pending, self._pending_end = self._pending_end, None
-        if self._finished:
+        queued, self._queued = self._queued, []
+        next_part = self._next_part
+        if next_part is None:
             self._open(None)
-            return
-        next_start_s = max(end_s, self._audio.start_s)
-        # Forced ends (max_utterance_s) cut running speech: the rest is the next utterance.
-        self._open(next_start_s if self._vad.speaking and not queued else None)
-        before_end = queued if pending is None else queued[: pending.queued_changes]
-        for change in before_end:
-            self._on_vad(change)
-        if pending is not None:
-            self._end_pending(pending, next_start_s)
-        # Changes after that end are queued again: they belong to the utterance after it.
-        for change in queued[len(before_end) :]:
-            self._on_vad(change)
-
-    def _end_pending(self, pending: _PendingEnd, start_s: float) -> None:
-        """End the speech that came between the last final's end and an end of audio that came meanwhile."""
-        if not self.active and pending.speaking:
-            self._open(start_s)
-        if self.active and not self.ending:
-            self._end_s = pending.stream_s
-            self._voice_end_s = pending.voice_end_s
-            self._end_wall = pending.wall
+        else:
+            # Its start lies after the end: the audio the session keeps holds it, unless a window dropped more.
+            self._open(max(next_part.start_s, self._audio.start_s), next_part.pauses)
+        # After an end the endpointer made, nothing is heard.
+        if not self._finished:
+            for event in queued:
+                self._hear(event)

@@ -106,6 +106,20 @@ class VadChange:
     detected_s: float
 
 
+@dataclass(frozen=True)
+class VadPause:
+    """The voice stopped at `start_s` (the end of its last voiced frame) and went on at `end_s` (the start of the
+    next voiced frame, or of the speech after an end), in stream seconds."""
+
+    start_s: float
+    end_s: float
+
+    @property
+    def length_s(self) -> float:
+        """How long the voice was silent."""
+        return self.end_s - self.start_s
+
+
 class VadGate:
     """Frame-by-frame speech detector with a start vote and a silence hangover."""
 
@@ -119,6 +133,8 @@ class VadGate:
         self._frames_seen = 0
         self._recent: deque[bool] = deque(maxlen=start_window)
         self._unvoiced_run = 0
+        # Where the last speech ended: the next start is the end of a pause (None: none ended since the reset).
+        self._speech_end_s: float | None = None
         self.speaking = False
         self.last_voice_end_s = 0.0
 
@@ -143,19 +159,31 @@ class VadGate:
         """How far back from the moment it is reported a speech start can lie."""
         return (self._recent.maxlen or 1) * self._frame_s
 
+    @property
+    def paused(self) -> bool:
+        """The newest frame judged is not speech: the voice has been silent since `last_voice_end_s`."""
+        return self._unvoiced_run > 0
+
     def push(self, pcm: bytes) -> list[VadChange]:
         """Feed audio of any length; return the speech starts and ends it completes."""
+        return [event for event in self.hear(pcm) if isinstance(event, VadChange)]
+
+    def hear(self, pcm: bytes) -> list[VadChange | VadPause]:
+        """Feed audio of any length; return the speech starts and ends it completes, and in their order the pauses
+        that end in it: inside speech (shorter than `silence_ms`), and between an end and the next start."""
         data = self._pending + pcm
         size = self._frames.frame_bytes
         whole = len(data) - len(data) % size
         self._pending = data[whole:]
-        changes: list[VadChange] = []
+        events: list[VadChange | VadPause] = []
         for offset in range(0, whole, size):
             voiced = self._frames.is_speech(data[offset : offset + size])
             self._frames_seen += 1
             frame_end_s = self._frames_seen * self._frame_s
             self._recent.append(voiced)
             if voiced:
+                if self.speaking and self._unvoiced_run:
+                    events.append(VadPause(self.last_voice_end_s, frame_end_s - self._frame_s))
                 self.last_voice_end_s = frame_end_s
                 self._unvoiced_run = 0
             else:
@@ -163,16 +191,21 @@ class VadGate:
             if not self.speaking and sum(self._recent) >= self._start_voiced:
                 self.speaking = True
                 first_voiced = len(self._recent) - self._recent.index(True)
-                changes.append(VadChange(True, frame_end_s - first_voiced * self._frame_s, frame_end_s))
+                start_s = frame_end_s - first_voiced * self._frame_s
+                if self._speech_end_s is not None:
+                    events.append(VadPause(self._speech_end_s, start_s))
+                events.append(VadChange(True, start_s, frame_end_s))
             elif self.speaking and self._unvoiced_run >= self._silence_frames:
                 self.speaking = False
                 self._recent.clear()
-                changes.append(VadChange(False, self.last_voice_end_s, frame_end_s))
-        return changes
+                self._speech_end_s = self.last_voice_end_s
+                events.append(VadChange(False, self.last_voice_end_s, frame_end_s))
+        return events
 
     def reset(self) -> None:
         """Forget the current speech state (not the stream position): the next speech starts anew."""
         self._frames.reset()
         self._recent.clear()
         self._unvoiced_run = 0
+        self._speech_end_s = None
         self.speaking = False

@@ -19,7 +19,7 @@ from edge_asr.transcript import Transcript, Word
 from edge_asr.vad import WEBRTC_FRAME_BYTES as FRAME_BYTES
 from edge_asr.vad import VadGate
 
-from .speech import BYTES_PER_S, RATE, read_pcm, reference, silence
+from .speech import BYTES_PER_S, RATE, read_pcm, reference, silence, voiced
 
 pytestmark = pytest.mark.fast
 
@@ -63,6 +63,16 @@ class Audio:
             self.script.append((token, start, start + step * 0.85))
         self.texts.append(reference(name))
         self.pcm += speech
+        return self
+
+    def hum(self, until_s: float) -> Audio:
+        """Append a sustained vowel until the stream reaches `until_s`, with a word of its own in each half second."""
+        offset = self.seconds
+        count = round((until_s - offset) / 0.5)
+        words = [f"w{len(self.script) + index}" for index in range(count)]
+        self.script += [(word, offset + index * 0.5, offset + index * 0.5 + 0.4) for index, word in enumerate(words)]
+        self.texts.append(" ".join(words))
+        self.pcm += voiced(until_s - offset)
         return self
 
     @property
@@ -602,6 +612,42 @@ def test_max_utterance_s_forces_a_final_without_losing_words() -> None:
     assert [f.utterance for f in finals] == list(range(1, len(finals) + 1))
     words = " ".join(f.text for f in finals).split()
     assert words == " ".join(audio.texts).split()
+
+
+def split_talk(first_pause_s: float, second_pause_s: float) -> Audio:
+    """33 s of a voice with words, that pauses at 20 s and at 26 s for these lengths of silence."""
+    return Audio().pause(0.5).hum(20.0).pause(first_pause_s).hum(26.0).pause(second_pause_s).hum(33.0).pause(1.0)
+
+
+@pytest.mark.parametrize("split_on_silence", [True, False], ids=["websocket", "wyoming"])
+def test_a_long_utterance_is_finalised_at_its_longest_late_pause_and_loses_no_words(split_on_silence: bool) -> None:
+    # The later pause is the longer: no whole decode heard past it before the split. Pauses shorter than silence_ms
+    # end no WebSocket utterance; a Wyoming request is one utterance however long it pauses.
+    long_s = 0.45 if split_on_silence else 0.8
+    audio = split_talk(0.3, long_s)
+    driver = make_driver(audio.script, split_on_silence=split_on_silence, cut_words=False)
+    driver.feed(audio.pcm)
+    driver.end()
+
+    first, second = driver.finals()
+    # The first final ends in the pause at 26 s, within the limit; the second starts there: no audio between.
+    assert 26.0 < first.end < 26.0 + long_s
+    assert first.end - first.start <= LimitSettings().max_utterance_s
+    assert second.start == pytest.approx(first.end)
+    words = [text for text, _, _ in audio.script]
+    assert first.text.split() == [text for text, start, _ in audio.script if start < 26.0]
+    assert (first.text + " " + second.text).split() == words
+
+
+def test_a_long_utterance_split_at_an_earlier_longer_pause_loses_and_repeats_no_words() -> None:
+    audio = split_talk(0.45, 0.3)
+    driver = make_driver(audio.script, cut_words=False)
+    driver.feed(audio.pcm)
+
+    first, second = driver.finals()
+    assert 20.0 < first.end < 20.45
+    assert first.text.split() == [text for text, start, _ in audio.script if start < 20.0]
+    assert (first.text + " " + second.text).split() == [text for text, _, _ in audio.script]
 
 
 def test_a_long_utterance_keeps_its_window_bounded_and_loses_no_words() -> None:

@@ -7,9 +7,9 @@ import webrtcvad
 
 from edge_asr.vad import WEBRTC_FRAME_BYTES as FRAME_BYTES
 from edge_asr.vad import WEBRTC_FRAME_MS as FRAME_MS
-from edge_asr.vad import VadChange, VadGate, WebRtcFrames
+from edge_asr.vad import VadChange, VadGate, VadPause, WebRtcFrames
 
-from .speech import BYTES_PER_S, RATE, read_pcm, silence
+from .speech import BYTES_PER_S, RATE, read_pcm, silence, voiced
 
 pytestmark = pytest.mark.fast
 
@@ -192,3 +192,38 @@ def test_reset_keeps_the_stream_position() -> None:
     onset_s = pushed_s + LEAD_S
     assert changes[0].speaking is True
     assert onset_s - FRAME_S < changes[0].at_s < onset_s + 2 * FRAME_S
+
+
+def test_a_pause_inside_speech_is_heard_from_the_last_voiced_frame_to_the_next() -> None:
+    pcm = silence(LEAD_S) + voiced(2.0) + silence(0.3) + voiced(1.0) + silence(1.0)
+    flags = voiced_frames(pcm)
+    gaps = [index for index in range(1, len(flags) - 1) if flags[index - 1] and not flags[index]]
+    resumes = [index for index in range(1, len(flags)) if flags[index] and not flags[index - 1]]
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
+    start, pause, end = gate.hear(pcm)
+    assert isinstance(start, VadChange)
+    assert isinstance(pause, VadPause)
+    assert isinstance(end, VadChange)
+    assert pause.start_s == pytest.approx(gaps[0] * FRAME_S)
+    assert pause.end_s == pytest.approx(resumes[1] * FRAME_S)
+    assert 0 < pause.length_s < 0.35, "shorter than silence_ms: the speech did not end"
+    assert (start, end) == tuple(VadGate(WebRtcFrames(AGGRESSIVENESS), 350).push(pcm))
+    assert [change.speaking for change in (start, end)] == [True, False]
+
+
+def test_a_pause_between_two_speeches_is_heard_when_the_second_starts() -> None:
+    pcm = silence(LEAD_S) + voiced(1.0) + silence(1.0) + voiced(1.0) + silence(1.0)
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
+    first_start, first_end, pause, second_start, second_end = gate.hear(pcm)
+    assert isinstance(first_end, VadChange)
+    assert isinstance(second_start, VadChange)
+    assert pause == VadPause(first_end.at_s, second_start.at_s)
+    changes = VadGate(WebRtcFrames(AGGRESSIVENESS), 350).push(pcm)
+    assert changes == [first_start, first_end, second_start, second_end]
+
+
+def test_no_pause_before_the_first_speech_nor_across_a_reset() -> None:
+    gate = VadGate(WebRtcFrames(AGGRESSIVENESS), 350)
+    assert [type(event) for event in gate.hear(silence(1.0) + voiced(1.0) + silence(1.0))] == [VadChange, VadChange]
+    gate.reset()
+    assert [type(event) for event in gate.hear(silence(1.0) + voiced(1.0) + silence(1.0))] == [VadChange, VadChange]
