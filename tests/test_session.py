@@ -614,8 +614,12 @@ def test_max_utterance_s_forces_a_final_without_losing_words() -> None:
     assert words == " ".join(audio.texts).split()
 
 
+# The limit the split tests are laid out for.
+SPLIT_LIMITS = LimitSettings(max_utterance_s=30.0)
+
+
 def split_talk(first_pause_s: float, second_pause_s: float) -> Audio:
-    """33 s of a voice with words, that pauses at 20 s and at 26 s for these lengths of silence."""
+    """33 s of a voice with words, that pauses at 20 s and at 26 s for these lengths of silence (split at 30 s)."""
     return Audio().pause(0.5).hum(20.0).pause(first_pause_s).hum(26.0).pause(second_pause_s).hum(33.0).pause(1.0)
 
 
@@ -625,14 +629,14 @@ def test_a_long_utterance_is_finalised_at_its_longest_late_pause_and_loses_no_wo
     # end no WebSocket utterance; a Wyoming request is one utterance however long it pauses.
     long_s = 0.45 if split_on_silence else 0.8
     audio = split_talk(0.3, long_s)
-    driver = make_driver(audio.script, split_on_silence=split_on_silence, cut_words=False)
+    driver = make_driver(audio.script, limits=SPLIT_LIMITS, split_on_silence=split_on_silence, cut_words=False)
     driver.feed(audio.pcm)
     driver.end()
 
     first, second = driver.finals()
     # The first final ends in the pause at 26 s, within the limit; the second starts there: no audio between.
     assert 26.0 < first.end < 26.0 + long_s
-    assert first.end - first.start <= LimitSettings().max_utterance_s
+    assert first.end - first.start <= SPLIT_LIMITS.max_utterance_s
     assert second.start == pytest.approx(first.end)
     words = [text for text, _, _ in audio.script]
     assert first.text.split() == [text for text, start, _ in audio.script if start < 26.0]
@@ -641,7 +645,7 @@ def test_a_long_utterance_is_finalised_at_its_longest_late_pause_and_loses_no_wo
 
 def test_a_long_utterance_split_at_an_earlier_longer_pause_loses_and_repeats_no_words() -> None:
     audio = split_talk(0.45, 0.3)
-    driver = make_driver(audio.script, cut_words=False)
+    driver = make_driver(audio.script, limits=SPLIT_LIMITS, cut_words=False)
     driver.feed(audio.pcm)
 
     first, second = driver.finals()
