@@ -174,7 +174,7 @@ class LimitSettings(_Section):
     max_frame_bytes: int = _setting(256 * 1024, low=320, high=16 * 1024 * 1024)
     # A longer utterance ends at its longest pause in the second half of this (its latest pause when none is
     # there), and the speech after that pause is the next utterance; only speech without any pause is cut here.
-    max_utterance_s: float = _setting(20.0, low=1.0, high=600.0)
+    max_utterance_s: float = _setting(15.0, low=1.0, high=600.0)
     idle_timeout_s: float = _setting(120.0, low=1.0, high=86_400.0)
     send_timeout_s: float = _setting(10.0, low=0.5, high=600.0)
     # A connection must complete its handshake (WebSocket) or send its first event (Wyoming) this soon.
