@@ -276,6 +276,10 @@ class _Gate:
         """A connection ended (or was evicted)."""
         self._open.discard(handler)
 
+    def answering(self) -> list[asyncio.Task[bool]]:
+        """The open connections' answers to requests under way."""
+        return [task for handler in self._open if (task := handler.answering) is not None]
+
 
 def model_info(settings: Settings, languages: tuple[str, ...]) -> Info:
     """The `info` answer: one ASR program with the configured model and its real languages."""
@@ -352,6 +356,12 @@ class WyomingHandler(AsyncEventHandler):
             self._gate.release(self)
             await _last_resort(self._hang_up())
             await _last_resort(self._abandon_request())
+
+    @property
+    def answering(self) -> asyncio.Task[bool] | None:
+        """The task that answers the open request (its transcript and transcript-stop), while it runs."""
+        responder = self._responder
+        return None if responder is None or responder.done() else responder
 
     @property
     def idle_since(self) -> float | None:
@@ -661,7 +671,11 @@ class WyomingAdapter:
             _LOGGER.info("Announced as %s._wyoming._tcp.local.", name)
 
     async def stop(self) -> None:
-        """Stop listening and close the connections."""
+        """Let the answers to requests under way go out (the drain finalised their speech), then stop listening and
+        close the connections."""
+        answers = self._gate.answering()
+        if answers:
+            await asyncio.wait(answers, timeout=self._settings.limits.send_timeout_s)
         await self._server.stop()
         if self._stdio is not None:
             self._stdio.cancel()
