@@ -85,6 +85,11 @@ class DecodePolicy:
         # The voiced end whose whole decode failed: not retried until more speech or the end comes.
         self._failed_voice_end_s: float | None = None
 
+    @property
+    def partials(self) -> bool:
+        """Whether something reads partials."""
+        return self._partials
+
     def set_partials(self, wanted: bool) -> None:
         """Whether partials are read from now on."""
         self._partials = wanted

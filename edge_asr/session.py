@@ -99,7 +99,6 @@ class StreamSession:
         partials: bool = True,
     ) -> None:
         self._stream = stream
-        self._partials = partials
         self._endpoint_rules = endpoint_rules
         self._prompt = prompt
         self._language = language
@@ -175,7 +174,6 @@ class StreamSession:
 
     def set_partials(self, wanted: bool) -> None:
         """Whether something reads partials from now on: without a reader, none is decoded or made."""
-        self._partials = wanted
         self._policy.set_partials(wanted)
 
     def set_names(self, names_prompt: str, speller: NameSpeller | None) -> None:
@@ -306,7 +304,7 @@ class StreamSession:
         self._latest_arrival = request.newest_arrival
         text = join_words(self._policy.committed + self._policy.tentative)
         stable = join_words(self._policy.committed)
-        if not self._partials or (text, stable) == self._last_partial:
+        if not self._policy.partials or (text, stable) == self._last_partial:
             return []
         self._last_partial = (text, stable)
         self._emitted = True

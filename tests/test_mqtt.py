@@ -112,15 +112,8 @@ def test_a_websocket_final_arrives_on_its_site_topic_with_partials_before_it(ser
 def test_a_wyoming_final_arrives_on_the_site_from_its_context(service: Service, broker: Broker) -> None:
     clip = "asterisk_conf-onlyone"
 
-    async def speak() -> None:
-        async with AsyncTcpClient("127.0.0.1", service.wyoming_port) as client:
-            await client.write_event(Transcribe(language="en", context={"site": "living_room"}).event())
-            reader = asyncio.create_task(read_until(client, TranscriptStop().event().type))
-            await send_clip(client, read_pcm(clip))
-            await reader
-
     with subscribed(broker.port) as subscriber:
-        asyncio.run(speak())
+        _speak_wyoming(service.wyoming_port, clip, "living_room")
         final = subscriber.on("edge_asr/living_room/final").json()
 
     assert set(final) == FINAL_FIELDS
