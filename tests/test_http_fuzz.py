@@ -55,6 +55,7 @@ CONFIG_MESSAGES = st.fixed_dictionaries(
         "prompt": JSON_VALUES | st.sampled_from(["Lights \udcff", "Lights."]),
         "site": JSON_VALUES | st.sampled_from(["kitchen", "living room", "", "x" * 65, "hall/+/#", "\ud800"]),
         "vocabulary": JSON_VALUES | st.lists(st.text(max_size=12) | st.sampled_from(["\ud800", "x" * 101]), max_size=4),
+        "partials": JSON_VALUES,
         "volume": JSON_VALUES,
     },
 )
@@ -128,7 +129,9 @@ def _vocabulary_error(vocabulary: object) -> str | None:
 
 
 def _config_error(message: dict[str, Any]) -> str | None:
-    if set(message) - {"type", "language", "prompt", "site", "vocabulary"}:
+    if set(message) - {"type", "language", "prompt", "site", "vocabulary", "partials"}:
+        return "bad_config"
+    if not isinstance(message.get("partials", True), bool):
         return "bad_config"
     values = [message[key] for key in ("language", "prompt", "site") if key in message]
     if not all(_is_text(value) for value in values):
