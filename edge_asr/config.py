@@ -149,18 +149,29 @@ class StreamSettings(_Section):
 @dataclass(frozen=True)
 class EndpointingSettings(_Section):
     """How a Wyoming request's voice command is ended by the service: the silence after a command the whole decode
-    says is complete or unfinished, the decoder's confidence it needs, and the waits for no speech and a long command.
+    says is sure to end there, complete or unfinished, the decoder's confidence each needs, and the waits for no
+    speech and a long command.
     """
 
+    # A complete command waits only this long when the decoder gives its text's end at least `sure_end_probability`
+    # and the voice fell at its end by at least `sure_pitch_fall_st` semitones; as long as `complete_silence_ms`, no
+    # decode asks for these cues.
+    sure_silence_ms: int = _setting(350, low=90, high=5_000)
+    sure_end_probability: float = _setting(0.75, low=0.0, high=1.0)
+    sure_pitch_fall_st: float = _setting(2.0, low=0.0, high=24.0)
     complete_silence_ms: int = _setting(600, low=90, high=5_000)
     unfinished_silence_ms: int = _setting(1000, low=90, high=10_000)
-    # A command's last word the decoder is less sure of than this waits as an unfinished one.
+    # A command's last word the decoder is less sure of than this waits as an unfinished one ...
     min_word_probability: float = _setting(0.5, low=0.0, high=1.0)
+    # ... and so does a command whose decoder gives its text's end a lower probability than this (0: not asked).
+    min_end_probability: float = _setting(0.6, low=0.0, high=1.0)
     no_speech_s: float = _setting(8.0, low=1.0, high=600.0)
     max_command_s: float = _setting(15.0, low=1.0, high=600.0)
 
     def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> EndpointingSettings:
-        """A complete command waits no longer than an unfinished one."""
+        """A sure command waits no longer than a complete one, and a complete one no longer than an unfinished one."""
+        if self.sure_silence_ms > self.complete_silence_ms:
+            raise ConfigError("endpointing.sure_silence_ms: must not exceed endpointing.complete_silence_ms")
         if self.complete_silence_ms > self.unfinished_silence_ms:
             raise ConfigError("endpointing.complete_silence_ms: must not exceed endpointing.unfinished_silence_ms")
         return self

@@ -7,7 +7,7 @@ from typing import Literal
 
 from .agreement import LocalAgreement
 from .config import StreamSettings
-from .transcript import Word
+from .transcript import EndCues, Word
 from .utterance import UtteranceState
 
 # A hypothesis that reaches this far past the last voiced frame has heard every word: webrtcvad marks
@@ -39,7 +39,8 @@ class DecodeWindow:
 
 @dataclass(frozen=True)
 class FinalCandidate:
-    """A whole decode of the utterance that may become its final: words in session seconds."""
+    """A whole decode of the utterance that may become its final: words in session seconds, and the cues that the
+    speech ends with them when the endpointer asked for them."""
 
     words: tuple[Word, ...]
     window_start_s: float
@@ -48,6 +49,7 @@ class FinalCandidate:
     arrival: float
     trusted: bool
     language: str = ""
+    end_cues: EndCues | None = None
 
 
 class DecodePolicy:

@@ -11,7 +11,8 @@ from .audio import SAMPLE_RATE, FloatAudio
 from .config import ModelSettings
 from .memory import EncoderBudget, FreeMemoryTrimmer
 from .model import FRAMES_PER_SECOND, WHISPER_FRAMES, WhisperBackend
-from .transcript import Transcript
+from .prosody import final_pitch_st
+from .transcript import EndCues, Transcript
 from .vocabulary import NamesInPrompt, is_unsure, splice_names
 
 # A window longer than the floor is encoded to the next whole second. oneDNN compiles and keeps the encoder's
@@ -36,8 +37,11 @@ class SpeechBackend(Protocol):
         """Give the memory the decodes freed back to the system, at once; blocking."""
         ...
 
-    def transcribe(self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int) -> Transcript:
-        """Transcribe 16 kHz float audio after a prompt, encoding `encoder_frames` mel frames of it; blocking."""
+    def transcribe(
+        self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int, judge_end: bool = False
+    ) -> Transcript:
+        """Transcribe 16 kHz float audio after a prompt, encoding `encoder_frames` mel frames of it (with
+        `judge_end`, also the decoder's probability that the text ends there); blocking."""
         ...
 
 
@@ -63,7 +67,13 @@ class Decoder:
         return self._backend.warm_up(self._floor_frames)
 
     def decode(
-        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+        self,
+        audio: FloatAudio,
+        prompt: str,
+        language: str,
+        whole: bool = False,
+        names: NamesInPrompt | None = None,
+        judge_end: bool = False,
     ) -> Transcript:
         """Transcribe a window; blocking, so the engine runs it on its decode thread.
 
@@ -76,14 +86,17 @@ class Decoder:
         A whole utterance in which the shortened encoder context hears no word gets a second opinion at
         Whisper's own 30 s: there Whisper's no-speech test drops a lone short word ("fifty", 0.5 s) that the
         full context keeps, and a final must not lose it. Empty windows of noise stay empty at 30 s.
+
+        `judge_end` (a whole decode the endpointer reads) asks the first decode for the decoder's probability that
+        the text ends there, and adds the pitch at the end of the voice.
         """
         if not whole:
             # Off a final's path, and outside the partial's own time (which paces the partials).
             self._trimmer.trim()
         if names is None:
-            transcript = self._decode(audio, prompt, language, self._floor_frames)
+            transcript = self._decode(audio, prompt, language, self._floor_frames, judge_end)
         else:
-            transcript = self._decode(audio, names.plain, language, self._floor_frames)
+            transcript = self._decode(audio, names.plain, language, self._floor_frames, judge_end)
             if is_unsure(transcript.words):
                 # In the language the first decode heard, so that the names do not change it.
                 named = self._decode(audio, prompt, transcript.language or language, self._floor_frames)
@@ -94,12 +107,17 @@ class Decoder:
                 )
                 transcript = dataclasses.replace(transcript, words=words, asr_ms=transcript.asr_ms + named.asr_ms)
             prompt = names.plain
+        if judge_end:
+            probability = transcript.end_cues.end_probability if transcript.end_cues else None
+            transcript = dataclasses.replace(transcript, end_cues=EndCues(probability, final_pitch_st(audio)))
         if not whole or self._floor_frames >= WHISPER_FRAMES or any(normalise(w.text) for w in transcript.words):
             return transcript
         second = self._decode(audio, prompt, language, WHISPER_FRAMES)
         return dataclasses.replace(second, asr_ms=transcript.asr_ms + second.asr_ms)
 
-    def _decode(self, audio: FloatAudio, prompt: str, language: str, floor_frames: int) -> Transcript:
+    def _decode(
+        self, audio: FloatAudio, prompt: str, language: str, floor_frames: int, judge_end: bool = False
+    ) -> Transcript:
         content_frames = int(len(audio) / SAMPLE_RATE * FRAMES_PER_SECOND) + 1
         whole_seconds = -(-content_frames // _ENCODER_FRAME_STEP) * _ENCODER_FRAME_STEP
         frames = min(WHISPER_FRAMES, max(floor_frames, whole_seconds))
@@ -108,7 +126,7 @@ class Decoder:
             if alone and frames > self._floor_frames:
                 # The longest decodes start on the memory the decodes before them freed, not beside it.
                 self._trimmer.trim_now()
-            return self._backend.transcribe(audio, prompt, language, frames)
+            return self._backend.transcribe(audio, prompt, language, frames, judge_end)
 
 
 class WhisperTranscriber(Decoder):

@@ -10,7 +10,7 @@ from typing import Literal
 
 from .agreement import join_words, normalise
 from .config import EndpointingSettings
-from .transcript import Word
+from .transcript import EndCues, Word
 
 # Home Assistant's voice-activity sensitivities and the silence each waits for (relaxed 1.25 s, default 0.7 s,
 # aggressive 0.25 s): a client's choice scales our silences by the same ratio.
@@ -21,6 +21,8 @@ MIN_SILENCE_S = 0.12
 # The decoder's end-of-sentence punctuation, in the scripts Whisper writes (the ideographic full stop, and the
 # full-width question and exclamation marks).
 _SENTENCE_ENDS = frozenset(".?!\u3002\uff1f\uff01")
+# Whisper's mark of speech that trails off or goes on: an ellipsis ends no sentence.
+_TRAILING_OFF = ("...", "\u2026")
 # English words a command does not end on: articles, determiners, prepositions, conjunctions, question words,
 # auxiliaries, and numbers that may go on ("twenty" … "five").
 _UNFINISHED_EN = frozenset(
@@ -58,6 +60,7 @@ class Verdict(enum.Enum):
     """What the newest whole decode of the utterance says of the command."""
 
     NOTHING = "nothing"  # no word heard (yet)
+    SURE = "sure"  # it can end here, and the decoder is sure its text ends here
     COMPLETE = "complete"  # it can end here
     UNFINISHED = "unfinished"  # it ends where no command ends, or the decoder was unsure
     UNDECODED = "undecoded"  # no trusted whole decode has heard all the speech yet
@@ -75,39 +78,62 @@ class EndReason(enum.Enum):
 class EndpointRules:
     """One request's endpointing, in seconds of its audio, the client's sensitivity applied."""
 
+    sure_silence_s: float
     complete_silence_s: float
     unfinished_silence_s: float
     no_speech_s: float
     max_command_s: float
     min_word_probability: float
+    min_end_probability: float
+    sure_end_probability: float
+    sure_pitch_fall_st: float
 
     @classmethod
     def of(cls, settings: EndpointingSettings, sensitivity: Sensitivity = "default") -> EndpointRules:
         """The rules of the settings, their silences scaled for a client's sensitivity."""
         scale = SENSITIVITY_SCALE[sensitivity]
         return cls(
+            sure_silence_s=max(MIN_SILENCE_S, settings.sure_silence_ms / 1000 * scale),
             complete_silence_s=max(MIN_SILENCE_S, settings.complete_silence_ms / 1000 * scale),
             unfinished_silence_s=max(MIN_SILENCE_S, settings.unfinished_silence_ms / 1000 * scale),
             no_speech_s=settings.no_speech_s,
             max_command_s=settings.max_command_s,
             min_word_probability=settings.min_word_probability,
+            min_end_probability=settings.min_end_probability,
+            sure_end_probability=settings.sure_end_probability,
+            sure_pitch_fall_st=settings.sure_pitch_fall_st,
         )
 
-    def verdict(self, words: Sequence[Word], language: str) -> Verdict:
-        """Whether a whole decode's words make a command that can end here.
+    @property
+    def judges_end(self) -> bool:
+        """Whether a whole decode needs the cues of its end: a sure command ends sooner, or a complete one the decoder
+        does not expect to end waits longer."""
+        return self.sure_silence_s < self.complete_silence_s or self.min_end_probability > 0
+
+    def verdict(self, words: Sequence[Word], language: str, cues: EndCues | None = None) -> Verdict:
+        """Whether a whole decode's words make a command that can end here, and whether the decoder is sure.
 
         It cannot when its last word is one no command ends on (English only: other languages have no word list and
         rely on the signals that are not words), when the decoder ended it without end-of-sentence punctuation, or
-        when the decoder was unsure of that word.
+        when the decoder was unsure of that word or gives its text's end a probability below `min_end_probability`.
+        It is sure when it can, the decoder's probability that its text ends there is at least
+        `sure_end_probability`, and the voice fell at its end by at least `sure_pitch_fall_st` (neither is a word
+        list: they hold in any language whose statements end falling).
         """
         spoken = [word for word in words if normalise(word.text)]
         if not spoken:
             return Verdict.NOTHING
         last = spoken[-1]
-        if join_words(words)[-1:] not in _SENTENCE_ENDS or last.probability < self.min_word_probability:
+        text = join_words(words)
+        if text[-1:] not in _SENTENCE_ENDS or text.endswith(_TRAILING_OFF):
+            return Verdict.UNFINISHED
+        probability = cues.end_probability if cues else None
+        if last.probability < self.min_word_probability or (probability or 1.0) < self.min_end_probability:
             return Verdict.UNFINISHED
         if language == "en" and not _can_end_en([normalise(word.text) for word in spoken[-2:]], last.text):
             return Verdict.UNFINISHED
+        if cues is not None and _sure(cues, self.sure_end_probability, self.sure_pitch_fall_st):
+            return Verdict.SURE
         return Verdict.COMPLETE
 
     def end(self, *, audio_s: float, silence_s: float | None, verdict: Callable[[], Verdict]) -> EndReason | None:
@@ -116,7 +142,7 @@ class EndpointRules:
         command; it is asked only once the silence or the clock could end the request, not on every chunk."""
         if audio_s >= self.max_command_s:
             return EndReason.TOO_LONG
-        waited = silence_s is not None and silence_s >= self.complete_silence_s
+        waited = silence_s is not None and silence_s >= min(self.sure_silence_s, self.complete_silence_s)
         if not waited and audio_s < self.no_speech_s:
             return None
         found = verdict()
@@ -124,7 +150,9 @@ class EndpointRules:
             return EndReason.NO_SPEECH if audio_s >= self.no_speech_s else None
         if silence_s is None:
             return None
-        needed = self.complete_silence_s if found is Verdict.COMPLETE else self.unfinished_silence_s
+        needed = {Verdict.SURE: self.sure_silence_s, Verdict.COMPLETE: self.complete_silence_s}.get(
+            found, self.unfinished_silence_s
+        )
         return EndReason.COMMAND if silence_s >= needed else None
 
 
@@ -138,3 +166,9 @@ def _can_end_en(last_two: list[str], written: str) -> bool:
     if last in _VERBS_EN:
         return before is not None and before not in _UNFINISHED_EN and before not in _BEFORE_A_VERB_EN
     return not (last in _PARTICLES_EN and before in _VERBS_EN)
+
+
+def _sure(cues: EndCues, min_probability: float, min_fall_st: float) -> bool:
+    """Whether the decoder and the voice both say the speech ends here."""
+    probability, pitch = cues.end_probability, cues.final_pitch_st
+    return probability is not None and probability >= min_probability and pitch is not None and -pitch >= min_fall_st

@@ -16,7 +16,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, FloatAudio
 from .config import AUTO_LANGUAGE, ModelSettings
 from .memory import free_memory_release, limit_malloc_arenas
-from .transcript import Transcript, Word
+from .transcript import EndCues, Transcript, Word
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -47,6 +47,16 @@ _LATER_PASS_NO_SPEECH = 0.2
 _LATER_PASS_LOG_PROB = -0.5
 # Whisper's own test for a looping decode (its compression_ratio_threshold).
 _REPETITIVE_COMPRESSION = 2.4
+
+
+# The end-of-sentence punctuation Whisper writes, each one token.
+_SENTENCE_END_MARKS = (".", "?", "!")
+
+
+def _softmax(logits: Any) -> np.ndarray:
+    values = np.asarray(logits, dtype=np.float64)
+    exponents = np.exp(values - values.max())
+    return np.asarray(exponents / exponents.sum())
 
 
 # Per decode thread: how many encoder frames this thread's current transcription may use, and used.
@@ -129,6 +139,8 @@ def _new_whisper(settings: ModelSettings, threads: int) -> WhisperModel:
             first = _decode_state.encoded_frames == 0
             _decode_state.encoded_frames = frames
             output = super().encode(features[..., :frames])
+            if first and _decode_state.judge_end:
+                _decode_state.first_encoder_output = output
             if first and _decode_state.detect_language:
                 # The same call faster-whisper makes on this output for each window (multilingual=True).
                 best_token, _probability = self.model.detect_language(output)[0][0]
@@ -188,9 +200,12 @@ class WhisperBackend:
         noise = np.random.default_rng(0).normal(0.0, 0.01, samples).astype(np.float32)
         return self.transcribe(noise, "", self.languages[0], encoder_frames).asr_ms
 
-    def transcribe(self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int) -> Transcript:
+    def transcribe(
+        self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int, judge_end: bool = False
+    ) -> Transcript:
         """Transcribe 16 kHz float audio after a prompt, encoding `encoder_frames` mel frames of it (WHISPER_FRAMES
-        at most); blocking, so the engine runs it on a decode thread."""
+        at most); with `judge_end`, also the decoder's probability that the text ends where it does. Blocking, so
+        the engine runs it on a decode thread."""
         duration = len(audio) / SAMPLE_RATE
         started = time.monotonic()
         detect = language == AUTO_LANGUAGE and len(self.languages) > 1
@@ -199,6 +214,8 @@ class WhisperBackend:
         _decode_state.encoded_frames = 0
         _decode_state.detect_language = detect
         _decode_state.detected_language = asked
+        _decode_state.judge_end = judge_end
+        _decode_state.first_encoder_output = None
         segments, _info = self._model.transcribe(
             audio,
             # Detecting, the language asked for is only a placeholder: each window's own encoder output names
@@ -214,6 +231,7 @@ class WhisperBackend:
             without_timestamps=False,
             max_new_tokens=min(_MAX_NEW_TOKENS, max(_MIN_NEW_TOKENS, int(duration * _TOKENS_PER_SECOND))),
         )
+        segments = list(segments)
         kept = [
             segment
             for segment in segments
@@ -221,6 +239,16 @@ class WhisperBackend:
             or segment.no_speech_prob <= _LATER_PASS_NO_SPEECH
             or segment.avg_logprob >= _LATER_PASS_LOG_PROB
         ]
+        end_cues = None
+        encoder_output, _decode_state.first_encoder_output = _decode_state.first_encoder_output, None
+        if judge_end:
+            # Only a text the first window holds whole is judged: its encoder output is the one kept.
+            whole_window = encoder_output is not None and kept and all(segment.seek == 0 for segment in segments)
+            tokens = [token for segment in kept for token in segment.tokens]
+            probability = (
+                self._end_probability(encoder_output, tokens, _decode_state.detected_language) if whole_window else None
+            )
+            end_cues = EndCues(end_probability=probability, final_pitch_st=None)
         return Transcript(
             words=tuple(
                 Word(start=float(word.start), end=float(word.end), text=word.word, probability=float(word.probability))
@@ -231,4 +259,48 @@ class WhisperBackend:
             encoder_s=_decode_state.encoded_frames / FRAMES_PER_SECOND,
             hallucinated=any(segment.compression_ratio > _REPETITIVE_COMPRESSION for segment in kept),
             language=_decode_state.detected_language,
+            end_cues=end_cues,
         )
+
+    def _end_probability(self, encoder_output: Any, tokens: list[int], language: str) -> float | None:
+        """The decoder's probability that its text ends here: that after its last word comes end-of-sentence
+        punctuation and then the segment's closing timestamp (or end of text), or that closing at once. None when
+        the text does not end in such punctuation.
+
+        One more decoder pass over the decode's own encoder output with its text forced, without the prompt: on
+        commands and their prefixes (cut between two words) it told the two apart better than the text or the
+        words' probabilities (AUC 0.94 against 0.80 on 50 commands and 235 prefixes), at about a quarter of the
+        decode's time on tiny.en. The decoder hears what the words do not: a falling, final intonation.
+        """
+        from faster_whisper.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(
+            self._model.hf_tokenizer, self._model.model.is_multilingual, task="transcribe", language=language
+        )
+        text = [token for token in tokens if token < tokenizer.eot]
+        if not text or tokenizer.decode(text[-1:]).strip() not in _SENTENCE_END_MARKS:
+            return None
+        prefix = [*tokenizer.sot_sequence, tokenizer.timestamp_begin, *text]
+        # CTranslate2 takes as many steps as half of max_length once a prompt is forced; the logits of each forced
+        # step are the distribution the step's token was drawn from.
+        result = self._model.model.generate(
+            encoder_output,
+            [prefix],
+            beam_size=1,
+            max_length=2 * (len(text) + 2),
+            return_logits_vocab=True,
+            suppress_tokens=[],
+            suppress_blank=False,
+        )[0]
+        steps = result.logits[0]
+        forced = len(tokenizer.sot_sequence)
+        if len(steps) < len(prefix) - forced + 1:
+            return None
+        after_word = _softmax(steps[len(prefix) - forced - 1])
+        after_mark = _softmax(steps[len(prefix) - forced])
+        marks = [tokenizer.encode(mark)[0] for mark in _SENTENCE_END_MARKS if len(tokenizer.encode(mark)) == 1]
+
+        def closing(distribution: np.ndarray) -> float:
+            return float(distribution[tokenizer.timestamp_begin :].sum() + distribution[tokenizer.eot])
+
+        return min(1.0, closing(after_word) + float(after_word[marks].sum()) * closing(after_mark))

@@ -202,6 +202,7 @@ class DecodeScheduler:
                     request.language,
                     whole=request.final,
                     names=request.names,
+                    judge_end=request.judge_end,
                 ),
             )
         except Exception as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ from .vocabulary import NamesInPrompt, NameSpeller
 
 if TYPE_CHECKING:
     from .transcript import Transcript
+
+_LOGGER = logging.getLogger(__name__)
 
 # A word that starts this long after the last voiced frame was not heard but made up.
 SILENT_WORD_TOLERANCE_S = 0.3
@@ -39,6 +42,8 @@ class DecodeRequest:
     utterance_start_s: float
     voice_end_s: float = 0.0
     names: NamesInPrompt | None = None
+    # A whole decode the endpointer reads, when a sure command ends sooner: the decoder's end probability too.
+    judge_end: bool = False
 
 
 def repeats_itself(words: tuple[Word, ...] | list[Word]) -> bool:
@@ -243,6 +248,7 @@ class StreamSession:
             names=NamesInPrompt(plain_prompt, self._speller)
             if window.final and self._names_prompt and self._speller
             else None,
+            judge_end=window.final and self._endpoint_rules is not None and self._endpoint_rules.judges_end,
         )
 
     def apply(self, request: DecodeRequest, transcript: Transcript, now: float) -> list[Event]:
@@ -268,6 +274,7 @@ class StreamSession:
                 arrival=request.newest_arrival,
                 trusted=trusted,
                 language=transcript.language,
+                end_cues=transcript.end_cues,
             )
             self._policy.take_whole(candidate)
             if self.ending and self._policy.heard_whole(self._utterance.state()):
@@ -285,8 +292,25 @@ class StreamSession:
         """With endpoint rules, end the request where they say; `Done` follows its final at once, or when the final
         still needs its whole decode, once that is out."""
         rules = self._endpoint_rules
-        if rules is None or self._utterance.endpoint(lambda: self._verdict(rules), now) is None:
+        if rules is None:
             return []
+        verdicts: list[Verdict] = []
+
+        def verdict() -> Verdict:
+            verdicts.append(self._verdict(rules))
+            return verdicts[-1]
+
+        reason = self._utterance.endpoint(verdict, now)
+        if reason is None:
+            return []
+        candidate = self._policy.candidate
+        _LOGGER.debug(
+            "Ended the command (%s): the decode said %s (%s) of %r",
+            reason.value,
+            verdicts[-1].value if verdicts else "nothing yet",
+            candidate.end_cues if candidate else None,
+            join_words(candidate.words) if candidate else "",
+        )
         if self.active:
             return self._final_if_ready(now)
         return [Done(self.utterance - 1)]
@@ -296,7 +320,10 @@ class StreamSession:
         if not self.active:
             return Verdict.UNDECODED if self._utterances_emitted else Verdict.NOTHING
         words = self._policy.whole_words(self._utterance.voice_end_s)
-        return Verdict.UNDECODED if words is None else rules.verdict(words, self._language)
+        if words is None:
+            return Verdict.UNDECODED
+        candidate = self._policy.candidate
+        return rules.verdict(words, self._language, candidate.end_cues if candidate else None)
 
     def _update_partial(self, request: DecodeRequest, words: list[Word], asr_ms: float, now: float) -> list[Event]:
         self._policy.take_hypothesis(words, request.end_s)

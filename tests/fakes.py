@@ -52,7 +52,13 @@ class ScriptedTranscriber:
         """Nothing to give back."""
 
     def decode(
-        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+        self,
+        audio: FloatAudio,
+        prompt: str,
+        language: str,
+        whole: bool = False,
+        names: NamesInPrompt | None = None,
+        judge_end: bool = False,
     ) -> Transcript:
         """A word per whole second of audio, after `delay_s`; raises when `fail` is set."""
         with self._lock:
@@ -101,7 +107,13 @@ class GatedTranscriber:
         self._gate(prompt).set()
 
     def decode(
-        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+        self,
+        audio: FloatAudio,
+        prompt: str,
+        language: str,
+        whole: bool = False,
+        names: NamesInPrompt | None = None,
+        judge_end: bool = False,
     ) -> Transcript:
         """Wait for the gate (10 s at most, so a broken test cannot hang the suite), then hear nothing."""
         with self._lock:

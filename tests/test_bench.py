@@ -1032,7 +1032,13 @@ class MishearingTranscriber:
         self.asked: list[tuple[str, bool]] = []
 
     def decode(
-        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+        self,
+        audio: FloatAudio,
+        prompt: str,
+        language: str,
+        whole: bool = False,
+        names: NamesInPrompt | None = None,
+        judge_end: bool = False,
     ) -> ModelTranscript:
         """The same words for any audio."""
         self.asked.append((prompt, names is not None))

@@ -3,6 +3,7 @@ when memory goes back."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -12,8 +13,11 @@ import pytest
 from edge_asr import memory
 from edge_asr.audio import SAMPLE_RATE, FloatAudio
 from edge_asr.decoding import Decoder
-from edge_asr.transcript import Transcript, Word
+from edge_asr.prosody import final_pitch_st
+from edge_asr.transcript import EndCues, Transcript, Word
 from edge_asr.vocabulary import NamesInPrompt, NameSpeller
+
+from .test_prosody import voiced
 
 pytestmark = pytest.mark.fast
 
@@ -51,6 +55,8 @@ class ScriptedBackend:
     def __init__(self, *replies: Transcript) -> None:
         self.replies = list(replies)
         self.calls: list[Call] = []
+        # Whether each transcription was asked to judge its end.
+        self.judged: list[bool] = []
         # "transcribe" and "release" in the order they happened.
         self.events: list[str] = []
 
@@ -63,9 +69,12 @@ class ScriptedBackend:
         """Record the release."""
         self.events.append("release")
 
-    def transcribe(self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int) -> Transcript:
+    def transcribe(
+        self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int, judge_end: bool = False
+    ) -> Transcript:
         """The next scripted transcript."""
         self.calls.append(Call(prompt, encoder_frames))
+        self.judged.append(judge_end)
         self.events.append("transcribe")
         return self.replies.pop(0)
 
@@ -86,6 +95,29 @@ def test_a_final_with_names_is_decoded_without_them_first_then_with_them_and_the
     assert backend.calls == [Call("Earlier words.", 1500), Call(NAMED_PROMPT, 1500)]
     assert [word.text for word in transcript.words] == [" Water", " the", " Wrenfold", " plants"]
     assert transcript.asr_ms == 22.0, "both decodes' time"
+
+
+def test_a_judged_final_has_its_first_decode_s_end_probability_and_the_pitch_of_its_voice() -> None:
+    backend = ScriptedBackend(
+        dataclasses.replace(_heard(UNSURE, 10.0), end_cues=EndCues(0.9, None)), _heard(NAMED, 12.0)
+    )
+    audio = voiced([150, 150, 150, 150, 110], 1.5)
+
+    transcript = Decoder(backend, FLOOR_S).decode(audio, NAMED_PROMPT, "en", whole=True, names=NAMES, judge_end=True)
+
+    # The decode without the names is the one judged; the names replace words, not the end.
+    assert backend.judged == [True, False]
+    assert transcript.end_cues == EndCues(0.9, final_pitch_st(audio))
+    assert transcript.end_cues.final_pitch_st is not None
+
+
+def test_a_decode_not_asked_to_judge_its_end_has_no_cues() -> None:
+    backend = ScriptedBackend(_heard(SURE))
+
+    transcript = Decoder(backend, FLOOR_S).decode(voiced([150], 1.0), "", "en", whole=True)
+
+    assert backend.judged == [False]
+    assert transcript.end_cues is None
 
 
 def test_a_final_sure_of_every_word_is_not_decoded_again_with_the_names() -> None:
@@ -196,7 +228,9 @@ class HeldBackend(ScriptedBackend):
         self.holding = threading.Event()
         self.go = threading.Event()
 
-    def transcribe(self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int) -> Transcript:
+    def transcribe(
+        self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int, judge_end: bool = False
+    ) -> Transcript:
         """Wait while held, then the next scripted transcript."""
         if prompt == "held":
             self.holding.set()

@@ -68,6 +68,40 @@ def test_the_bundled_model_loaded_by_directory_transcribes_speech() -> None:
     assert all(word.start <= word.end for word in transcript.words)
 
 
+def test_a_whole_decode_asked_to_judge_its_end_gives_the_decoder_s_and_the_voice_s_cues() -> None:
+    transcriber = WhisperTranscriber(ModelSettings(threads=1, workers=1))
+    # "Set the thermostat to seventy two degrees.", with the silence a whole decode has after the voice.
+    audio = pcm16_to_float(silence(0.3) + read_pcm("cmd_piper_joe_03") + silence(0.3))
+
+    plain = transcriber.decode(audio, "", "en", whole=True)
+    judged = transcriber.decode(audio, "", "en", whole=True, judge_end=True)
+
+    assert plain.end_cues is None
+    assert judged.words == plain.words, "judging the end changes no word"
+    assert judged.end_cues is not None
+    probability, pitch = judged.end_cues.end_probability, judged.end_cues.final_pitch_st
+    # The decoder expects the text to end where the statement ends, and the voice fell there.
+    assert probability is not None
+    assert 0.5 < probability <= 1.0
+    assert pitch is not None
+    assert pitch < -1.5
+
+
+def test_a_text_that_ends_no_sentence_has_no_end_probability() -> None:
+    backend = WhisperBackend(ModelSettings(threads=1, workers=1))
+    # The command cut in its third word: Whisper writes no full stop after a word it did not hear end.
+    clip = read_pcm("cmd_piper_joe_03")
+    cut = len(clip) * 2 // 5 // 2 * 2  # at a sample
+    judged = backend.transcribe(pcm16_to_float(clip[:cut]), "", "en", 1500, judge_end=True)
+
+    text = "".join(word.text for word in judged.words).strip()
+    assert judged.end_cues is not None
+    if text[-1:] in ".?!":
+        assert judged.end_cues.end_probability is not None
+    else:
+        assert judged.end_cues.end_probability is None
+
+
 def test_the_backend_encodes_the_frames_it_is_told_whatever_the_window() -> None:
     backend = WhisperBackend(ModelSettings(threads=1, workers=1))
     audio = pcm16_to_float(read_pcm("asterisk_conf-onlyone"))
@@ -185,7 +219,9 @@ class RecordingBackend:
         """As the real backend."""
         self._backend.release_memory()
 
-    def transcribe(self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int) -> Transcript:
+    def transcribe(
+        self, audio: FloatAudio, prompt: str, language: str, encoder_frames: int, judge_end: bool = False
+    ) -> Transcript:
         """Record the prompt, then transcribe as the real backend."""
         self.prompts.append(prompt)
         return self._backend.transcribe(audio, prompt, language, encoder_frames)

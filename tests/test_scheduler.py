@@ -82,9 +82,10 @@ class ReleaseRecorder(GatedTranscriber):
         language: str,
         whole: bool = False,
         names: NamesInPrompt | None = None,
+        judge_end: bool = False,
     ) -> Transcript:
         try:
-            return super().decode(audio, prompt, language, whole, names)
+            return super().decode(audio, prompt, language, whole, names, judge_end)
         finally:
             self.ended += 1
 
@@ -210,6 +211,7 @@ async def test_a_decode_that_raises_reaches_its_session_as_no_transcript() -> No
             language: str,
             whole: bool = False,
             names: NamesInPrompt | None = None,
+            judge_end: bool = False,
         ) -> Transcript:
             raise RuntimeError("the model broke")
 

@@ -15,7 +15,7 @@ from edge_asr.config import LimitSettings, StreamSettings
 from edge_asr.decode_policy import WHOLE_DECODE_MAX_S
 from edge_asr.events import Event, Final, Partial
 from edge_asr.session import DecodeRequest, StreamSession
-from edge_asr.transcript import Transcript, Word
+from edge_asr.transcript import EndCues, Transcript, Word
 from edge_asr.vad import WEBRTC_FRAME_BYTES as FRAME_BYTES
 from edge_asr.vad import VadGate
 
@@ -119,6 +119,8 @@ class Driver:
     final_tail_s: float  # the digital silence its VAD's finals end on at least
     cut_words: bool = True
     auto_decode: bool = True
+    # What the transcriber gives as the cues of the end, to a decode that asks for them.
+    end_cues: EndCues | None = None
     now: float = 1000.0
     fed: bytes = b""
     log: list[Emitted] = field(default_factory=list)
@@ -173,7 +175,13 @@ class Driver:
         self.now += asr_s
         if words is None:
             words = scripted_words(self.script, request, cut_words=self.cut_words)
-        events = self.session.apply(request, Transcript(words, asr_s * 1000, hallucinated=hallucinated), self.now)
+        transcript = Transcript(
+            words,
+            asr_s * 1000,
+            hallucinated=hallucinated,
+            end_cues=self.end_cues if request.judge_end else None,
+        )
+        events = self.session.apply(request, transcript, self.now)
         self.record("apply", events)
         return events
 

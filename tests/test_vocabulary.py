@@ -170,7 +170,13 @@ class PromptRecorder(ScriptedTranscriber):
         self.plain_prompts: list[str] = []
 
     def decode(
-        self, audio: object, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+        self,
+        audio: object,
+        prompt: str,
+        language: str,
+        whole: bool = False,
+        names: NamesInPrompt | None = None,
+        judge_end: bool = False,
     ) -> Transcript:
         self.prompts.append(prompt)
         if names is not None:

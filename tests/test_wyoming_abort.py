@@ -35,7 +35,13 @@ class UntakeableTranscriber(ScriptedTranscriber):
     scheduler aborts the session."""
 
     def decode(
-        self, audio: FloatAudio, prompt: str, language: str, whole: bool = False, names: NamesInPrompt | None = None
+        self,
+        audio: FloatAudio,
+        prompt: str,
+        language: str,
+        whole: bool = False,
+        names: NamesInPrompt | None = None,
+        judge_end: bool = False,
     ) -> Decoded:
         """A transcript whose one word is not a word."""
         return Decoded((cast(Word, None),), 5.0)
