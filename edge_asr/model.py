@@ -245,9 +245,12 @@ class WhisperBackend:
             # Only a text the first window holds whole is judged: its encoder output is the one kept.
             whole_window = encoder_output is not None and kept and all(segment.seek == 0 for segment in segments)
             tokens = [token for segment in kept for token in segment.tokens]
-            probability = (
-                self._end_probability(encoder_output, tokens, _decode_state.detected_language) if whole_window else None
-            )
+            probability = None
+            try:
+                if whole_window:
+                    probability = self._end_probability(encoder_output, tokens, _decode_state.detected_language)
+            except Exception:  # CTranslate2 raises many kinds; the text stands, judged by its words alone
+                _LOGGER.exception("Could not read the decoder's end probability")
             end_cues = EndCues(end_probability=probability, final_pitch_st=None)
         return Transcript(
             words=tuple(

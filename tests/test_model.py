@@ -102,6 +102,21 @@ def test_a_text_that_ends_no_sentence_has_no_end_probability() -> None:
         assert judged.end_cues.end_probability is None
 
 
+def test_a_failing_end_probability_leaves_the_decode_standing(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = WhisperBackend(ModelSettings(threads=1, workers=1))
+
+    def broken(*_args: object) -> float:
+        raise RuntimeError("the decoder pass failed")
+
+    monkeypatch.setattr(backend, "_end_probability", broken)
+    audio = pcm16_to_float(silence(0.3) + read_pcm("cmd_piper_joe_03") + silence(0.3))
+    judged = backend.transcribe(audio, "", "en", 1500, judge_end=True)
+
+    assert judged.words == backend.transcribe(audio, "", "en", 1500).words
+    assert judged.end_cues is not None
+    assert judged.end_cues.end_probability is None
+
+
 def test_the_backend_encodes_the_frames_it_is_told_whatever_the_window() -> None:
     backend = WhisperBackend(ModelSettings(threads=1, workers=1))
     audio = pcm16_to_float(read_pcm("asterisk_conf-onlyone"))
