@@ -154,8 +154,8 @@ class EndpointingSettings(_Section):
     """
 
     # A complete command waits only this long when the decoder gives its text's end at least `sure_end_probability`
-    # and the voice fell at its end by at least `sure_pitch_fall_st` semitones; as long as `complete_silence_ms`, no
-    # decode asks for these cues.
+    # and the voice fell at its end by at least `sure_pitch_fall_st` semitones; never longer than
+    # `complete_silence_ms` (so lowering that one alone lowers both).
     sure_silence_ms: int = _setting(350, low=90, high=5_000)
     sure_end_probability: float = _setting(0.75, low=0.0, high=1.0)
     sure_pitch_fall_st: float = _setting(2.0, low=0.0, high=24.0)
@@ -169,9 +169,7 @@ class EndpointingSettings(_Section):
     max_command_s: float = _setting(15.0, low=1.0, high=600.0)
 
     def checked(self, environ: Mapping[str, str], written: Mapping[str, str]) -> EndpointingSettings:
-        """A sure command waits no longer than a complete one, and a complete one no longer than an unfinished one."""
-        if self.sure_silence_ms > self.complete_silence_ms:
-            raise ConfigError("endpointing.sure_silence_ms: must not exceed endpointing.complete_silence_ms")
+        """A complete command waits no longer than an unfinished one."""
         if self.complete_silence_ms > self.unfinished_silence_ms:
             raise ConfigError("endpointing.complete_silence_ms: must not exceed endpointing.unfinished_silence_ms")
         return self

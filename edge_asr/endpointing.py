@@ -93,7 +93,10 @@ class EndpointRules:
         """The rules of the settings, their silences scaled for a client's sensitivity."""
         scale = SENSITIVITY_SCALE[sensitivity]
         return cls(
-            sure_silence_s=max(MIN_SILENCE_S, settings.sure_silence_ms / 1000 * scale),
+            # A sure command never waits longer than a complete one.
+            sure_silence_s=max(
+                MIN_SILENCE_S, min(settings.sure_silence_ms, settings.complete_silence_ms) / 1000 * scale
+            ),
             complete_silence_s=max(MIN_SILENCE_S, settings.complete_silence_ms / 1000 * scale),
             unfinished_silence_s=max(MIN_SILENCE_S, settings.unfinished_silence_ms / 1000 * scale),
             no_speech_s=settings.no_speech_s,

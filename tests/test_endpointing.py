@@ -218,9 +218,10 @@ def test_a_complete_command_may_not_wait_longer_than_an_unfinished_one() -> None
         build_settings({"endpointing": {"complete_silence_ms": 1200, "unfinished_silence_ms": 1000}})
 
 
-def test_a_sure_command_may_not_wait_longer_than_a_complete_one() -> None:
-    with pytest.raises(ConfigError, match=r"^endpointing\.sure_silence_ms: must not exceed"):
-        build_settings({"endpointing": {"sure_silence_ms": 700, "complete_silence_ms": 600}})
+def test_a_sure_command_never_waits_longer_than_a_complete_one() -> None:
+    # Lowering complete_silence_ms alone lowers both.
+    rules = EndpointRules.of(build_settings({"endpointing": {"complete_silence_ms": 300}}).endpointing)
+    assert rules.sure_silence_s == rules.complete_silence_s == pytest.approx(0.3)
 
 
 def test_decodes_are_asked_for_the_cues_only_where_the_rules_use_them() -> None:
