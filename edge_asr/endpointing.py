@@ -60,7 +60,7 @@ class Verdict(enum.Enum):
     """What the newest whole decode of the utterance says of the command."""
 
     NOTHING = "nothing"  # no word heard (yet)
-    SURE = "sure"  # it can end here, and the decoder is sure its text ends here
+    SURE = "sure"  # it can end here, and the decoder and the voice's fall say it ends here
     COMPLETE = "complete"  # it can end here
     UNFINISHED = "unfinished"  # it ends where no command ends, or the decoder was unsure
     UNDECODED = "undecoded"  # no trusted whole decode has heard all the speech yet
@@ -145,7 +145,7 @@ class EndpointRules:
         command; it is asked only once the silence or the clock could end the request, not on every chunk."""
         if audio_s >= self.max_command_s:
             return EndReason.TOO_LONG
-        waited = silence_s is not None and silence_s >= min(self.sure_silence_s, self.complete_silence_s)
+        waited = silence_s is not None and silence_s >= self.sure_silence_s
         if not waited and audio_s < self.no_speech_s:
             return None
         found = verdict()

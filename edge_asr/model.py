@@ -20,6 +20,7 @@ from .transcript import EndCues, Transcript, Word
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
+    from faster_whisper.tokenizer import Tokenizer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -172,6 +173,8 @@ class WhisperBackend:
         self._settings = settings
         self._model = _new_whisper(settings, threads)
         self._release = free_memory_release()
+        # Per language: the tokenizer the end probability forces text with, and the end marks' single tokens.
+        self._end_tokens: dict[str, tuple[Tokenizer, list[int]]] = {}
         self.name = settings.name
         self.languages: tuple[str, ...] = tuple(self._model.supported_languages)
         self.common_words = frozenset(
@@ -275,11 +278,7 @@ class WhisperBackend:
         words' probabilities (AUC 0.94 against 0.80 on 50 commands and 235 prefixes), at about a quarter of the
         decode's time on tiny.en. The decoder hears what the words do not: a falling, final intonation.
         """
-        from faster_whisper.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer(
-            self._model.hf_tokenizer, self._model.model.is_multilingual, task="transcribe", language=language
-        )
+        tokenizer, marks = self._end_tokens_of(language)
         text = [token for token in tokens if token < tokenizer.eot]
         if not text or tokenizer.decode(text[-1:]).strip() not in _SENTENCE_END_MARKS:
             return None
@@ -301,9 +300,21 @@ class WhisperBackend:
             return None
         after_word = _softmax(steps[len(prefix) - forced - 1])
         after_mark = _softmax(steps[len(prefix) - forced])
-        marks = [tokenizer.encode(mark)[0] for mark in _SENTENCE_END_MARKS if len(tokenizer.encode(mark)) == 1]
 
         def closing(distribution: np.ndarray) -> float:
             return float(distribution[tokenizer.timestamp_begin :].sum() + distribution[tokenizer.eot])
 
         return min(1.0, closing(after_word) + float(after_word[marks].sum()) * closing(after_mark))
+
+    def _end_tokens_of(self, language: str) -> tuple[Tokenizer, list[int]]:
+        """The tokenizer that forces text in `language`, and the single tokens of the end marks; made once each."""
+        known = self._end_tokens.get(language)
+        if known is None:
+            from faster_whisper.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer(
+                self._model.hf_tokenizer, self._model.model.is_multilingual, task="transcribe", language=language
+            )
+            encoded = [tokenizer.encode(mark) for mark in _SENTENCE_END_MARKS]
+            known = self._end_tokens[language] = (tokenizer, [tokens[0] for tokens in encoded if len(tokens) == 1])
+        return known
